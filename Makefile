@@ -1,0 +1,25 @@
+# Quick start: `make demo` (offline demo) and `make test` (test suite). Each sets up .venv on first use.
+PYTHON ?= python3
+VENV ?= .venv
+# The CPU wheel on these machines; on a CUDA machine the same pin gets the CUDA build from PyPI.
+TORCH ?= torch==2.13.0
+
+.PHONY: demo test bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install -q "$(TORCH)"
+	$(VENV)/bin/python -m pip install -q -e ".[test]"
+	touch $@
+
+demo: $(VENV)/.installed
+	HF_HUB_OFFLINE=1 $(VENV)/bin/python -m dreambooth_moslora.demo --output_dir outputs/demo
+
+test: $(VENV)/.installed
+	HF_HUB_OFFLINE=1 $(VENV)/bin/python -m pytest -q
+
+bench: $(VENV)/.installed
+	$(VENV)/bin/python benchmarks/adapter_overhead.py
+
+clean:
+	rm -rf $(VENV) outputs

@@ -1,0 +1,81 @@
+"""Loading adapter files into diffusers SDXL pipelines, without peft."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+
+from .formats import AdapterFile, build_layers, read_adapter
+from .surgery import COMPONENTS, fuse_adapter, inject_layers, remove_adapter, set_adapter_scale
+
+
+def pipeline_components(pipe) -> dict[str, nn.Module]:
+    """The adaptable models of a pipeline by component name (missing ones are left out)."""
+    return {c: getattr(pipe, c) for c in COMPONENTS if getattr(pipe, c, None) is not None}
+
+
+def load_adapter_into(
+    components: dict[str, nn.Module], path: str | os.PathLike, scale: float = 1.0, fuse: bool = False
+) -> AdapterFile:
+    """Loads a native, diffusers or kohya file into the models, replacing any adapter they carry.
+
+    The file is read and checked against every layer before anything changes, so a bad or
+    mismatched file leaves the models as they were. Native files come back as live,
+    trainable MoSLoRA layers; the other formats as plain LoRA layers (mixer folded in).
+    """
+    adapter = read_adapter(path, components)
+    layers = build_layers(adapter, components)
+    for model in components.values():
+        remove_adapter(model)
+    for component, by_path in layers.items():
+        model = components[component]
+        inject_layers(model, by_path)
+        set_adapter_scale(model, scale)
+        if fuse:
+            fuse_adapter(model)
+    return adapter
+
+
+def load_adapter(pipe, path: str | os.PathLike, scale: float = 1.0, fuse: bool = False) -> AdapterFile:
+    """``load_adapter(pipe, "out/moslora_adapter.safetensors")``: any of the three formats, live or fused."""
+    return load_adapter_into(pipeline_components(pipe), path, scale=scale, fuse=fuse)
+
+
+def unload_adapter(pipe) -> int:
+    """Takes the adapter out again (live or fused); returns how many layers were restored."""
+    return sum(remove_adapter(model) for model in pipeline_components(pipe).values())
+
+
+def set_scale(pipe, scale: float) -> None:
+    for model in pipeline_components(pipe).values():
+        set_adapter_scale(model, scale)
+
+
+@torch.no_grad()
+def sdxl_forward(pipe, prompt: str, seed: int = 0, timestep: int = 500, size: int | None = None) -> dict:
+    """One deterministic pass through both text encoders and the UNet, for exactness checks.
+
+    Returns the concatenated text-encoder hidden states SDXL conditions on, the pooled
+    embedding of the second encoder, and the UNet's prediction for seeded noise.
+    """
+    device = pipe.unet.device
+    size = size or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    prompt_embeds, _, pooled, _ = pipe.encode_prompt(prompt, device=device, do_classifier_free_guidance=False)
+    generator = torch.Generator("cpu").manual_seed(seed)
+    latent_size = size // pipe.vae_scale_factor
+    latents = torch.randn(1, pipe.unet.config.in_channels, latent_size, latent_size, generator=generator)
+    # SDXL micro-conditioning: original size, crop top-left, target size.
+    time_ids = torch.tensor([[size, size, 0, 0, size, size]], dtype=prompt_embeds.dtype, device=device)
+    prediction = pipe.unet(
+        latents.to(device, prompt_embeds.dtype),
+        timestep,
+        encoder_hidden_states=prompt_embeds,
+        added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids},
+    ).sample
+    return {"prompt_embeds": prompt_embeds, "pooled_prompt_embeds": pooled, "noise_prediction": prediction}
+
+
+def max_abs_diff(a: dict, b: dict) -> float:
+    return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)

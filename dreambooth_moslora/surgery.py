@@ -1,0 +1,142 @@
+"""Model surgery: find the SDXL layers to adapt, swap MoSLoRA layers in, take them out, fuse them.
+
+Layers are addressed by their module path inside one model (``down_blocks.1.attentions.0.
+transformer_blocks.0.attn1.to_q``); a pipeline is a dict of such models by component name.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+
+from torch import nn
+
+from .adapter import AdapterConfig, MoSLoRALinear
+from .errors import AdapterError
+
+# The attention projections that diffusers' SDXL DreamBooth LoRA script adapts, in self- (attn1)
+# and cross-attention (attn2) of every transformer block.
+UNET_TARGETS = (r"\.attn[12]\.(to_q|to_k|to_v|to_out\.0)$",)
+# The attention projections of every CLIP encoder layer (CLIP-L and OpenCLIP-bigG alike).
+TEXT_ENCODER_TARGETS = (r"\.self_attn\.(q_proj|k_proj|v_proj|out_proj)$",)
+
+COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+DEFAULT_TARGETS = {"unet": UNET_TARGETS, "text_encoder": TEXT_ENCODER_TARGETS, "text_encoder_2": TEXT_ENCODER_TARGETS}
+
+_FUSED_ATTR = "_moslora_fused_layers"
+
+
+def find_targets(model: nn.Module, patterns: Iterable[str]) -> list[str]:
+    """Paths of the ``nn.Linear`` layers whose path matches any of the regular expressions."""
+    compiled = [re.compile(p) for p in patterns]
+    return [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and any(p.search(name) for p in compiled)
+    ]
+
+
+def adapter_layers(model: nn.Module) -> dict[str, MoSLoRALinear]:
+    """The live MoSLoRA layers of a model, by the path of the layer they replace."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, MoSLoRALinear)}
+
+
+def has_adapter(model: nn.Module) -> bool:
+    return bool(adapter_layers(model)) or bool(getattr(model, _FUSED_ATTR, None))
+
+
+def _set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent_path, _, child = path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    setattr(parent, child, module)
+
+
+def inject_adapter(
+    model: nn.Module,
+    config: AdapterConfig,
+    targets: Iterable[str] | None = None,
+    extra_targets: Iterable[str] = (),
+) -> list[nn.Parameter]:
+    """Replaces every matching ``nn.Linear`` by a MoSLoRA layer; returns the trainable parameters.
+
+    The rest of the model is frozen, as in PEFT: afterwards only the adapter trains.
+
+    ``targets`` are regular expressions searched in module paths (default: the UNet's
+    attention projections); ``extra_targets`` adds to them, for power users.
+    """
+    if has_adapter(model):
+        raise AdapterError(f"{type(model).__name__} already carries a MoSLoRA adapter: remove it before injecting another")
+    patterns = list(UNET_TARGETS if targets is None else targets) + list(extra_targets)
+    names = find_targets(model, patterns)
+    if not names:
+        raise AdapterError(f"no nn.Linear layer of {type(model).__name__} matches the targets {patterns}")
+    model.requires_grad_(False)
+    for name in names:
+        _set_submodule(model, name, MoSLoRALinear(model.get_submodule(name), config))
+    return trainable_parameters(model)
+
+
+def inject_layers(model: nn.Module, layers: dict[str, MoSLoRALinear]) -> None:
+    """Puts ready-made MoSLoRA layers in place of the base layers they wrap (used when loading files)."""
+    if has_adapter(model):
+        raise AdapterError(f"{type(model).__name__} already carries a MoSLoRA adapter: remove it before loading another")
+    for name, layer in layers.items():
+        _set_submodule(model, name, layer)
+
+
+def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    return [p for layer in adapter_layers(model).values() for p in layer.parameters() if p.requires_grad]
+
+
+def remove_adapter(model: nn.Module) -> int:
+    """Puts the original layers back, with their original weights; returns how many layers it restored."""
+    layers = adapter_layers(model)
+    for name, layer in layers.items():
+        layer.unmerge()
+        _set_submodule(model, name, layer.base_layer)
+    fused = getattr(model, _FUSED_ATTR, None) or {}
+    for layer in fused.values():
+        layer.unmerge()  # the base layer object is the one in the model: this restores its weight
+    if fused:
+        delattr(model, _FUSED_ATTR)
+    return len(layers) + len(fused)
+
+
+def fuse_adapter(model: nn.Module) -> int:
+    """Merges ΔW into the base weights and takes the wrappers out: inference then costs nothing extra.
+
+    The adapter is remembered on the model, so ``remove_adapter`` can still subtract it again.
+    """
+    layers = adapter_layers(model)
+    for name, layer in layers.items():
+        layer.merge()
+        _set_submodule(model, name, layer.base_layer)
+    if layers:
+        setattr(model, _FUSED_ATTR, {**getattr(model, _FUSED_ATTR, {}), **layers})
+    return len(layers)
+
+
+def set_adapter_scale(model: nn.Module, scale: float) -> None:
+    if getattr(model, _FUSED_ATTR, None):
+        raise AdapterError("the adapter is fused into the weights: load it unfused to change its scale")
+    for layer in adapter_layers(model).values():
+        layer.scale = scale
+
+
+def set_adapter_enabled(model: nn.Module, enabled: bool) -> None:
+    if getattr(model, _FUSED_ATTR, None):
+        raise AdapterError("the adapter is fused into the weights: remove it instead of disabling it")
+    for layer in adapter_layers(model).values():
+        layer.enabled = enabled
+
+
+def inject_components(
+    components: dict[str, nn.Module], config: AdapterConfig, targets: dict[str, Iterable[str]] | None = None
+) -> dict[str, list[nn.Parameter]]:
+    """Injects into several models at once (UNet and text encoders); returns their trainable parameters."""
+    targets = DEFAULT_TARGETS if targets is None else targets
+    chosen = {c: m for c, m in components.items() if c in targets and m is not None}
+    for model in chosen.values():  # refuse before touching any model
+        if has_adapter(model):
+            raise AdapterError(f"{type(model).__name__} already carries a MoSLoRA adapter: remove it before injecting another")
+    return {c: inject_adapter(m, config, targets[c]) for c, m in chosen.items()}

@@ -1,0 +1,195 @@
+"""A tiny Stable Diffusion XL, built offline from config with a fixed seed.
+
+Same architecture as SDXL base — a UNet with text_time conditioning, CLIP-L-style and
+OpenCLIP-bigG-style text encoders (the second with a projection), a KL VAE, an Euler
+scheduler — only narrower and shallower, so tests and the offline demo run on a CPU in
+seconds. Real users point the toolkit at the hub id instead.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+DEFAULT_WORDS = (
+    "a an the photo picture painting drawing of in on at with and sks dog cat person man woman toy "
+    "red green blue yellow black white beach forest city snow park room background style portrait"
+).split()
+
+SDXL_BASE_ID = "stabilityai/stable-diffusion-xl-base-1.0"
+
+
+def _byte_symbols() -> list[str]:
+    """The 256 printable stand-ins byte-level BPE (GPT-2, CLIP) uses for raw bytes, in byte order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    symbols, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            symbols[b] = chr(b)
+        else:
+            symbols[b] = chr(256 + extra)
+            extra += 1
+    return [symbols[b] for b in range(256)]
+
+
+def write_clip_tokenizer_files(directory: str | os.PathLike, words=DEFAULT_WORDS) -> Path:
+    """Writes vocab.json and merges.txt of a CLIP BPE tokenizer that knows ``words`` as whole tokens.
+
+    Any other text still tokenizes, one byte-symbol at a time, as in CLIP.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    symbols = _byte_symbols()
+    vocab = symbols + [s + "</w>" for s in symbols]
+    merges: list[str] = []
+    for word in dict.fromkeys(w.lower() for w in words):
+        pieces = list(word[:-1]) + [word[-1] + "</w>"]
+        merged = pieces[0]
+        for piece in pieces[1:]:
+            merge, merged = f"{merged} {piece}", merged + piece
+            if merge not in merges:
+                merges.append(merge)
+                if merged not in vocab:
+                    vocab.append(merged)
+    vocab_ids = {token: i for i, token in enumerate(dict.fromkeys(vocab))}
+    vocab_ids["<|startoftext|>"] = len(vocab_ids)
+    vocab_ids["<|endoftext|>"] = len(vocab_ids)
+    (directory / "vocab.json").write_text(json.dumps(vocab_ids, ensure_ascii=False))
+    (directory / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    return directory
+
+
+def build_tokenizer(words=DEFAULT_WORDS):
+    from transformers import CLIPTokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        write_clip_tokenizer_files(tmp, words)
+        return CLIPTokenizer.from_pretrained(tmp, model_max_length=77)
+
+
+def tiny_sdxl_components(
+    seed: int = 0, words=DEFAULT_WORDS, sample_size: int = 32, block_out_channels=(32, 64, 64), text_hidden: int = 32
+) -> dict:
+    """The seven parts of an SDXL pipeline, tiny and seeded (widths adjustable, e.g. for mismatch tests)."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    tokenizer = build_tokenizer(words)
+    vocab_size = len(tokenizer)
+    eos = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    bos = tokenizer.convert_tokens_to_ids("<|startoftext|>")
+
+    def text_config(hidden: int, layers: int, projection: int) -> CLIPTextConfig:
+        return CLIPTextConfig(
+            vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+            num_attention_heads=4, max_position_embeddings=77, projection_dim=projection, hidden_act="gelu",
+            bos_token_id=bos, eos_token_id=eos, pad_token_id=eos,
+        )  # fmt: skip
+
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(text_config(hidden=text_hidden, layers=3, projection=text_hidden))
+    text_encoder_2 = CLIPTextModelWithProjection(text_config(hidden=text_hidden, layers=3, projection=text_hidden))
+    addition_time_embed_dim = 8
+    unet = UNet2DConditionModel(
+        sample_size=sample_size,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=tuple(block_out_channels),
+        layers_per_block=2,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 1, 2),
+        attention_head_dim=(2, 4, 4),
+        use_linear_projection=True,
+        cross_attention_dim=2 * text_hidden,  # both encoders' hidden states, concatenated as in SDXL
+        addition_embed_type="text_time",
+        addition_time_embed_dim=addition_time_embed_dim,
+        # six micro-conditioning numbers (original size, crop, target size) + the pooled text embedding
+        projection_class_embeddings_input_dim=6 * addition_time_embed_dim + text_hidden,
+        norm_num_groups=32,
+    )
+    vae = AutoencoderKL(
+        block_out_channels=(32, 64),
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        latent_channels=4,
+        norm_num_groups=32,
+        sample_size=2 * sample_size,
+    )
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+        steps_offset=1, timestep_spacing="leading", prediction_type="epsilon",
+    )  # fmt: skip
+    return {
+        "unet": unet.eval(),
+        "vae": vae.eval(),
+        "text_encoder": text_encoder.eval(),
+        "text_encoder_2": text_encoder_2.eval(),
+        "tokenizer": tokenizer,
+        "tokenizer_2": tokenizer,
+        "scheduler": scheduler,
+    }
+
+
+def build_tiny_sdxl(seed: int = 0, **kwargs):
+    from diffusers import StableDiffusionXLPipeline
+
+    return StableDiffusionXLPipeline(**tiny_sdxl_components(seed, **kwargs))
+
+
+def save_tiny_sdxl(path: str | os.PathLike, seed: int = 0, **kwargs) -> Path:
+    """Saves a tiny SDXL so that ``StableDiffusionXLPipeline.from_pretrained(path)`` runs offline."""
+    path = Path(path)
+    build_tiny_sdxl(seed, **kwargs).save_pretrained(path)
+    return path
+
+
+def full_size_sdxl_unet_on_meta():
+    """The real SDXL base UNet, architecture only (meta device, no weights, no download)."""
+    from diffusers import UNet2DConditionModel
+
+    with torch.device("meta"):
+        return UNet2DConditionModel(**SDXL_UNET_CONFIG)
+
+
+def full_size_sdxl_text_encoders_on_meta():
+    """CLIP-L (text_encoder) and OpenCLIP-bigG (text_encoder_2) of SDXL base, on the meta device."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    with torch.device("meta"):
+        clip_l = CLIPTextModel(CLIPTextConfig(**SDXL_TEXT_ENCODER_CONFIG))
+        clip_g = CLIPTextModelWithProjection(CLIPTextConfig(**SDXL_TEXT_ENCODER_2_CONFIG))
+    return clip_l, clip_g
+
+
+# The published configs of stabilityai/stable-diffusion-xl-base-1.0 (the fields that shape the layers).
+SDXL_UNET_CONFIG = dict(
+    sample_size=128,
+    in_channels=4,
+    out_channels=4,
+    block_out_channels=(320, 640, 1280),
+    layers_per_block=2,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    transformer_layers_per_block=(1, 2, 10),
+    attention_head_dim=(5, 10, 20),
+    use_linear_projection=True,
+    cross_attention_dim=2048,
+    addition_embed_type="text_time",
+    addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=2816,
+)
+SDXL_TEXT_ENCODER_CONFIG = dict(
+    hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, projection_dim=768,
+    hidden_act="quick_gelu", vocab_size=49408, max_position_embeddings=77,
+)  # fmt: skip
+SDXL_TEXT_ENCODER_2_CONFIG = dict(
+    hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20, projection_dim=1280,
+    hidden_act="gelu", vocab_size=49408, max_position_embeddings=77,
+)  # fmt: skip

@@ -79,3 +79,32 @@ def sdxl_forward(pipe, prompt: str, seed: int = 0, timestep: int = 500, size: in
 
 def max_abs_diff(a: dict, b: dict) -> float:
     return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+
+
+def restore_adapter_weights(components: dict[str, nn.Module], path: str | os.PathLike) -> None:
+    """Copies a native file's A, M and B into the adapter layers already in the models, in place.
+
+    For resuming: the layers (and so the optimizer's and DDP's references to them) stay the same
+    objects. The file must hold exactly these layers, with the same ranks and mixer modes.
+    """
+    from .errors import AdapterMismatchError
+    from .surgery import adapter_layers
+
+    adapter = read_adapter(path, components)
+    live = {c: adapter_layers(m) for c, m in components.items()}
+    for component, by_path in adapter.layers.items():
+        for layer_path, weights in by_path.items():
+            layer = live.get(component, {}).get(layer_path)
+            if layer is None or layer.rank != weights.rank or (layer.lora_M is None) != (weights.mixer is None):
+                raise AdapterMismatchError(f"{path}: {component}.{layer_path} does not match the adapter being trained")
+    expected = sum(len(v) for v in live.values())
+    if sum(len(v) for v in adapter.layers.values()) != expected:
+        raise AdapterMismatchError(f"{path}: holds a different set of layers than the adapter being trained")
+    with torch.no_grad():
+        for component, by_path in adapter.layers.items():
+            for layer_path, weights in by_path.items():
+                layer = live[component][layer_path]
+                layer.lora_A.copy_(weights.down)
+                layer.lora_B.copy_(weights.up)
+                if weights.mixer is not None:
+                    layer.lora_M.copy_(weights.mixer)

@@ -1,0 +1,56 @@
+"""The README.md written beside a trained adapter: what it is, how it was trained, how to load it."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def write_model_card(output_dir: Path, settings: dict, files: dict[str, Path], grid: Path | None = None) -> Path:
+    base = settings.get("pretrained_model_name_or_path", "")
+    prompt = settings.get("instance_prompt", "")
+    names = {fmt: path.name for fmt, path in files.items()}
+    lines = [
+        "---",
+        f"base_model: {base}",
+        "library_name: diffusers",
+        "license: openrail++",
+        f"instance_prompt: {prompt}",
+        "tags: [text-to-image, stable-diffusion-xl, diffusers, lora, moslora, dreambooth]",
+        "---",
+        "",
+        f"# MoSLoRA DreamBooth adapter for {base}",
+        "",
+        f"Trained with dreambooth-moslora on {settings.get('num_train_images', '?')} image(s) of the subject "
+        f"`{prompt}`" + (f", with prior preservation on `{settings.get('class_prompt')}`" if settings.get("with_prior_preservation") else "") + ".",
+        "",
+        "| setting | value |",
+        "|---|---|",
+    ]
+    for key in ("rank", "lora_alpha", "mixer", "mixer_init", "max_train_steps", "learning_rate", "train_batch_size",
+                "resolution", "train_text_encoder", "mixed_precision", "prediction_type", "seed", "final_loss"):  # fmt: skip
+        if key in settings:
+            value = settings[key]
+            lines.append(f"| {key} | {value:.4g} |" if isinstance(value, float) else f"| {key} | {value} |")
+    lines += ["", "## Files", ""]
+    descriptions = {
+        "native": "MoSLoRA with its mixer (A, M, B): for resuming or further training with dreambooth-moslora",
+        "diffusers": "plain LoRA with the mixer folded in: loads in stock diffusers",
+        "kohya": "plain LoRA in kohya's layout: loads in ComfyUI and AUTOMATIC1111",
+    }
+    lines += [f"- `{name}` — {descriptions[fmt]}" for fmt, name in names.items()]
+    if "diffusers" in names:
+        lines += [
+            "", "## Use it in diffusers", "", "```python", "import torch",
+            "from diffusers import StableDiffusionXLPipeline", "",
+            f'pipe = StableDiffusionXLPipeline.from_pretrained("{base}", torch_dtype=torch.float16).to("cuda")',
+            f'pipe.load_lora_weights("{output_dir}", weight_name="{names["diffusers"]}")',
+            f'image = pipe("{prompt}", num_inference_steps=30).images[0]', "```",
+        ]  # fmt: skip
+    if grid is not None:
+        lines += ["", "## Validation images", "", f"![validation]({grid.name})"]
+    path = output_dir / "README.md"
+    tmp = output_dir / ".README.md.partial"
+    tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,239 @@
+"""Command-line options of train_dreambooth.py.
+
+Flag names follow diffusers' train_dreambooth_lora_sdxl.py wherever the feature is the same,
+so an existing command line can be pasted. ``--config FILE`` (TOML or YAML) holds the same
+options by name; flags given on the command line win. Every conflict is reported by argparse
+as one line, before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from .adapter import MIXER_INITS, MIXER_MODES
+from .formats import FORMATS
+
+LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="train_dreambooth.py",
+        description="DreamBooth for Stable Diffusion XL with MoSLoRA adapters.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--config", type=Path, help="TOML or YAML file of options (flags override it)")
+
+    g = p.add_argument_group("model")
+    g.add_argument("--pretrained_model_name_or_path", help="hub id or local folder of an SDXL model")
+    g.add_argument("--pretrained_vae_model_name_or_path", help="a separate VAE (e.g. an fp16-safe one)")
+    g.add_argument("--revision")
+    g.add_argument("--variant", help="weight variant, e.g. fp16")
+
+    g = p.add_argument_group("data")
+    g.add_argument("--instance_data_dir", type=Path)
+    g.add_argument("--instance_prompt", help='e.g. "a photo of sks dog"')
+    g.add_argument("--caption_extension", help="per-image caption files beside the images, e.g. .txt")
+    g.add_argument("--with_prior_preservation", action="store_true")
+    g.add_argument("--class_data_dir", type=Path)
+    g.add_argument("--class_prompt")
+    g.add_argument("--prior_loss_weight", type=float, default=1.0)
+    g.add_argument("--num_class_images", type=int, default=100)
+    g.add_argument("--sample_batch_size", type=int, default=4, help="batch size for generating class images")
+    g.add_argument("--class_inference_steps", type=int, default=50, help="denoising steps per generated class image")
+    g.add_argument("--resolution", type=int, default=1024, help="side of a square image, or the area's side with buckets")
+    g.add_argument("--aspect_ratio_buckets", action="store_true", help="group images by aspect ratio")
+    g.add_argument("--center_crop", action="store_true")
+    g.add_argument("--random_flip", action="store_true")
+    g.add_argument("--dataloader_num_workers", type=int, default=0)
+    g.add_argument("--cache_latents", action="store_true")
+
+    g = p.add_argument_group("adapter")
+    g.add_argument("--rank", type=int, default=4)
+    g.add_argument("--lora_alpha", type=float, help="default: the rank")
+    g.add_argument("--lora_dropout", type=float, default=0.0)
+    g.add_argument("--mixer", choices=MIXER_MODES, default="learned")
+    g.add_argument("--mixer_init", choices=MIXER_INITS, default="kaiming")
+    g.add_argument("--train_text_encoder", action="store_true")
+
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--train_batch_size", type=int, default=4)
+    g.add_argument("--num_train_epochs", type=int, default=1)
+    g.add_argument("--max_train_steps", type=int, help="overrides --num_train_epochs")
+    g.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    g.add_argument("--gradient_checkpointing", action="store_true")
+    g.add_argument("--learning_rate", type=float, default=1e-4)
+    g.add_argument("--text_encoder_lr", type=float, default=5e-6)
+    g.add_argument("--scale_lr", action="store_true", help="multiply the learning rates by batch × accumulation × processes")
+    g.add_argument("--lr_scheduler", choices=LR_SCHEDULERS, default="constant")
+    g.add_argument("--lr_warmup_steps", type=int, default=0)
+    g.add_argument("--lr_num_cycles", type=int, default=1)
+    g.add_argument("--lr_power", type=float, default=1.0)
+    g.add_argument("--optimizer", type=str.lower, choices=["adamw", "prodigy"], default="adamw")
+    g.add_argument("--use_8bit_adam", action="store_true")
+    g.add_argument("--adam_beta1", type=float, default=0.9)
+    g.add_argument("--adam_beta2", type=float, default=0.999)
+    g.add_argument("--prodigy_beta3", type=float)
+    g.add_argument("--prodigy_decouple", type=_bool, default=True)
+    g.add_argument("--prodigy_use_bias_correction", type=_bool, default=True)
+    g.add_argument("--prodigy_safeguard_warmup", type=_bool, default=True)
+    g.add_argument("--adam_weight_decay", type=float, default=1e-4)
+    g.add_argument("--adam_weight_decay_text_encoder", type=float, default=1e-3)
+    g.add_argument("--adam_epsilon", type=float, default=1e-8)
+    g.add_argument("--max_grad_norm", type=float, default=1.0)
+    g.add_argument("--snr_gamma", type=float, help="min-SNR weighting; 5.0 is the usual value")
+    g.add_argument("--noise_offset", type=float, default=0.0)
+    g.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"])
+    g.add_argument("--allow_tf32", action="store_true")
+    g.add_argument("--seed", type=int, default=0)
+
+    g = p.add_argument_group("output")
+    g.add_argument("--output_dir", type=Path, default=Path("moslora-dreambooth-model"))
+    g.add_argument("--output_formats", nargs="+", choices=FORMATS, default=list(FORMATS))
+    g.add_argument("--checkpointing_steps", type=int, default=500)
+    g.add_argument("--checkpoints_total_limit", type=int)
+    g.add_argument("--resume_from_checkpoint", help='a checkpoint folder, or "latest"')
+    g.add_argument("--validation_prompt")
+    g.add_argument("--num_validation_images", type=int, default=4)
+    g.add_argument("--validation_epochs", type=int, default=50)
+    g.add_argument("--num_validation_inference_steps", type=int, default=25)
+    g.add_argument("--report_to", default="tensorboard", help='"tensorboard", "wandb", "all" or "none"')
+    g.add_argument("--logging_dir", type=Path, default=Path("logs"))
+    g.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)
+    return p
+
+
+def _bool(text: str) -> bool:
+    if str(text).lower() in ("1", "true", "yes", "on"):
+        return True
+    if str(text).lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def read_config_file(path: Path) -> dict:
+    """Options from a TOML or YAML file, as a flat dict of option names."""
+    text = path.read_text(encoding="utf-8")
+    if path.suffix.lower() == ".toml":
+        if sys.version_info >= (3, 11):
+            import tomllib
+        else:  # pragma: no cover - Python 3.10
+            import tomli as tomllib
+        data = tomllib.loads(text)
+    elif path.suffix.lower() in (".yaml", ".yml"):
+        import yaml
+
+        data = yaml.safe_load(text) or {}
+    else:
+        raise ValueError("the config file must end in .toml, .yaml or .yml")
+    if not isinstance(data, dict):
+        raise ValueError("the config file must hold a table of option names and values")
+    return {str(k).replace("-", "_"): v for k, v in data.items()}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    first, _ = parser.parse_known_args(argv)
+    if first.config is not None:
+        try:
+            values = read_config_file(first.config)
+        except Exception as exc:  # bad syntax, missing file, no YAML library …
+            parser.error(f"cannot read --config {first.config}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
+        known = {a.dest: a for a in parser._actions}
+        unknown = sorted(set(values) - set(known) - {"config"})
+        if unknown:
+            parser.error(f"unknown option(s) in {first.config}: {', '.join(unknown)}")
+        # The file's values become defaults, so anything given on the command line overrides them.
+        converted = {}
+        for key, value in values.items():
+            action = known.get(key)
+            if action is None:
+                continue
+            if action.type is not None and value is not None and not isinstance(value, list):
+                try:
+                    value = action.type(value) if not isinstance(value, bool) or action.type is _bool else value
+                except (TypeError, ValueError, argparse.ArgumentTypeError) as exc:
+                    parser.error(f"{first.config}: bad value for {key}: {exc}")
+            if action.choices is not None:
+                for item in value if isinstance(value, list) else [value]:
+                    if item not in action.choices:
+                        parser.error(f"{first.config}: {key} must be one of {', '.join(map(str, action.choices))}, got {item!r}")
+            converted[key] = value
+        parser.set_defaults(**converted)
+    args = parser.parse_args(argv)
+    if args.lora_alpha is None:
+        args.lora_alpha = float(args.rank)
+    validate(args, parser)
+    return args
+
+
+def validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """Every check that needs no model, so a bad command fails at once with one line."""
+    for required in ("pretrained_model_name_or_path", "instance_data_dir", "instance_prompt"):
+        if not getattr(args, required):
+            parser.error(f"--{required} is required")
+    if not args.instance_data_dir.is_dir():
+        parser.error(f"--instance_data_dir {args.instance_data_dir} does not exist or is not a folder")
+    if args.with_prior_preservation:
+        if not args.class_prompt:
+            parser.error("--with_prior_preservation needs --class_prompt")
+        if args.class_data_dir is None:
+            args.class_data_dir = args.output_dir / "class_images"
+        if args.num_class_images < 1:
+            parser.error("--num_class_images must be at least 1")
+    elif args.class_prompt or args.class_data_dir:
+        print("warning: --class_prompt/--class_data_dir are ignored without --with_prior_preservation", file=sys.stderr)
+    if args.resolution < 8 or args.resolution % 8:
+        parser.error(f"--resolution must be a positive multiple of 8, got {args.resolution}")
+    for name in ("rank", "train_batch_size", "num_train_epochs", "gradient_accumulation_steps", "sample_batch_size", "class_inference_steps",
+                 "checkpointing_steps", "num_validation_images", "validation_epochs"):  # fmt: skip
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if args.max_train_steps is not None and args.max_train_steps < 1:
+        parser.error(f"--max_train_steps must be at least 1, got {args.max_train_steps}")
+    if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
+        parser.error("--checkpoints_total_limit must be at least 1")
+    if args.lora_alpha <= 0:
+        parser.error(f"--lora_alpha must be positive, got {args.lora_alpha:g}")
+    if not 0 <= args.lora_dropout < 1:
+        parser.error(f"--lora_dropout must be in [0, 1), got {args.lora_dropout:g}")
+    if args.learning_rate <= 0 or args.text_encoder_lr <= 0:
+        parser.error("learning rates must be positive")
+    if args.prior_loss_weight < 0 or args.noise_offset < 0:
+        parser.error("--prior_loss_weight and --noise_offset cannot be negative")
+    if args.snr_gamma is not None and args.snr_gamma <= 0:
+        parser.error("--snr_gamma must be positive")
+    if args.use_8bit_adam and args.optimizer != "adamw":
+        parser.error("--use_8bit_adam goes with --optimizer adamw")
+    if args.cache_latents and args.random_flip:
+        print("warning: with --cache_latents each image is encoded once, so --random_flip flips it once", file=sys.stderr)
+    if args.report_to not in ("tensorboard", "wandb", "all", "none"):
+        parser.error(f"--report_to must be tensorboard, wandb, all or none, got {args.report_to!r}")
+    if args.resume_from_checkpoint not in (None, "latest") and not Path(args.resume_from_checkpoint).is_dir():
+        parser.error(f"--resume_from_checkpoint {args.resume_from_checkpoint} is not a folder (or use 'latest')")
+    _check_writable(args.output_dir, parser)
+
+
+def _check_writable(directory: Path, parser: argparse.ArgumentParser) -> None:
+    """Fails now, not after hours of training, when the outputs could not be written."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".write-test-"):
+            pass
+    except OSError as exc:
+        parser.error(f"--output_dir {directory} is not writable ({exc.strerror or exc})")
+
+
+def settings_for_metadata(args: argparse.Namespace) -> dict:
+    """The training settings as plain JSON values, for the adapter files and the model card."""
+    return {k: (str(v) if isinstance(v, os.PathLike) else v) for k, v in sorted(vars(args).items()) if k != "local_rank"}
+
+
+def dumps(args: argparse.Namespace) -> str:
+    return json.dumps(settings_for_metadata(args), indent=2)

@@ -1,0 +1,546 @@
+"""The DreamBooth training loop, read top to bottom: set-up, class images, models, data, loop, outputs.
+
+accelerate handles devices, mixed precision, processes and checkpoints; diffusers the models,
+the noise schedule and the pipeline; this module only wires them to the MoSLoRA adapter.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .adapter import AdapterConfig
+from .data import (
+    DataError,
+    DreamBoothDataset,
+    collate,
+    epoch_batches,
+    generate_class_images,
+    scan_images,
+    seeded_generator,
+)
+from .errors import AdapterError
+from .formats import NATIVE_FILE, save_adapter
+from .inference import restore_adapter_weights
+from .model_card import write_model_card
+from .options import settings_for_metadata
+from .surgery import adapter_layers, inject_components
+
+logger = logging.getLogger("dreambooth_moslora")
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot go on; the message is one line for the user."""
+
+
+# ---------------------------------------------------------------- prompts
+
+
+def tokenize(tokenizers, prompts: list[str]) -> list[torch.Tensor]:
+    return [
+        tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids
+        for tok in tokenizers
+    ]
+
+
+def encode_prompts(text_encoders, token_ids: list[torch.Tensor], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """SDXL's text conditioning: both encoders' penultimate hidden states side by side, and the
+    second encoder's pooled (projected) embedding."""
+    hidden, pooled = [], None
+    for encoder, ids in zip(text_encoders, token_ids):
+        out = encoder(ids.to(device), output_hidden_states=True)
+        hidden.append(out.hidden_states[-2])
+        pooled = out[0]  # text_embeds of the projection model, the last encoder
+    return torch.cat(hidden, dim=-1), pooled
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def checkpoint_dirs(output_dir: Path) -> list[Path]:
+    found = [p for p in output_dir.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[1].isdigit()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
+def save_checkpoint(accelerator, output_dir: Path, step: int, total_limit: int | None) -> Path:
+    """accelerate's save_state into a temporary folder renamed when complete: a kill never leaves half a checkpoint."""
+    final = output_dir / f"checkpoint-{step}"
+    tmp = output_dir / f".checkpoint-{step}.partial"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()  # every process has written its random states
+    if accelerator.is_main_process:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        if total_limit is not None:
+            for old in checkpoint_dirs(output_dir)[:-total_limit]:
+                shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+# ---------------------------------------------------------------- the run
+
+
+def train(args) -> Path:
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration, set_seed
+    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import compute_snr
+    from tqdm.auto import tqdm
+    from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
+
+    output_dir = Path(args.output_dir)
+    report_to = None if args.report_to == "none" else args.report_to
+    if report_to == "tensorboard" and not _has_module("tensorboard"):
+        report_to = None  # tensorboard logs when it is installed, silently nothing otherwise
+    accelerator = Accelerator(
+        # On a machine without an accelerator, say so: under torchrun that selects gloo (multi-CPU).
+        cpu=not (torch.cuda.is_available() or torch.backends.mps.is_available()),
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=report_to,
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir)),
+    )
+    logging.basicConfig(format="%(levelname)s %(message)s", level=logging.INFO if accelerator.is_main_process else logging.ERROR)
+    set_seed(args.seed)
+    if args.allow_tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+    main = accelerator.is_main_process
+    model_path, revision, variant = args.pretrained_model_name_or_path, args.revision, args.variant
+
+    # 1. Data first: a bad folder fails before any model is loaded.
+    instance_images, skipped = scan_images(args.instance_data_dir, "instance")
+    if skipped and main:
+        logger.warning("skipping %d file(s) in %s: %s", len(skipped), args.instance_data_dir, "; ".join(skipped))
+    if not instance_images:
+        raise DataError(f"no usable image in {args.instance_data_dir}")
+
+    # 2. Class images for prior preservation, generated by the base model on the main process only.
+    class_images: list[Path] = []
+    if args.with_prior_preservation:
+        if main:
+            existing, _ = scan_images(args.class_data_dir, "class") if args.class_data_dir.is_dir() else ([], [])
+            missing = args.num_class_images - len(existing)
+            if missing > 0:
+                logger.info("generating %d class image(s) of %r into %s", missing, args.class_prompt, args.class_data_dir)
+                bar = tqdm(total=missing, desc="class images", disable=not main)
+
+                def base_pipeline():
+                    pipe = StableDiffusionXLPipeline.from_pretrained(model_path, revision=revision, variant=variant)
+                    pipe.set_progress_bar_config(disable=True)
+                    if accelerator.device.type == "cuda":
+                        pipe.to(torch.float16)
+                    return pipe.to(accelerator.device)
+
+                generate_class_images(
+                    base_pipeline, args.class_data_dir, args.class_prompt, args.num_class_images,
+                    args.sample_batch_size, args.seed, args.resolution, args.class_inference_steps, progress=bar,
+                )  # fmt: skip
+                bar.close()
+                _free_memory()
+        accelerator.wait_for_everyone()
+        class_images, _ = scan_images(args.class_data_dir, "class")
+        class_images = class_images[: args.num_class_images]
+
+    # 3. Models. Frozen weights in the mixed-precision dtype, the VAE in fp32, the adapter in fp32.
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    tokenizers = [
+        AutoTokenizer.from_pretrained(model_path, subfolder=sub, revision=revision, use_fast=False)
+        for sub in ("tokenizer", "tokenizer_2")
+    ]
+    text_encoders = [
+        CLIPTextModel.from_pretrained(model_path, subfolder="text_encoder", revision=revision, variant=variant),
+        CLIPTextModelWithProjection.from_pretrained(model_path, subfolder="text_encoder_2", revision=revision, variant=variant),
+    ]
+    vae_path = args.pretrained_vae_model_name_or_path
+    vae = AutoencoderKL.from_pretrained(vae_path or model_path, subfolder=None if vae_path else "vae", revision=revision, variant=None if vae_path else variant)
+    unet = UNet2DConditionModel.from_pretrained(model_path, subfolder="unet", revision=revision, variant=variant)
+    noise_scheduler = DDPMScheduler.from_pretrained(model_path, subfolder="scheduler", revision=revision)
+    prediction_type = noise_scheduler.config.prediction_type  # the base model's own target: epsilon or v_prediction
+    for model in (unet, vae, *text_encoders):
+        model.requires_grad_(False)
+    unet.to(accelerator.device, dtype=weight_dtype)
+    vae.to(accelerator.device, dtype=torch.float32 if vae_path is None else weight_dtype)
+    for encoder in text_encoders:
+        encoder.to(accelerator.device, dtype=weight_dtype)
+
+    adapter_config = AdapterConfig(
+        rank=args.rank, alpha=args.lora_alpha, mixer=args.mixer, mixer_init=args.mixer_init, dropout=args.lora_dropout
+    )
+    components = {"unet": unet}
+    if args.train_text_encoder:
+        components.update(text_encoder=text_encoders[0], text_encoder_2=text_encoders[1])
+    torch.manual_seed(args.seed)  # the adapter's initial A and M
+    params = inject_components(components, adapter_config)
+    if args.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+        if args.train_text_encoder:
+            for encoder in text_encoders:
+                encoder.gradient_checkpointing_enable()
+
+    # 4. Optimizer: the UNet's adapter at --learning_rate, the text encoders' at --text_encoder_lr.
+    lr_factor = args.train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes if args.scale_lr else 1
+    groups = [{"params": params["unet"], "lr": args.learning_rate * lr_factor, "weight_decay": args.adam_weight_decay}]
+    if args.train_text_encoder:
+        te_params = params["text_encoder"] + params["text_encoder_2"]
+        groups.append({"params": te_params, "lr": args.text_encoder_lr * lr_factor, "weight_decay": args.adam_weight_decay_text_encoder})
+    optimizer = make_optimizer(args, groups)
+
+    # 5. Data: prompt embeddings computed once when the text encoders are frozen.
+    dataset = DreamBoothDataset(
+        instance_images, args.instance_prompt, args.resolution, class_images, args.class_prompt,
+        args.caption_extension, args.center_crop, args.random_flip, args.aspect_ratio_buckets,
+        bucket_step=64 if args.resolution >= 512 else 8, seed=args.seed,
+    )  # fmt: skip
+    prompt_cache = None
+    if not args.train_text_encoder:
+        captions = sorted(set(dataset.captions) | ({args.class_prompt} if class_images else set()))
+        with torch.no_grad():
+            embeds, pooled = encode_prompts(text_encoders, tokenize(tokenizers, captions), accelerator.device)
+        prompt_cache = {c: (embeds[i], pooled[i]) for i, c in enumerate(captions)}
+        if args.validation_prompt is None:  # the encoders are needed again only for validation images
+            for encoder in text_encoders:
+                encoder.to("cpu")
+            _free_memory()
+
+    # Each epoch is cut to a whole number of optimizer steps per process (cycling its batches when
+    # there are fewer than processes × accumulation), so all processes take the same steps.
+    batches_in_epoch = len(epoch_batches(dataset, args.train_batch_size, 0, args.seed))
+    per_process = math.ceil(batches_in_epoch / accelerator.num_processes)
+    steps_per_epoch = math.ceil(per_process / args.gradient_accumulation_steps)
+    max_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
+    num_epochs = math.ceil(max_steps / steps_per_epoch)
+
+    latent_cache = None
+    if args.cache_latents:  # every image encoded once (its first crop and flip), then the VAE is freed
+        latent_cache = cache_latents(dataset, vae, accelerator.device)
+        vae_config, vae = vae.config, None
+        _free_memory()
+    else:
+        vae_config = vae.config
+    lr_scheduler = get_scheduler(
+        args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+        num_training_steps=max_steps * accelerator.num_processes, num_cycles=args.lr_num_cycles, power=args.lr_power,
+    )  # fmt: skip
+
+    trained = [unet] + (text_encoders if args.train_text_encoder else [])
+    unwrapped = dict(zip(components, trained))
+    prepared = accelerator.prepare(*trained, optimizer, lr_scheduler)
+    trained, optimizer, lr_scheduler = list(prepared[: len(trained)]), prepared[-2], prepared[-1]
+    unet = trained[0]
+    if args.train_text_encoder:
+        text_encoders = trained[1:]
+
+    # Checkpoints hold the adapter (one native file), not the frozen models around it.
+    def save_hook(models, weights, folder):
+        if accelerator.is_main_process:
+            save_adapter(folder, unwrapped, formats=["native"], base_model=model_path)
+        weights.clear()
+
+    def load_hook(models, folder):
+        models.clear()
+        restore_adapter_weights(unwrapped, Path(folder) / NATIVE_FILE)
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
+
+    # 6. Resume: adapter, optimizer, scheduler and random states from accelerate; the data
+    # order and the noise are functions of (seed, step), so they continue by themselves.
+    global_step = 0
+    if args.resume_from_checkpoint:
+        found = checkpoint_dirs(output_dir)
+        path = Path(args.resume_from_checkpoint) if args.resume_from_checkpoint != "latest" else (found[-1] if found else None)
+        if path is None:
+            logger.info("no checkpoint in %s: starting a new run", output_dir)
+        else:
+            accelerator.load_state(str(path))
+            global_step = int(path.name.split("-")[-1]) if path.name.split("-")[-1].isdigit() else 0
+            logger.info("resumed from %s at step %d", path, global_step)
+
+    if main:
+        accelerator.init_trackers("dreambooth-moslora", config={k: v for k, v in settings_for_metadata(args).items() if isinstance(v, (int, float, str, bool))})
+        logger.info(
+            "training %d step(s): %d instance image(s), %d class image(s), batch %d × %d process(es) × %d accumulation",
+            max_steps, len(instance_images), len(class_images), args.train_batch_size, accelerator.num_processes,
+            args.gradient_accumulation_steps,
+        )  # fmt: skip
+
+    # 7. The loop.
+    vae_scale = vae_config.scaling_factor
+    vae_shift = getattr(vae_config, "shift_factor", None) or 0.0
+    vae_factor = 2 ** (len(vae_config.block_out_channels) - 1)
+    progress = tqdm(total=max_steps, initial=global_step, desc="steps", disable=not main)
+    last_loss, started = float("nan"), time.perf_counter()
+    _train_mode(unwrapped)
+    first_epoch = global_step // steps_per_epoch
+    try:
+        for epoch in range(first_epoch, num_epochs):
+            batches = epoch_batches(dataset, args.train_batch_size, epoch, args.seed)
+            needed = steps_per_epoch * args.gradient_accumulation_steps * accelerator.num_processes
+            batches = (batches * math.ceil(needed / len(batches)))[:needed]
+            mine = batches[accelerator.process_index :: accelerator.num_processes]
+            done = (global_step - epoch * steps_per_epoch) * args.gradient_accumulation_steps
+            for batch_number, batch in enumerate(batch_source(dataset, mine, done, epoch, latent_cache, args.dataloader_num_workers), start=done):
+                with accelerator.accumulate(*trained):
+                    # Every random draw of a batch comes from a generator seeded by its place in the run.
+                    rng = seeded_generator(args.seed, epoch, batch_number, accelerator.process_index)
+                    if latent_cache is not None:
+                        mean, std = batch["latent_mean"], batch["latent_std"]
+                        latents = mean + std * torch.randn(mean.shape, generator=rng).to(mean)
+                    else:
+                        with torch.no_grad():
+                            pixels = batch["pixels"].to(accelerator.device, vae.dtype)
+                            latents = vae.encode(pixels).latent_dist.sample(generator=rng)
+                    latents = ((latents - vae_shift) * vae_scale).to(accelerator.device, weight_dtype)
+                    noise = torch.randn(latents.shape, generator=rng).to(latents.device, latents.dtype)
+                    if args.noise_offset:
+                        noise += args.noise_offset * torch.randn((latents.shape[0], latents.shape[1], 1, 1), generator=rng).to(noise)
+                    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=rng).to(latents.device)
+                    noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+
+                    if prompt_cache is not None:
+                        embeds = torch.stack([prompt_cache[c][0] for c in batch["captions"]]).to(accelerator.device, weight_dtype)
+                        pooled = torch.stack([prompt_cache[c][1] for c in batch["captions"]]).to(accelerator.device, weight_dtype)
+                    else:
+                        embeds, pooled = encode_prompts(text_encoders, tokenize(tokenizers, batch["captions"]), accelerator.device)
+                    size = latents.shape[-2] * vae_factor, latents.shape[-1] * vae_factor
+                    time_ids = torch.tensor(
+                        [list(o) + list(c) + list(size) for o, c in zip(batch["original_sizes"], batch["crops_top_left"])],
+                        device=accelerator.device, dtype=weight_dtype,
+                    )  # fmt: skip
+
+                    prediction = unet(noisy, timesteps, embeds, added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
+                    if prediction_type == "epsilon":
+                        target = noise
+                    elif prediction_type == "v_prediction":
+                        target = noise_scheduler.get_velocity(latents, noise, timesteps)
+                    else:
+                        target = latents
+                    per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+                    if args.snr_gamma is not None:
+                        snr = compute_snr(noise_scheduler, timesteps)
+                        weights = torch.clamp(snr, max=args.snr_gamma)
+                        weights = weights / snr if prediction_type == "epsilon" else weights / (snr + 1) if prediction_type == "v_prediction" else weights
+                        per_sample = per_sample * weights
+                    n = batch["num_instance"]
+                    loss = per_sample[:n].mean()
+                    if class_images:
+                        loss = loss + args.prior_loss_weight * per_sample[n:].mean()
+
+                    if not torch.isfinite(loss):
+                        raise TrainingError(
+                            f"the loss became {loss.item()} at step {global_step + 1}: stopping. The last good checkpoint "
+                            "and adapter files are untouched; try a lower --learning_rate or --mixed_precision bf16"
+                        )
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients and args.max_grad_norm > 0:
+                        accelerator.clip_grad_norm_([p for ps in params.values() for p in ps], args.max_grad_norm)
+                    optimizer.step()
+                    lr_scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+
+                if accelerator.sync_gradients:
+                    global_step += 1
+                    last_loss = accelerator.gather(loss.detach().reshape(1)).mean().item()
+                    lr = lr_scheduler.get_last_lr()[0]
+                    progress.update(1)
+                    progress.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}")
+                    accelerator.log({"loss": last_loss, "lr": lr}, step=global_step)
+                    if global_step % args.checkpointing_steps == 0 and global_step < max_steps:
+                        save_checkpoint(accelerator, output_dir, global_step, args.checkpoints_total_limit)
+                    if global_step >= max_steps:
+                        break
+
+            if args.validation_prompt and main and (epoch + 1) % args.validation_epochs == 0 and global_step < max_steps:
+                _validate(args, accelerator, unwrapped, text_encoders, tokenizers, vae, noise_scheduler, output_dir / f"validation-step{global_step}.png")
+            if global_step >= max_steps:
+                break
+    finally:
+        progress.close()  # before any error message, so that message is the last line
+
+    # 8. Outputs, written by the main process alone.
+    accelerator.wait_for_everyone()
+    if main:
+        settings = settings_for_metadata(args)
+        settings.update(
+            max_train_steps=max_steps, prediction_type=prediction_type, final_loss=last_loss,
+            num_train_images=len(instance_images), num_class_images=len(class_images),
+        )  # fmt: skip
+        files = save_adapter(output_dir, unwrapped, formats=args.output_formats, base_model=model_path, training=settings)
+        grid = None
+        if args.validation_prompt:
+            grid = _validate(args, accelerator, unwrapped, text_encoders, tokenizers, vae, noise_scheduler, output_dir / "validation.png")
+        write_model_card(output_dir, settings, files, grid)
+        logger.info("done: %d steps in %.1f s, final loss %.4f; adapters in %s", global_step, time.perf_counter() - started, last_loss, output_dir)
+    accelerator.end_training()
+    return output_dir
+
+
+# ---------------------------------------------------------------- helpers of the loop
+
+
+def make_optimizer(args, groups):
+    if args.optimizer == "prodigy":
+        try:
+            import prodigyopt
+        except ImportError:
+            raise TrainingError("--optimizer prodigy needs prodigyopt: pip install 'dreambooth-moslora[optim]'") from None
+        for group in groups:  # Prodigy finds its own step size: lr is a multiplier, 1.0 as its authors advise
+            group["lr"] = group["lr"] if group["lr"] >= 0.1 else 1.0
+        return prodigyopt.Prodigy(
+            groups, betas=(args.adam_beta1, args.adam_beta2), beta3=args.prodigy_beta3, eps=args.adam_epsilon,
+            decouple=args.prodigy_decouple, use_bias_correction=args.prodigy_use_bias_correction,
+            safeguard_warmup=args.prodigy_safeguard_warmup,
+        )  # fmt: skip
+    if args.use_8bit_adam:
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise TrainingError("--use_8bit_adam needs bitsandbytes: pip install 'dreambooth-moslora[optim]'") from None
+        return bnb.optim.AdamW8bit(groups, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
+    return torch.optim.AdamW(groups, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
+
+
+def _train_mode(models: dict) -> None:
+    for model in models.values():
+        for layer in adapter_layers(model).values():
+            layer.train()
+
+
+def batch_source(dataset, batches, skip, epoch, latent_cache, num_workers):
+    """The batches of this process for one epoch, from the first not yet trained on."""
+    if latent_cache is not None:
+        for indices in batches[skip:]:
+            yield collate_cached([latent_cache[i] for i in indices])
+        return
+    yield from torch.utils.data.DataLoader(
+        dataset, batch_sampler=[[(epoch, i) for i in b] for b in batches[skip:]], collate_fn=collate,
+        num_workers=num_workers,
+        # its own generator: a loader drawing its workers' seed from the global one would shift
+        # dropout's random numbers in a resumed run, which starts its loader mid-epoch
+        generator=seeded_generator(epoch, -3),
+    )
+
+
+@torch.no_grad()
+def cache_latents(dataset, vae, device) -> dict:
+    """Each item's latent distribution (mean, std) and conditioning, from its epoch-0 crop and flip."""
+    cache = {}
+    for index in range(len(dataset)):
+        batch = collate([dataset[(0, index)]])
+        dist = vae.encode(batch["pixels"].to(device, vae.dtype)).latent_dist
+        cache[index] = {
+            "latent_mean": dist.mean.cpu(), "latent_std": dist.std.cpu(), "num_instance": 1,
+            **{k: batch[k] for k in ("original_sizes", "crops_top_left", "captions")},
+        }  # fmt: skip
+    return cache
+
+
+def collate_cached(items: list[dict]) -> dict:
+    """Like data.collate: every instance example first, then every class example."""
+    def ordered(key):
+        return [x[key][0] for x in items] + [x[key][1] for x in items if len(x[key]) > 1]
+
+    def stack(key):
+        return torch.cat([x[key][:1] for x in items] + [x[key][1:] for x in items if x[key].shape[0] > 1])
+
+    return {
+        "latent_mean": stack("latent_mean"), "latent_std": stack("latent_std"), "num_instance": len(items),
+        "original_sizes": ordered("original_sizes"), "crops_top_left": ordered("crops_top_left"),
+        "captions": ordered("captions"),
+    }  # fmt: skip
+
+
+@torch.no_grad()
+def _validate(args, accelerator, unwrapped, text_encoders, tokenizers, vae, scheduler, path: Path):
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+
+    from .demo import labelled_grid
+
+    if vae is None:  # freed after caching latents: load it again for the pictures
+        from diffusers import AutoencoderKL
+
+        vae_path = args.pretrained_vae_model_name_or_path
+        vae = AutoencoderKL.from_pretrained(vae_path or args.pretrained_model_name_or_path, subfolder=None if vae_path else "vae", revision=args.revision).to(accelerator.device)
+    for layer in (l for m in unwrapped.values() for l in adapter_layers(m).values()):
+        layer.eval()
+    for encoder in text_encoders:
+        encoder.to(accelerator.device)
+    pipe = StableDiffusionXLPipeline(
+        vae=vae, text_encoder=accelerator.unwrap_model(text_encoders[0]), text_encoder_2=accelerator.unwrap_model(text_encoders[1]),
+        tokenizer=tokenizers[0], tokenizer_2=tokenizers[1], unet=unwrapped["unet"],
+        scheduler=EulerDiscreteScheduler.from_config(scheduler.config),
+    )  # fmt: skip
+    pipe.set_progress_bar_config(disable=True)
+    autocast = torch.autocast(accelerator.device.type) if accelerator.mixed_precision != "no" else nullcontext()
+    images = []
+    with autocast:
+        for i in range(args.num_validation_images):
+            generator = torch.Generator(accelerator.device).manual_seed(args.seed + i)
+            images.append(
+                pipe(args.validation_prompt, num_inference_steps=args.num_validation_inference_steps,
+                     height=args.resolution, width=args.resolution, generator=generator).images[0]
+            )  # fmt: skip
+    grid = labelled_grid(images, [f"seed {args.seed + i}" for i in range(len(images))])
+    tmp = path.with_suffix(".partial.png")
+    grid.save(tmp)
+    os.replace(tmp, path)
+    _train_mode(unwrapped)
+    return path
+
+
+def _has_module(name: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None
+
+
+def _free_memory():
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def quiet_libraries() -> None:
+    """Our progress bar and log lines, not every library's loading bars and notices."""
+    import transformers
+    from diffusers.utils import logging as diffusers_logging
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    diffusers_logging.set_verbosity_error()
+    diffusers_logging.disable_progress_bar()
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .options import parse_args
+
+    args = parse_args(argv)  # bad options end here, with argparse's one-line message
+    quiet_libraries()
+    try:
+        train(args)
+    except (DataError, AdapterError, TrainingError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted: the last checkpoint and any adapter files already written are intact", file=sys.stderr)
+        return 130
+    return 0

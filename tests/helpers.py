@@ -1,0 +1,31 @@
+"""Measurements shared by the training tests."""
+
+import torch
+from PIL import Image
+
+from dreambooth_moslora.data import prepare
+
+
+@torch.no_grad()
+def denoising_loss(pipe, image_paths, captions, resolution=64, draws=8, seed=0) -> float:
+    """The mean noise-prediction error on the given images, with fixed noise and timesteps."""
+    scheduler_config = pipe.scheduler.config
+    from diffusers import DDPMScheduler
+
+    scheduler = DDPMScheduler.from_config(scheduler_config)
+    g = torch.Generator().manual_seed(seed)
+    total = 0.0
+    for path, caption in zip(image_paths, captions):
+        pixels, _ = prepare(Image.open(path).convert("RGB"), (resolution, resolution), True, False, g)
+        latents = pipe.vae.encode(pixels[None]).latent_dist.mean * pipe.vae.config.scaling_factor
+        embeds, _, pooled, _ = pipe.encode_prompt(caption, device="cpu", do_classifier_free_guidance=False)
+        latents = latents.repeat(draws, 1, 1, 1)
+        noise = torch.randn(latents.shape, generator=g)
+        timesteps = torch.linspace(50, 950, draws).long()
+        noisy = scheduler.add_noise(latents, noise, timesteps)
+        time_ids = torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]] * draws, dtype=torch.float32)
+        pred = pipe.unet(noisy, timesteps, embeds.repeat(draws, 1, 1),
+                         added_cond_kwargs={"text_embeds": pooled.repeat(draws, 1), "time_ids": time_ids}).sample
+        target = noise if scheduler.config.prediction_type == "epsilon" else scheduler.get_velocity(latents, noise, timesteps)
+        total += torch.nn.functional.mse_loss(pred, target).item()
+    return total / len(image_paths)

@@ -1,0 +1,114 @@
+"""train_dreambooth.py's options: diffusers' names, a config file, and one-line errors before any model loads."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dreambooth_moslora.options import parse_args
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def base_argv(tmp_path):
+    instance = tmp_path / "dog"
+    instance.mkdir()
+    return [
+        "--pretrained_model_name_or_path", "stabilityai/stable-diffusion-xl-base-1.0",
+        "--instance_data_dir", str(instance), "--instance_prompt", "a photo of sks dog",
+        "--output_dir", str(tmp_path / "out"),
+    ]  # fmt: skip
+
+
+def error_of(argv, capsys) -> str:
+    with pytest.raises(SystemExit) as exc:
+        parse_args(argv)
+    assert exc.value.code == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("train_dreambooth.py: error:")]
+    assert len(lines) == 1
+    return lines[0]
+
+
+def test_a_pasted_diffusers_command_line_parses(base_argv):
+    args = parse_args(base_argv + [
+        "--with_prior_preservation", "--class_prompt", "a photo of dog", "--prior_loss_weight", "0.5",
+        "--num_class_images", "200", "--resolution", "1024", "--train_batch_size", "1",
+        "--gradient_accumulation_steps", "4", "--gradient_checkpointing", "--learning_rate", "1e-4",
+        "--lr_scheduler", "constant", "--lr_warmup_steps", "0", "--max_train_steps", "500",
+        "--mixed_precision", "fp16", "--use_8bit_adam", "--snr_gamma", "5.0", "--train_text_encoder",
+        "--checkpointing_steps", "100", "--checkpoints_total_limit", "2", "--seed", "0", "--report_to", "none",
+        "--validation_prompt", "a photo of sks dog in a bucket", "--validation_epochs", "25", "--rank", "8",
+        "--center_crop", "--random_flip", "--cache_latents", "--optimizer", "AdamW",
+    ])  # fmt: skip
+    assert args.rank == 8 and args.lora_alpha == 8.0 and args.mixer == "learned" and args.mixer_init == "kaiming"
+    assert args.optimizer == "adamw" and args.output_formats == ["native", "diffusers", "kohya"]
+    assert args.class_data_dir == Path(args.output_dir) / "class_images"
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--with_prior_preservation"], "--with_prior_preservation needs --class_prompt"),
+        (["--mixer", "bogus"], "argument --mixer: invalid choice"),
+        (["--resolution", "1001"], "--resolution must be a positive multiple of 8"),
+        (["--rank", "0"], "--rank must be at least 1"),
+        (["--lora_alpha", "-2"], "--lora_alpha must be positive"),
+        (["--optimizer", "prodigy", "--use_8bit_adam"], "--use_8bit_adam goes with --optimizer adamw"),
+        (["--output_formats", "ckpt"], "argument --output_formats: invalid choice"),
+        (["--resume_from_checkpoint", "/nonexistent/checkpoint-5"], "is not a folder"),
+        (["--max_train_steps", "0"], "--max_train_steps must be at least 1"),
+    ],
+)
+def test_conflicting_or_bad_options_are_one_line(base_argv, capsys, extra, message):
+    assert message in error_of(base_argv + extra, capsys)
+
+
+def test_missing_instance_dir_and_required_options(tmp_path, capsys):
+    argv = ["--pretrained_model_name_or_path", "x", "--instance_prompt", "p", "--output_dir", str(tmp_path / "o")]
+    assert "--instance_data_dir is required" in error_of(argv, capsys)
+    argv += ["--instance_data_dir", str(tmp_path / "missing")]
+    assert "does not exist" in error_of(argv, capsys)
+
+
+def test_unwritable_output_dir_fails_at_start(base_argv, tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    assert "is not writable" in error_of(base_argv + ["--output_dir", str(blocker / "out")], capsys)
+
+
+@pytest.mark.parametrize("suffix", [".toml", ".yaml"])
+def test_config_file_with_command_line_overrides(base_argv, tmp_path, suffix):
+    config = tmp_path / f"run{suffix}"
+    if suffix == ".toml":
+        config.write_text('rank = 16\nmixer = "frozen"\nlearning_rate = 3e-4\noutput_formats = ["diffusers"]\nrandom_flip = true\n')
+    else:
+        config.write_text("rank: 16\nmixer: frozen\nlearning_rate: 3.0e-4\noutput_formats: [diffusers]\nrandom_flip: true\n")
+    args = parse_args(base_argv + ["--config", str(config), "--rank", "2"])
+    assert args.rank == 2  # the command line wins
+    assert args.mixer == "frozen" and args.learning_rate == 3e-4 and args.output_formats == ["diffusers"]
+    assert args.random_flip is True and args.lora_alpha == 2.0
+
+
+def test_bad_config_files(base_argv, tmp_path, capsys):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("rank = 4\nnot_an_option = 1\n")
+    assert "unknown option(s) in" in error_of(base_argv + ["--config", str(bad)], capsys)
+    bad.write_text('mixer = "bogus"\n')
+    assert "mixer must be one of" in error_of(base_argv + ["--config", str(bad)], capsys)
+    bad.write_text("rank = [\n")
+    assert "cannot read --config" in error_of(base_argv + ["--config", str(bad)], capsys)
+
+
+def test_entry_point_fails_before_loading_any_model(tmp_path):
+    """A bad command line costs nothing: no model download is even attempted (the hub is unreachable here)."""
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "train_dreambooth.py"), "--pretrained_model_name_or_path",
+         "stabilityai/stable-diffusion-xl-base-1.0", "--instance_data_dir", str(tmp_path), "--instance_prompt", "x",
+         "--output_dir", str(tmp_path / "out"), "--with_prior_preservation"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == "train_dreambooth.py: error: --with_prior_preservation needs --class_prompt"
+    assert "Traceback" not in result.stderr

@@ -1,0 +1,255 @@
+"""The DreamBooth trainer end to end on the tiny SDXL: outputs, learning, modes, resume, processes, failures."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import StableDiffusionXLPipeline
+from safetensors.torch import load_file
+
+from dreambooth_moslora import AdapterConfig, inject_components, load_adapter
+from dreambooth_moslora.formats import read_safetensors
+from dreambooth_moslora.inference import max_abs_diff, sdxl_forward
+from dreambooth_moslora.synthetic import write_subject
+from dreambooth_moslora.tiny_sdxl import save_tiny_sdxl
+from dreambooth_moslora.training import main
+
+from .helpers import denoising_loss
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPT = "a photo of sks ball"
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("world")
+    model = save_tiny_sdxl(root / "tiny-sdxl", seed=0)
+    subject = root / "subject"
+    write_subject(subject, count=5)
+    return {"model": model, "subject": subject, "root": root}
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    yield
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def argv(world, output_dir, *extra, steps=6):
+    return [
+        "--pretrained_model_name_or_path", str(world["model"]), "--instance_data_dir", str(world["subject"]),
+        "--instance_prompt", PROMPT, "--caption_extension", ".txt", "--resolution", "64",
+        "--train_batch_size", "2", "--max_train_steps", str(steps), "--output_dir", str(output_dir),
+        "--report_to", "none", "--seed", "0", *extra,
+    ]  # fmt: skip
+
+
+def captions(world):
+    paths = sorted(world["subject"].glob("*.png"))
+    return paths, [p.with_suffix(".txt").read_text().strip() for p in paths]
+
+
+def test_prior_preservation_run_learns_and_writes_everything(world, tmp_path):
+    out = tmp_path / "out"
+    code = main(argv(world, out, "--with_prior_preservation", "--class_prompt", "a photo of ball",
+                     "--num_class_images", "4", "--class_inference_steps", "2", "--learning_rate", "1e-2",
+                     "--checkpointing_steps", "10", "--checkpoints_total_limit", "1",
+                     "--validation_prompt", "a photo of sks ball on a green background", "--num_validation_images", "2",
+                     "--num_validation_inference_steps", "2", steps=30))  # fmt: skip
+    assert code == 0
+    assert len(list((out / "class_images").glob("*.png"))) == 4
+    assert [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-20"]  # total limit 1; none at the last step
+    for name in ("moslora_adapter.safetensors", "pytorch_lora_weights.safetensors",
+                 "pytorch_lora_weights_kohya.safetensors", "README.md", "validation.png"):  # fmt: skip
+        assert (out / name).is_file(), name
+    assert not list(out.glob(".*partial*"))
+
+    _, metadata = read_safetensors(out / "moslora_adapter.safetensors")
+    training = json.loads(metadata["training"])
+    assert training["with_prior_preservation"] is True and training["max_train_steps"] == 30
+    assert training["prediction_type"] == "epsilon" and training["num_class_images"] == 4
+    assert json.loads(metadata["adapter_config"])["mixer"] == "learned"
+    _, kohya_meta = read_safetensors(out / "pytorch_lora_weights_kohya.safetensors")
+    assert kohya_meta["ss_max_train_steps"] == "30" and kohya_meta["ss_num_train_images"] == "5"
+    card = (out / "README.md").read_text()
+    assert f"base_model: {world['model']}" in card and "instance_prompt: a photo of sks ball" in card
+    assert "| mixer | learned |" in card and 'load_lora_weights' in card
+
+    # the adapter learned the subject: lower denoising error on its images than the base model
+    paths, caps = captions(world)
+    pipe = StableDiffusionXLPipeline.from_pretrained(world["model"])
+    before = denoising_loss(pipe, paths, caps)
+    load_adapter(pipe, out / "moslora_adapter.safetensors")
+    trained = sdxl_forward(pipe, PROMPT)
+    after = denoising_loss(pipe, paths, caps)
+    assert after < 0.97 * before, (before, after)
+
+    # stock diffusers reproduces the trained UNet from the diffusers file
+    stock = StableDiffusionXLPipeline.from_pretrained(world["model"])
+    stock.load_lora_weights(str(out), weight_name="pytorch_lora_weights.safetensors")
+    assert max_abs_diff(trained, sdxl_forward(stock, PROMPT)) <= 1e-5
+
+
+@pytest.mark.parametrize("mixer", ["none", "frozen"])
+def test_mixer_modes(world, tmp_path, mixer):
+    out = tmp_path / "out"
+    assert main(argv(world, out, "--mixer", mixer, "--learning_rate", "1e-3", "--output_formats", "native")) == 0
+    tensors, metadata = read_safetensors(out / "moslora_adapter.safetensors")
+    assert json.loads(metadata["adapter_config"])["mixer"] == mixer
+    assert sorted(p.name for p in out.iterdir() if p.suffix == ".safetensors") == ["moslora_adapter.safetensors"]
+    mixers = {k: v for k, v in tensors.items() if k.endswith(".moslora_M")}
+    ups = [v for k, v in tensors.items() if k.endswith(".moslora_B")]
+    assert all(u.abs().max() > 0 for u in ups)  # trained
+    if mixer == "none":
+        assert not mixers
+    else:  # frozen: M is exactly its seeded initial value
+        fresh = StableDiffusionXLPipeline.from_pretrained(world["model"])
+        torch.manual_seed(0)
+        inject_components({"unet": fresh.unet}, AdapterConfig(rank=4, alpha=4.0, mixer="frozen"))
+        initial = {f"unet.{n}.moslora_M": m.lora_M for n, m in fresh.unet.named_modules() if hasattr(m, "lora_M")}
+        assert mixers.keys() == initial.keys()
+        assert all(torch.equal(mixers[k], initial[k]) for k in mixers)
+
+
+def test_train_text_encoder(world, tmp_path):
+    out = tmp_path / "out"
+    assert main(argv(world, out, "--train_text_encoder", "--text_encoder_lr", "1e-3", "--learning_rate", "1e-3")) == 0
+    tensors = load_file(out / "pytorch_lora_weights.safetensors")
+    for component in ("text_encoder", "text_encoder_2"):
+        ups = {k: v for k, v in tensors.items() if k.startswith(f"{component}.") and k.endswith("lora_B.weight")}
+        trained = {k for k, v in ups.items() if v.abs().max() > 0}
+        assert len(ups) == 12
+        if component == "text_encoder":
+            # SDXL reads CLIP-L's penultimate layer: its last layer gets no gradient, as in any SDXL LoRA
+            assert trained == {k for k in ups if ".layers.2." not in k}
+        else:  # OpenCLIP-bigG's last layer feeds the pooled embedding
+            assert trained == set(ups)
+    # the text encoders' adapters reach the outputs of a pipeline that loads the file
+    pipe = StableDiffusionXLPipeline.from_pretrained(world["model"])
+    base = sdxl_forward(pipe, PROMPT)["pooled_prompt_embeds"]
+    load_adapter(pipe, out / "pytorch_lora_weights_kohya.safetensors")
+    assert (sdxl_forward(pipe, PROMPT)["pooled_prompt_embeds"] - base).abs().max() > 1e-6
+
+
+def test_v_prediction_base_model_is_trained_against_velocity(world, tmp_path):
+    model = save_tiny_sdxl(tmp_path / "tiny-v", seed=0)
+    config_path = model / "scheduler" / "scheduler_config.json"
+    config = json.loads(config_path.read_text())
+    config["prediction_type"] = "v_prediction"
+    config_path.write_text(json.dumps(config))
+    out = tmp_path / "out"
+    world_v = dict(world, model=model)
+    assert main(argv(world_v, out, "--learning_rate", "1e-2", "--output_formats", "native", steps=30)) == 0
+    _, metadata = read_safetensors(out / "moslora_adapter.safetensors")
+    assert json.loads(metadata["training"])["prediction_type"] == "v_prediction"
+    paths, caps = captions(world)
+    pipe = StableDiffusionXLPipeline.from_pretrained(model)
+    before = denoising_loss(pipe, paths, caps)  # measured against the velocity target
+    load_adapter(pipe, out / "moslora_adapter.safetensors")
+    assert denoising_loss(pipe, paths, caps) < 0.97 * before
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(world, tmp_path, capsys):
+    out = tmp_path / "out"
+    code = main(argv(world, out, "--learning_rate", "1e12", "--max_grad_norm", "0", "--checkpointing_steps", "1",
+                     "--adam_epsilon", "1e-30", steps=50))  # fmt: skip
+    assert code == 1
+    message = capsys.readouterr().err.strip().splitlines()[-1]
+    assert message.startswith("error: the loss became") and "last good checkpoint" in message
+    assert not (out / "pytorch_lora_weights.safetensors").exists()
+    checkpoints = sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    assert checkpoints, "a checkpoint before the blow-up"
+    tensors = load_file(checkpoints[-1] / "moslora_adapter.safetensors")
+    assert all(torch.isfinite(t).all() for t in tensors.values())
+
+
+@pytest.mark.parametrize(
+    "setup, message",
+    [
+        (lambda d: None, "no usable image in"),
+        (lambda d: ((d / "a.png").write_bytes(b""), (d / "b.txt").write_text("caption")), "no usable image in"),
+    ],
+    ids=["empty", "only-bad-files"],
+)
+def test_unusable_instance_folders(world, tmp_path, capsys, setup, message):
+    folder = tmp_path / "instance"
+    folder.mkdir()
+    setup(folder)
+    args = argv(world, tmp_path / "out")
+    args[args.index("--instance_data_dir") + 1] = str(folder)
+    assert main(args) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"error: {message}") and not any("Traceback" in line for line in err)
+    assert not any((tmp_path / "out").glob("*.safetensors"))
+
+
+def test_bad_files_among_good_ones_are_skipped_with_one_warning(world, tmp_path, caplog):
+    folder = tmp_path / "instance"
+    write_subject(folder, count=2)
+    (folder / "zero.jpg").write_bytes(b"")
+    (folder / "readme.md").write_text("hello")
+    args = argv(world, tmp_path / "out", "--output_formats", "diffusers", steps=2)
+    args[args.index("--instance_data_dir") + 1] = str(folder)
+    assert main(args) == 0
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "skipping" in r.getMessage()]
+    assert len(warnings) == 1 and "zero.jpg: empty file" in warnings[0] and "readme.md: not an image file" in warnings[0]
+
+
+def _run(args, **kwargs):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    return subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
+
+
+def test_resume_after_sigkill_gives_the_same_adapter(world, tmp_path):
+    common = ["--learning_rate", "1e-3", "--checkpointing_steps", "4", "--output_formats", "native",
+              "--random_flip", "--lora_dropout", "0.1"]  # fmt: skip
+    reference = tmp_path / "uninterrupted"
+    assert main(argv(world, reference, *common, steps=24)) == 0
+
+    killed = tmp_path / "killed"
+    process = _run([sys.executable, str(ROOT / "train_dreambooth.py"), *argv(world, killed, *common, steps=24)])
+    deadline = time.time() + 300
+    while not (killed / "checkpoint-4").is_dir():
+        assert process.poll() is None, process.stdout.read()
+        assert time.time() < deadline
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL
+    assert not (killed / "moslora_adapter.safetensors").exists()
+
+    resumed = _run([sys.executable, str(ROOT / "train_dreambooth.py"),
+                    *argv(world, killed, *common, "--resume_from_checkpoint", "latest", steps=24)])  # fmt: skip
+    output = resumed.communicate(timeout=300)[0]
+    assert resumed.returncode == 0, output
+    assert "resumed from" in output
+    a = load_file(reference / "moslora_adapter.safetensors")
+    b = load_file(killed / "moslora_adapter.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # bit-identical
+
+
+def test_two_processes_on_cpu(world, tmp_path):
+    """Two processes over gloo, started by torchrun (what accelerate launch uses for several devices)."""
+    out = tmp_path / "out"
+    process = _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+                    str(ROOT / "train_dreambooth.py"),
+                    *argv(world, out, "--with_prior_preservation", "--class_prompt", "a photo of ball",
+                          "--num_class_images", "2", "--class_inference_steps", "2", "--checkpointing_steps", "2",
+                          steps=4)])  # fmt: skip
+    output = process.communicate(timeout=600)[0]
+    assert process.returncode == 0, output[-3000:]
+    assert "2 process(es)" in output
+    files = sorted(p.name for p in out.iterdir())
+    assert files == sorted(["README.md", "checkpoint-2", "class_images", "moslora_adapter.safetensors",
+                            "pytorch_lora_weights.safetensors", "pytorch_lora_weights_kohya.safetensors"])  # fmt: skip
+    assert sorted(p.name for p in (out / "checkpoint-2").iterdir()) == [
+        "moslora_adapter.safetensors", "optimizer.bin", "random_states_0.pkl", "random_states_1.pkl", "scheduler.bin",
+    ]  # fmt: skip
+    assert len(list((out / "class_images").iterdir())) == 2

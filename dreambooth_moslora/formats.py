@@ -290,7 +290,12 @@ def diffusers_state(components, base_model=None, training=None):
             tensors[f"{key}.lora_A.weight"] = layer.lora_A.detach().float()
             tensors[f"{key}.lora_B.weight"] = _folded_up(layer, with_alpha=True)
     provenance = {"adapter_config": config.to_dict(), "folded": "mixer and alpha/rank are in lora_B"}
-    metadata = {"format": "pt", "dreambooth_moslora": json.dumps(provenance), "base_model": base_model or ""}
+    metadata = {
+        "format": "pt",
+        "dreambooth_moslora": json.dumps(provenance),
+        "base_model": base_model or "",
+        "training": json.dumps(training or {}),
+    }
     return tensors, metadata
 
 

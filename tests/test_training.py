@@ -77,6 +77,8 @@ def test_prior_preservation_run_learns_and_writes_everything(world, tmp_path):
     assert training["with_prior_preservation"] is True and training["max_train_steps"] == 30
     assert training["prediction_type"] == "epsilon" and training["num_class_images"] == 4
     assert json.loads(metadata["adapter_config"])["mixer"] == "learned"
+    _, diffusers_meta = read_safetensors(out / "pytorch_lora_weights.safetensors")
+    assert json.loads(diffusers_meta["training"]) == training
     _, kohya_meta = read_safetensors(out / "pytorch_lora_weights_kohya.safetensors")
     assert kohya_meta["ss_max_train_steps"] == "30" and kohya_meta["ss_num_train_images"] == "5"
     card = (out / "README.md").read_text()
@@ -253,3 +255,51 @@ def test_two_processes_on_cpu(world, tmp_path):
         "moslora_adapter.safetensors", "optimizer.bin", "random_states_0.pkl", "random_states_1.pkl", "scheduler.bin",
     ]  # fmt: skip
     assert len(list((out / "class_images").iterdir())) == 2
+
+
+def test_cached_latents_train_like_encoding_every_step(world, tmp_path):
+    """With no random crop or flip, caching the latents changes nothing but the speed."""
+    common = ("--center_crop", "--learning_rate", "1e-3", "--output_formats", "native")
+    assert main(argv(world, tmp_path / "plain", *common, steps=4)) == 0
+    assert main(argv(world, tmp_path / "cached", *common, "--cache_latents", steps=4)) == 0
+    a = load_file(tmp_path / "plain" / "moslora_adapter.safetensors")
+    b = load_file(tmp_path / "cached" / "moslora_adapter.safetensors")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+    assert max(a[k].abs().max().item() for k in a if k.endswith("moslora_B")) > 1e-4  # and it did train
+
+
+def test_aspect_ratio_buckets_accumulation_and_bf16(world, tmp_path):
+    from PIL import Image
+
+    folder = tmp_path / "instance"
+    folder.mkdir()
+    source = Image.open(world["subject"] / "sks_ball_0.png")
+    for i, size in enumerate([(64, 64), (96, 48), (48, 96), (100, 50)]):
+        source.resize(size).save(folder / f"{i}.png")
+    args = argv(world, tmp_path / "out", "--aspect_ratio_buckets", "--gradient_accumulation_steps", "2",
+                "--mixed_precision", "bf16", "--checkpointing_steps", "2", "--output_formats", "native", steps=3)  # fmt: skip
+    args[args.index("--instance_data_dir") + 1] = str(folder)
+    assert main(args) == 0
+    tensors, metadata = read_safetensors(tmp_path / "out" / "moslora_adapter.safetensors")
+    assert {t.dtype for t in tensors.values()} == {torch.float32}  # the adapter stays fp32 under bf16
+    assert all(torch.isfinite(t).all() for t in tensors.values())
+    training = json.loads(metadata["training"])
+    assert training["mixed_precision"] == "bf16" and training["gradient_accumulation_steps"] == 2
+    assert (tmp_path / "out" / "checkpoint-2").is_dir()
+
+
+def test_resume_from_a_named_checkpoint_and_a_foreign_one(world, tmp_path, capsys):
+    out = tmp_path / "out"
+    common = ("--checkpointing_steps", "2", "--output_formats", "native", "--learning_rate", "1e-3")
+    assert main(argv(world, out, *common, steps=4)) == 0
+    finished = load_file(out / "moslora_adapter.safetensors")
+    (out / "moslora_adapter.safetensors").unlink()
+    assert main(argv(world, out, *common, "--resume_from_checkpoint", str(out / "checkpoint-2"), steps=4)) == 0
+    again = load_file(out / "moslora_adapter.safetensors")
+    assert all(torch.equal(finished[k], again[k]) for k in finished)
+    # a checkpoint of another adapter (rank 2) is refused with one line, before any step
+    other = tmp_path / "other"
+    assert main(argv(world, other, "--rank", "2", "--checkpointing_steps", "1", steps=2)) == 0
+    capsys.readouterr()
+    assert main(argv(world, out, *common, "--resume_from_checkpoint", str(other / "checkpoint-1"), steps=4)) == 1
+    assert "does not match the adapter being trained" in capsys.readouterr().err.strip().splitlines()[-1]

@@ -4,7 +4,7 @@ VENV ?= .venv
 # The CPU wheel on these machines; on a CUDA machine the same pin gets the CUDA build from PyPI.
 TORCH ?= torch==2.13.0
 
-.PHONY: demo test bench clean
+.PHONY: demo test bench webui clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,6 +17,9 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	HF_HUB_OFFLINE=1 $(VENV)/bin/python -m pytest -q
+
+webui: $(VENV)/.installed
+	HF_HUB_OFFLINE=1 $(VENV)/bin/python -m webui --adapters outputs/demo --demo
 
 bench: $(VENV)/.installed
 	$(VENV)/bin/python benchmarks/adapter_overhead.py

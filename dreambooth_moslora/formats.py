@@ -69,8 +69,11 @@ class AdapterFile:
 # ---------------------------------------------------------------- safetensors, read and written safely
 
 
-def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Loads a safetensors file after checking its header; any defect is one AdapterFileError."""
+def read_header(path: str | os.PathLike) -> tuple[dict[str, dict], dict[str, str]]:
+    """The tensor entries and metadata of a safetensors file, checked, without reading tensor data.
+
+    Any defect (truncated, not safetensors, absurd sizes, malformed entries) is one AdapterFileError.
+    """
     path = Path(path)
     if not path.is_file():
         raise AdapterFileError(f"{path}: no such file")
@@ -116,11 +119,17 @@ def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], 
             )
         if end - begin != numel * _DTYPE_SIZES[entry["dtype"]]:
             raise AdapterFileError(f"{path}: corrupt tensor {name!r} (shape {entry['shape']} does not fit its bytes)")
+    return header, dict(metadata)
+
+
+def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Loads a safetensors file after checking its header; any defect is one AdapterFileError."""
+    _, metadata = read_header(path)
     try:
         tensors = load_file(str(path))
     except Exception as exc:  # safetensors' own checks, as a last line of defence
         raise AdapterFileError(f"{path}: unreadable safetensors file ({exc})") from None
-    return tensors, dict(metadata)
+    return tensors, metadata
 
 
 def write_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:

@@ -1,0 +1,256 @@
+"""The web demo: the handlers on the tiny SDXL, then the real server through its API and a real browser."""
+
+import hashlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dreambooth_moslora import AdapterConfig, inject_components, pipeline_components, save_adapter
+from dreambooth_moslora.inference import max_abs_diff, sdxl_forward
+from dreambooth_moslora.tiny_sdxl import build_tiny_sdxl, save_tiny_sdxl
+from webui.engine import Engine, Request, RequestError
+
+from .conftest import randomize_adapter_
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = dict(width=64, height=64, steps=3, seed=7)
+
+
+def make_adapter(folder: Path, seed: int, formats=("native", "diffusers", "kohya")) -> None:
+    pipe = build_tiny_sdxl(seed=0)
+    components = pipeline_components(pipe)
+    torch.manual_seed(seed)
+    inject_components(components, AdapterConfig(rank=4, alpha=4.0))
+    randomize_adapter_(components, seed=seed, std=0.2)
+    save_adapter(folder, components, formats=formats, base_model="elsewhere/no-such-model",
+                 training={"instance_prompt": f"a photo of sks thing{seed}", "max_train_steps": 10 * seed})  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("webui")
+    model = save_tiny_sdxl(root / "tiny-sdxl", seed=0)
+    adapters = root / "adapters"
+    make_adapter(adapters / "run_a", seed=1)
+    make_adapter(adapters / "run_b", seed=2, formats=("native",))
+    make_adapter(adapters / "run_a" / "checkpoint-2", seed=3, formats=("native",))  # checkpoints are not listed
+    (adapters / "broken_lora.safetensors").write_bytes(b"\x80\x04not safetensors at all")
+    shutil.copytree(model / "unet", adapters / "some-model-unet")  # model weights: not an adapter, not listed
+    secret = root / "secret.safetensors"
+    shutil.copy(adapters / "run_b" / "moslora_adapter.safetensors", secret)
+    (adapters / "link.safetensors").symlink_to(secret)  # points outside the folder
+    return {"root": root, "model": model, "adapters": adapters}
+
+
+@pytest.fixture(scope="module")
+def engine(world):
+    return Engine(world["adapters"], demo_model=str(world["model"]), output_dir=world["root"] / "images")
+
+
+def pixels(result) -> np.ndarray:
+    return np.asarray(Image.open(result.path).convert("RGB"), dtype=np.int16)
+
+
+def test_adapter_list_with_metadata_and_unreadable_files(engine):
+    entries = {e.id: e for e in engine.adapters()}
+    assert set(entries) == {
+        "run_a/moslora_adapter.safetensors", "run_a/pytorch_lora_weights.safetensors",
+        "run_a/pytorch_lora_weights_kohya.safetensors", "run_b/moslora_adapter.safetensors",
+        "broken_lora.safetensors", "link.safetensors",
+    }  # fmt: skip
+    native = entries["run_a/moslora_adapter.safetensors"]
+    assert native.format == "native" and native.error is None
+    assert native.info["instance_prompt"] == "a photo of sks thing1" and native.info["steps"] == 10
+    assert (native.info["rank"], native.info["alpha"], native.info["mixer"]) == (4, "4", "learned")
+    kohya = entries["run_a/pytorch_lora_weights_kohya.safetensors"]
+    assert kohya.format == "kohya" and kohya.info["instance_prompt"] == "a photo of sks thing1"
+    assert "not a safetensors file" in entries["broken_lora.safetensors"].error
+    assert entries["link.safetensors"].error == "links outside the adapters folder"
+    assert "unreadable" in entries["broken_lora.safetensors"].label
+
+
+@pytest.mark.parametrize(
+    "bad_id",
+    ["../secret.safetensors", str(Path("/etc/passwd")), "run_a/../../secret.safetensors", "link.safetensors",
+     "run_a", "tiny-sdxl/../../etc/hosts", ""],
+)  # fmt: skip
+def test_only_files_under_the_folder_can_be_loaded(engine, bad_id):
+    with pytest.raises(RequestError):
+        engine.generate(Request(prompt="a photo", adapters=[bad_id], **SMALL))
+
+
+def test_base_adapter_compare_scale_and_png_metadata(engine, world):
+    base = engine.generate(Request(prompt="a photo of sks thing1", **SMALL))
+    assert len(base) == 1 and base[0].parameters["adapter"] is None
+    a = engine.generate(Request(prompt="a photo of sks thing1", adapters=["run_a/moslora_adapter.safetensors"], **SMALL))
+    assert np.abs(pixels(a[0]) - pixels(base[0])).mean() > 2  # the adapter changes the picture
+
+    both = engine.generate(Request(prompt="a photo of sks thing1", adapters=["run_a/moslora_adapter.safetensors",
+                                   "run_b/moslora_adapter.safetensors"], compare=True, **SMALL))  # fmt: skip
+    assert [r.label.split(" · ")[0] for r in both] == ["base model", "run_a/moslora_adapter", "run_b/moslora_adapter"]
+    assert np.array_equal(pixels(both[0]), pixels(base[0])) and np.array_equal(pixels(both[1]), pixels(a[0]))
+
+    zero = engine.generate(Request(prompt="a photo of sks thing1", adapters=["run_a/moslora_adapter.safetensors"], scale=0.0, **SMALL))
+    half = engine.generate(Request(prompt="a photo of sks thing1", adapters=["run_a/moslora_adapter.safetensors"], scale=0.5, **SMALL))
+    assert np.array_equal(pixels(zero[0]), pixels(base[0]))
+    assert np.abs(pixels(half[0]) - pixels(a[0])).mean() > 0.5 and np.abs(pixels(half[0]) - pixels(base[0])).mean() > 0.5
+
+    png = Image.open(a[0].path)
+    assert png.text["parameters"].startswith("a photo of sks thing1\nNegative prompt: \nSteps: 3, Sampler: Euler")
+    saved = json.loads(png.text["dreambooth_moslora"])
+    file_sha = hashlib.sha256((world["adapters"] / "run_a" / "moslora_adapter.safetensors").read_bytes()).hexdigest()
+    assert saved["adapter_sha256"] == file_sha[:12] and saved["seed"] == 7 and saved["adapter_scale"] == 1.0
+    assert f"Lora hash: {file_sha[:12]}" in png.text["parameters"]
+
+
+def test_swapping_adapters_leaves_no_trace(engine):
+    engine.generate(Request(prompt="warm up", **SMALL))
+    pipe = engine._pipe
+    before = sdxl_forward(pipe, "a photo of sks thing1")
+    for adapter in ("run_a/pytorch_lora_weights_kohya.safetensors", "run_b/moslora_adapter.safetensors"):
+        engine.generate(Request(prompt="a photo of sks thing1", adapters=[adapter], **SMALL))
+    assert max_abs_diff(before, sdxl_forward(pipe, "a photo of sks thing1")) <= 1e-5
+    again = engine.generate(Request(prompt="a photo of sks thing1", **SMALL))
+    first = engine.generate(Request(prompt="a photo of sks thing1", **SMALL))
+    assert np.array_equal(pixels(again[0]), pixels(first[0]))
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(prompt="  "), "prompt is empty"),
+        (dict(width=100), "multiples of 8"),
+        (dict(scale=2.0), "scale"),
+        (dict(num_images=9), "images"),
+        (dict(adapters=["run_a/moslora_adapter.safetensors", "run_b/moslora_adapter.safetensors"]), "compare mode"),
+        (dict(scheduler="Heun"), "unknown scheduler"),
+        (dict(adapters=["broken_lora.safetensors"]), "cannot be used"),
+        (dict(base_model="no/such-model-anywhere"), "cannot load base model"),
+    ],
+)
+def test_bad_requests_are_refused_with_a_message(engine, change, message):
+    request = Request(**{**dict(prompt="a photo", **SMALL), **change})
+    with pytest.raises(RequestError, match=message):
+        engine.generate(request)
+
+
+# ---------------------------------------------------------------- the real server
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(world):
+    port = free_port()
+    env = dict(os.environ, HF_HUB_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False", PYTHONUNBUFFERED="1")
+    shutil.copytree(world["model"], world["adapters"] / "tiny-sdxl", dirs_exist_ok=True)  # what --demo looks for
+    log = open(world["root"] / "server.log", "w")
+    process = subprocess.Popen([sys.executable, "-m", "webui", "--adapters", str(world["adapters"]), "--demo",
+                                "--port", str(port), "--queue_size", "12"], cwd=ROOT, env=env, stdout=log,
+                               stderr=subprocess.STDOUT)  # fmt: skip
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.time() + 180
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            assert process.poll() is None, (world["root"] / "server.log").read_text()
+            assert time.time() < deadline, "the server did not start"
+            time.sleep(0.5)
+    yield {"url": url, "port": port, "log": world["root"] / "server.log", "process": process}
+    process.terminate()
+    process.wait(timeout=30)
+    log.close()
+
+
+def test_server_listens_on_localhost_only(server):
+    assert f"http://127.0.0.1:{server['port']}" in server["log"].read_text()
+    with socket.socket() as s:
+        assert s.connect_ex(("127.0.0.1", server["port"])) == 0
+
+
+def test_twenty_simultaneous_api_requests(server):
+    from gradio_client import Client
+
+    client = Client(server["url"], verbose=False)
+    choices = ["run_a/moslora_adapter.safetensors", "run_b/moslora_adapter.safetensors", None]
+
+    def ask(i):
+        adapter = choices[i % 3]
+        try:
+            gallery, status, seed = client.predict(
+                "", [adapter] if adapter else [], "a photo of sks thing1", "", 3, 5.0, 11, False, 64, 64, 1, "Euler",
+                1.0, False, api_name="/generate",
+            )  # fmt: skip
+        except Exception as exc:  # a refusal must be a clean error, not a broken server
+            return i, adapter, None, str(exc)
+        return i, adapter, np.asarray(Image.open(gallery[0]["image"]).convert("RGB"), dtype=np.int16), status
+
+    with ThreadPoolExecutor(max_workers=20) as pool:
+        answers = list(pool.map(ask, range(20)))
+    done = [a for a in answers if a[2] is not None]
+    refused = [a for a in answers if a[2] is None]
+    assert len(done) + len(refused) == 20 and len(done) >= 12
+    for _, _, _, reason in refused:
+        assert "queue" in reason.lower() or "full" in reason.lower(), reason
+    by_adapter = {}
+    for _, adapter, image, _ in done:  # no mixing: one adapter, one picture, whatever the order of requests
+        by_adapter.setdefault(adapter, []).append(image)
+    for images in by_adapter.values():
+        assert all(np.array_equal(images[0], im) for im in images)
+    firsts = [images[0] for images in by_adapter.values()]
+    assert all(not np.array_equal(x, y) for i, x in enumerate(firsts) for y in firsts[i + 1 :])
+    assert server["process"].poll() is None
+
+
+def test_in_a_real_browser(server, world):
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("Debian's chromium is not installed (.ci/run installs it)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync"])  # fmt: skip
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.goto(server["url"])
+        page.wait_for_selector("#generate", timeout=60_000)
+        page.click("#adapters input")
+        options = page.locator("ul[role=listbox] li")
+        labels = [options.nth(i).inner_text() for i in range(options.count())]
+        assert any(label.startswith("run_a/moslora_adapter.safetensors — native, rank 4") for label in labels)
+        assert not any("broken" in label for label in labels)  # listed below the picker as unreadable instead
+        options.filter(has_text="run_a/moslora_adapter.safetensors").first.click()
+        page.keyboard.press("Escape")
+        page.wait_for_function("document.querySelector('#prompt textarea').value.length > 0")
+        assert page.locator("#prompt textarea").input_value() == "a photo of sks thing1"  # pre-filled
+        page.locator("#prompt textarea").fill("a photo of sks thing1 on a green background")
+        page.click("#compare input")
+        page.click("#generate")
+        page.wait_for_function("document.querySelectorAll('#gallery img').length >= 2", timeout=120_000)
+        assert "image(s) from" in page.locator("#status").inner_text()
+        assert "broken_lora.safetensors" in page.content()
+        shot = world["root"] / "webui.png"
+        page.screenshot(path=str(shot), full_page=True)
+        browser.close()
+    keep = os.environ.get("WEBUI_SCREENSHOT")
+    if keep:
+        shutil.copy(shot, keep)
+    assert Image.open(shot).size[0] == 1400

@@ -1,0 +1,62 @@
+"""python -m webui — serve the demo page (127.0.0.1:7860 unless --listen or --share)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def parse(argv=None):
+    p = argparse.ArgumentParser(prog="python -m webui", description="Generate the trained subject from saved adapters.")
+    p.add_argument("--adapters", type=Path, default=Path("outputs"), help="the folder of trained adapters")
+    p.add_argument("--base_model", help="hub id or folder; default: the one recorded in the chosen adapter")
+    p.add_argument("--demo", action="store_true", help="offline: the tiny SDXL of the demo (built if missing)")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--listen", action="store_true", help="serve on all interfaces, not only this machine")
+    p.add_argument("--share", action="store_true", help="a public gradio.live link")
+    p.add_argument("--queue_size", type=int, default=16, help="requests waiting beyond this are refused")
+    p.add_argument("--output_dir", type=Path, help="where generated PNGs are kept (default: a temporary folder)")
+    return p.parse_args(argv)
+
+
+def demo_model(adapters: Path) -> str:
+    """The demo's tiny SDXL: the one beside the demo's adapters if present, else built into the cache."""
+    from dreambooth_moslora.tiny_sdxl import save_tiny_sdxl
+
+    for candidate in (adapters / "tiny-sdxl", adapters.parent / "tiny-sdxl", Path("outputs/demo/tiny-sdxl")):
+        if (candidate / "model_index.json").is_file():
+            return str(candidate)
+    cache = Path.home() / ".cache" / "dreambooth-moslora" / "tiny-sdxl"
+    if not (cache / "model_index.json").is_file():
+        save_tiny_sdxl(cache)
+    return str(cache)
+
+
+def main(argv=None) -> int:
+    args = parse(argv)
+    from dreambooth_moslora.training import quiet_libraries
+
+    quiet_libraries()
+    from .app import build
+    from .engine import Engine, RequestError
+
+    if args.demo and not args.adapters.is_dir():
+        args.adapters.mkdir(parents=True)
+    try:
+        engine = Engine(args.adapters, base_model=args.base_model, demo_model=demo_model(args.adapters) if args.demo else None,
+                        output_dir=args.output_dir)  # fmt: skip
+    except RequestError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    page = build(engine, default_size=64 if args.demo else 1024)
+    page.queue(max_size=args.queue_size, default_concurrency_limit=1)
+    page.launch(
+        server_name="0.0.0.0" if args.listen else "127.0.0.1", server_port=args.port, share=args.share,
+        allowed_paths=[str(engine.output_dir)], show_error=True,
+    )  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,100 @@
+"""The page: pick a base model and adapters, write a prompt, compare base and adapters side by side."""
+
+from __future__ import annotations
+
+import gradio as gr
+
+from .engine import MAX_IMAGES, MAX_SIDE, SCHEDULERS, Engine, Request, RequestError
+
+
+def build(engine: Engine, default_size: int = 1024) -> gr.Blocks:
+    def choices():
+        entries = engine.adapters()
+        usable = [(e.label, e.id) for e in entries if not e.error]
+        broken = [f"- `{e.id}`: {e.error}" for e in entries if e.error]
+        note = ("**Unreadable files in the folder:**\n" + "\n".join(broken)) if broken else ""
+        return usable, note
+
+    def refresh():
+        usable, note = choices()
+        return gr.update(choices=usable), note
+
+    def on_select(selected):
+        """Pre-fills the prompt with the first adapter's instance prompt, and shows what is known of each."""
+        if not selected:
+            return gr.update(), "", gr.update()
+        lines, prompt, base = [], None, None
+        for adapter_id in selected:
+            try:
+                entry = engine.entry(adapter_id)
+            except RequestError as exc:
+                lines.append(f"- `{adapter_id}`: {exc}")
+                continue
+            i = entry.info
+            prompt = prompt or i.get("instance_prompt")
+            base = base or i.get("base_model")
+            trained = f"“{i['instance_prompt']}”, " if i.get("instance_prompt") else ""
+            steps = f", {i['steps']} steps" if i.get("steps") else ""
+            lines.append(f"- `{entry.id}`: {trained}rank {i.get('rank')}, α {i.get('alpha')}, mixer {i.get('mixer')}{steps}")
+        details = "**Selected:**\n" + "\n".join(lines)
+        return (gr.update(value=prompt) if prompt else gr.update()), details, gr.update(placeholder=base or "hub id or folder")
+
+    def generate(base, selected, prompt, negative, steps, guidance, seed, randomize, width, height, count, scheduler, scale,
+                 compare, progress=gr.Progress()):  # fmt: skip
+        request = Request(
+            prompt=prompt, negative_prompt=negative, adapters=list(selected or []), compare=bool(compare),
+            base_model=base or None, steps=int(steps), guidance=float(guidance), seed=-1 if randomize else int(seed),
+            width=int(width), height=int(height), num_images=int(count), scheduler=scheduler, scale=float(scale),
+        )  # fmt: skip
+        try:
+            results = engine.generate(request, progress=progress)
+        except RequestError as exc:
+            raise gr.Error(str(exc)) from None
+        seeds = sorted({r.parameters["seed"] for r in results})
+        status = f"{len(results)} image(s) from {results[0].parameters['base_model']}, seed(s) {', '.join(map(str, seeds))}"
+        return [(str(r.path), r.label) for r in results], status, seeds[0]
+
+    usable, note = choices()
+    with gr.Blocks(title="dreambooth-moslora") as page:
+        gr.Markdown("# dreambooth-moslora\nGenerate your subject from trained MoSLoRA / LoRA adapters.")
+        with gr.Row():
+            with gr.Column(scale=2):
+                adapters = gr.Dropdown(usable, multiselect=True, label="Adapters", elem_id="adapters",
+                                       info="files under the adapters folder; several for compare mode")  # fmt: skip
+                with gr.Row():
+                    refresh_button = gr.Button("Refresh list", size="sm")
+                    compare = gr.Checkbox(label="Compare: base model beside each adapter", value=False, elem_id="compare")
+                unreadable = gr.Markdown(note)
+                details = gr.Markdown("")
+                base = gr.Textbox(label="Base model", placeholder="from the adapter's metadata", elem_id="base")
+                prompt = gr.Textbox(label="Prompt", lines=2, elem_id="prompt")
+                negative = gr.Textbox(label="Negative prompt", lines=1)
+                with gr.Row():
+                    steps = gr.Slider(1, 150, value=25, step=1, label="Steps")
+                    guidance = gr.Slider(0, 30, value=5.0, step=0.5, label="Guidance")
+                with gr.Row():
+                    seed = gr.Number(value=0, precision=0, label="Seed")
+                    randomize = gr.Checkbox(value=True, label="Random seed")
+                with gr.Row():
+                    width = gr.Slider(64, MAX_SIDE, value=default_size, step=8, label="Width")
+                    height = gr.Slider(64, MAX_SIDE, value=default_size, step=8, label="Height")
+                with gr.Row():
+                    count = gr.Slider(1, MAX_IMAGES, value=1, step=1, label="Images")
+                    scheduler = gr.Dropdown(list(SCHEDULERS), value="Euler", label="Scheduler")
+                scale = gr.Slider(0, 1.5, value=1.0, step=0.05, label="Adapter scale", elem_id="scale")
+                run = gr.Button("Generate", variant="primary", elem_id="generate")
+            with gr.Column(scale=3):
+                gallery = gr.Gallery(label="Results", columns=4, height="auto", elem_id="gallery", format="png")
+                status = gr.Markdown("", elem_id="status")
+
+        refresh_button.click(refresh, outputs=[adapters, unreadable])
+        adapters.change(on_select, inputs=adapters, outputs=[prompt, details, base])
+        run.click(
+            generate,
+            inputs=[base, adapters, prompt, negative, steps, guidance, seed, randomize, width, height, count, scheduler,
+                    scale, compare],
+            outputs=[gallery, status, seed],
+            api_name="generate",
+            concurrency_limit=1,  # one pipeline: requests wait their turn
+        )  # fmt: skip
+    return page

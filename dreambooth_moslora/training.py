@@ -435,8 +435,8 @@ def make_optimizer(args, groups):
             import prodigyopt
         except ImportError:
             raise TrainingError("--optimizer prodigy needs prodigyopt: pip install 'dreambooth-moslora[optim]'") from None
-        for group in groups:  # Prodigy finds its own step size: lr is a multiplier, 1.0 as its authors advise
-            group["lr"] = group["lr"] if group["lr"] >= 0.1 else 1.0
+        if any(group["lr"] < 0.1 for group in groups):  # Prodigy finds its own step size; lr multiplies it
+            logger.warning("with --optimizer prodigy the learning rate is a multiplier: around 1.0 is usual")
         return prodigyopt.Prodigy(
             groups, betas=(args.adam_beta1, args.adam_beta2), beta3=args.prodigy_beta3, eps=args.adam_epsilon,
             decouple=args.prodigy_decouple, use_bias_correction=args.prodigy_use_bias_correction,

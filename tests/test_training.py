@@ -303,3 +303,11 @@ def test_resume_from_a_named_checkpoint_and_a_foreign_one(world, tmp_path, capsy
     capsys.readouterr()
     assert main(argv(world, out, *common, "--resume_from_checkpoint", str(other / "checkpoint-1"), steps=4)) == 1
     assert "does not match the adapter being trained" in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_prodigy_optimizer(world, tmp_path):
+    out = tmp_path / "out"
+    assert main(argv(world, out, "--optimizer", "prodigy", "--learning_rate", "1.0", "--output_formats", "native", steps=3)) == 0
+    tensors = load_file(out / "moslora_adapter.safetensors")
+    ups = [v for k, v in tensors.items() if k.endswith("moslora_B")]
+    assert all(torch.isfinite(u).all() for u in ups) and max(u.abs().max().item() for u in ups) > 0

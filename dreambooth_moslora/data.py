@@ -25,6 +25,8 @@ IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".
 # Images are decoded at no more than this many pixels: a 100-megapixel photo is reduced while
 # decoding (JPEG) or right after, instead of being kept whole in memory for every epoch.
 MAX_DECODE_PIXELS = 16 * 1024 * 1024
+# Formats that cannot be decoded at a reduced size are refused beyond this (about 0.8 GB as RGB).
+MAX_FULL_DECODE_PIXELS = 256 * 1024 * 1024
 
 
 class DataError(ValueError):
@@ -67,6 +69,9 @@ def load_image(path: str | os.PathLike, max_pixels: int = MAX_DECODE_PIXELS) -> 
             Image.MAX_IMAGE_PIXELS = None  # we reduce big images ourselves, below
             try:
                 image = Image.open(path)
+                if image.format != "JPEG" and image.width * image.height > MAX_FULL_DECODE_PIXELS:
+                    # only JPEG can be decoded reduced; anything else this big would be decoded whole
+                    raise DataError(f"{path.name}: {image.width}×{image.height} is too large to decode safely")
                 if image.width * image.height > max_pixels:
                     # JPEG decodes straight at 1/2, 1/4 or 1/8 scale: the full image never exists in memory
                     factor = math.sqrt(max_pixels / (image.width * image.height))
@@ -277,8 +282,9 @@ def generate_class_images(
     """Generates the class images that ``class_dir`` lacks; returns how many it made.
 
     Existing images count. Each image is written (atomically) as soon as it is made, under a
-    name that records its index, and image ``i`` always comes from seed (seed, i): an
-    interrupted generation resumes where it stopped and ends with the same images.
+    name that records its index, and image ``i`` always starts from the noise of seed (seed, i):
+    an interrupted generation resumes where it stopped and makes the images it would have made
+    (to rounding: a different batch grouping can move a pixel value by one).
     """
     class_dir.mkdir(parents=True, exist_ok=True)
     existing, _ = scan_images(class_dir, "class")

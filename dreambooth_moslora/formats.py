@@ -251,38 +251,35 @@ def _folded_up(layer: MoSLoRALinear, with_alpha: bool) -> torch.Tensor:
     return up.float()
 
 
-def _live_layers(components: dict[str, nn.Module]) -> dict[str, dict[str, MoSLoRALinear]]:
-    found = {c: adapter_layers(m) for c, m in components.items() if m is not None}
-    found = {c: layers for c, layers in found.items() if layers}
+def _live_layers(components: dict[str, nn.Module]) -> tuple[AdapterConfig, list[tuple[str, str, str, MoSLoRALinear]]]:
+    """The adapter's settings, and each live layer as (component, module path, path in files, layer)."""
+    found = [
+        (component, path, file_path(component, model, path), layer)
+        for component, model in components.items()
+        if model is not None
+        for path, layer in adapter_layers(model).items()
+    ]
     if not found:
         raise AdapterFileError("nothing to save: no model carries MoSLoRA layers")
-    return found
-
-
-def _adapter_config(layers: dict[str, dict[str, MoSLoRALinear]]) -> AdapterConfig:
-    first = next(iter(next(iter(layers.values())).values()))
+    first = found[0][3]
     dropout = first.dropout.p if isinstance(first.dropout, nn.Dropout) else 0.0
-    return AdapterConfig(first.rank, first.alpha, first.mixer_mode, first.mixer_init, dropout)
+    return AdapterConfig(first.rank, first.alpha, first.mixer_mode, first.mixer_init, dropout), found
 
 
 def native_state(components, base_model=None, training=None):
-    layers = _live_layers(components)
-    config = _adapter_config(layers)
-    tensors = {}
-    for component, by_path in layers.items():
-        for path, layer in by_path.items():
-            key = f"{component}.{file_path(component, components[component], path)}"
-            tensors[f"{key}.moslora_A"] = layer.lora_A.detach().float()
-            tensors[f"{key}.moslora_B"] = layer.lora_B.detach().float()
-            if layer.lora_M is not None:
-                tensors[f"{key}.moslora_M"] = layer.lora_M.detach().float()
+    config, layers = _live_layers(components)
+    tensors, targets = {}, {}
+    for component, _, name, layer in layers:
+        tensors[f"{component}.{name}.moslora_A"] = layer.lora_A.detach().float()
+        tensors[f"{component}.{name}.moslora_B"] = layer.lora_B.detach().float()
+        if layer.lora_M is not None:
+            tensors[f"{component}.{name}.moslora_M"] = layer.lora_M.detach().float()
+        targets.setdefault(component, []).append(name)
     metadata = {
         "format": NATIVE_FORMAT_NAME,
         "format_version": str(NATIVE_FORMAT_VERSION),
         "adapter_config": json.dumps(config.to_dict()),
-        "targets": json.dumps(
-            {c: sorted(file_path(c, components[c], p) for p in by_path) for c, by_path in layers.items()}
-        ),
+        "targets": json.dumps({c: sorted(names) for c, names in targets.items()}),
         "base_model": base_model or "",
         "training": json.dumps(training or {}),
     }
@@ -290,14 +287,11 @@ def native_state(components, base_model=None, training=None):
 
 
 def diffusers_state(components, base_model=None, training=None):
-    layers = _live_layers(components)
-    config = _adapter_config(layers)
+    config, layers = _live_layers(components)
     tensors = {}
-    for component, by_path in layers.items():
-        for path, layer in by_path.items():
-            key = f"{component}.{file_path(component, components[component], path)}"
-            tensors[f"{key}.lora_A.weight"] = layer.lora_A.detach().float()
-            tensors[f"{key}.lora_B.weight"] = _folded_up(layer, with_alpha=True)
+    for component, _, name, layer in layers:
+        tensors[f"{component}.{name}.lora_A.weight"] = layer.lora_A.detach().float()
+        tensors[f"{component}.{name}.lora_B.weight"] = _folded_up(layer, with_alpha=True)
     provenance = {"adapter_config": config.to_dict(), "folded": "mixer and alpha/rank are in lora_B"}
     metadata = {
         "format": "pt",
@@ -309,16 +303,13 @@ def diffusers_state(components, base_model=None, training=None):
 
 
 def kohya_state(components, base_model=None, training=None):
-    layers = _live_layers(components)
-    config = _adapter_config(layers)
+    config, layers = _live_layers(components)
     tensors = {}
-    for component, by_path in layers.items():
-        for path, layer in by_path.items():
-            name = kohya_name(component, path, components[component])
-            tensors[f"{name}.lora_down.weight"] = layer.lora_A.detach().float()
-            tensors[f"{name}.lora_up.weight"] = _folded_up(layer, with_alpha=False)
-            tensors[f"{name}.alpha"] = torch.tensor(layer.alpha, dtype=torch.float32)
-    training = training or {}
+    for component, path, _, layer in layers:
+        name = kohya_name(component, path, components[component])
+        tensors[f"{name}.lora_down.weight"] = layer.lora_A.detach().float()
+        tensors[f"{name}.lora_up.weight"] = _folded_up(layer, with_alpha=False)
+        tensors[f"{name}.alpha"] = torch.tensor(layer.alpha, dtype=torch.float32)
     metadata = {
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(config.rank),
@@ -331,7 +322,7 @@ def kohya_state(components, base_model=None, training=None):
         "modelspec.architecture": "stable-diffusion-xl-v1-base/lora",
         "modelspec.sai_model_spec": "1.0.0",
     }
-    for key, value in training.items():
+    for key, value in (training or {}).items():
         metadata[f"ss_{key}"] = str(value)
     return tensors, metadata
 

@@ -7,8 +7,9 @@ import os
 import torch
 from torch import nn
 
+from .errors import AdapterMismatchError
 from .formats import AdapterFile, build_layers, read_adapter
-from .surgery import COMPONENTS, fuse_adapter, inject_layers, remove_adapter, set_adapter_scale
+from .surgery import COMPONENTS, adapter_layers, fuse_adapter, inject_layers, remove_adapter, set_adapter_scale
 
 
 def pipeline_components(pipe) -> dict[str, nn.Module]:
@@ -87,9 +88,6 @@ def restore_adapter_weights(components: dict[str, nn.Module], path: str | os.Pat
     For resuming: the layers (and so the optimizer's and DDP's references to them) stay the same
     objects. The file must hold exactly these layers, with the same ranks and mixer modes.
     """
-    from .errors import AdapterMismatchError
-    from .surgery import adapter_layers
-
     adapter = read_adapter(path, components)
     live = {c: adapter_layers(m) for c, m in components.items()}
     for component, by_path in adapter.layers.items():

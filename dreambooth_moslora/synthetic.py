@@ -10,7 +10,6 @@ and no real SDXL are at hand.
 from __future__ import annotations
 
 import argparse
-import math
 import random
 from pathlib import Path
 

@@ -73,6 +73,21 @@ def test_very_large_jpeg_is_reduced_while_decoding(tmp_path):
     assert abs(image.width / image.height - 1.5) < 0.02
 
 
+def test_a_decompression_bomb_is_refused_without_decoding_it(tmp_path):
+    import zlib
+
+    def chunk(kind, data):
+        return len(data).to_bytes(4, "big") + kind + data + zlib.crc32(kind + data).to_bytes(4, "big")
+
+    side = 20_000  # 400 megapixels of grey, a few kilobytes on disk
+    row = b"\0" + b"\x80" * side
+    body = zlib.compress(row * 64)[:2000]  # the header alone is what is checked; the data need not be whole
+    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", side.to_bytes(4, "big") * 2 + bytes([8, 0, 0, 0, 0]))
+    (tmp_path / "bomb.png").write_bytes(png + chunk(b"IDAT", body) + chunk(b"IEND", b""))
+    with pytest.raises(DataError, match="too large to decode safely"):
+        load_image(tmp_path / "bomb.png")
+
+
 def test_scan_skips_bad_files_with_reasons(tmp_path):
     write_subject(tmp_path, count=2)
     (tmp_path / "empty.png").write_bytes(b"")

@@ -575,6 +575,10 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parse_args(argv)  # bad options end here, with argparse's one-line message
     quiet_libraries()
+    if os.environ.get("ACCELERATE_USE_CPU", "").lower() == "true" and os.environ.get("MASTER_ADDR") and not os.environ.get("WORLD_SIZE"):
+        # accelerate launch --cpu --num_processes N sets these, then starts one process unless given an MPI hostfile
+        print("warning: accelerate launch --cpu starts a single process without --mpirun_hostfile; for several CPU "
+              "processes use: torchrun --nproc_per_node N train_dreambooth.py ...", file=sys.stderr)
     try:
         train(args)
     except (DataError, AdapterError, TrainingError) as exc:

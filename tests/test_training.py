@@ -123,7 +123,8 @@ def test_mixer_modes(world, tmp_path, mixer):
 
 def test_train_text_encoder(world, tmp_path):
     out = tmp_path / "out"
-    assert main(argv(world, out, "--train_text_encoder", "--text_encoder_lr", "1e-3", "--learning_rate", "1e-3")) == 0
+    assert main(argv(world, out, "--train_text_encoder", "--text_encoder_lr", "1e-3", "--learning_rate", "1e-3",
+                     "--gradient_checkpointing")) == 0
     tensors = load_file(out / "pytorch_lora_weights.safetensors")
     for component in ("text_encoder", "text_encoder_2"):
         ups = {k: v for k, v in tensors.items() if k.startswith(f"{component}.") and k.endswith("lora_B.weight")}
@@ -311,3 +312,12 @@ def test_prodigy_optimizer(world, tmp_path):
     tensors = load_file(out / "moslora_adapter.safetensors")
     ups = [v for k, v in tensors.items() if k.endswith("moslora_B")]
     assert all(torch.isfinite(u).all() for u in ups) and max(u.abs().max().item() for u in ups) > 0
+
+
+def test_single_process_accelerate_cpu_launch_is_pointed_to_torchrun(world, tmp_path, capsys, monkeypatch):
+    """accelerate launch --cpu --num_processes 2 (no MPI hostfile) runs one process: say so, and how to get two."""
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "True")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert main(argv(world, tmp_path / "out", "--output_formats", "native", steps=1)) == 0
+    assert "for several CPU processes use: torchrun --nproc_per_node N" in capsys.readouterr().err

@@ -36,6 +36,18 @@ def _byte_symbols() -> list[str]:
     return [symbols[b] for b in range(256)]
 
 
+def _merge(word: tuple[str, ...], pair: tuple[str, str]) -> tuple[str, ...]:
+    out, i = [], 0
+    while i < len(word):
+        if i + 1 < len(word) and (word[i], word[i + 1]) == pair:
+            out.append(word[i] + word[i + 1])
+            i += 2
+        else:
+            out.append(word[i])
+            i += 1
+    return tuple(out)
+
+
 def write_clip_tokenizer_files(directory: str | os.PathLike, words=DEFAULT_WORDS) -> Path:
     """Writes vocab.json and merges.txt of a CLIP BPE tokenizer that knows ``words`` as whole tokens.
 
@@ -45,16 +57,21 @@ def write_clip_tokenizer_files(directory: str | os.PathLike, words=DEFAULT_WORDS
     directory.mkdir(parents=True, exist_ok=True)
     symbols = _byte_symbols()
     vocab = symbols + [s + "</w>" for s in symbols]
+    # Learn BPE merges on the word list itself, until every word is one symbol: encoding replays
+    # the merges in the order they were learned, so each listed word comes out as a single token.
+    words = [tuple(w[:-1]) + (w[-1] + "</w>",) for w in dict.fromkeys(w.lower() for w in words)]
     merges: list[str] = []
-    for word in dict.fromkeys(w.lower() for w in words):
-        pieces = list(word[:-1]) + [word[-1] + "</w>"]
-        merged = pieces[0]
-        for piece in pieces[1:]:
-            merge, merged = f"{merged} {piece}", merged + piece
-            if merge not in merges:
-                merges.append(merge)
-                if merged not in vocab:
-                    vocab.append(merged)
+    while True:
+        pairs: dict[tuple[str, str], int] = {}
+        for word in words:
+            for pair in zip(word, word[1:]):
+                pairs[pair] = pairs.get(pair, 0) + 1
+        if not pairs:
+            break
+        best = min(pairs, key=lambda pair: (-pairs[pair], pair))  # the most frequent; ties alphabetically
+        merges.append(f"{best[0]} {best[1]}")
+        vocab.append(best[0] + best[1])
+        words = [_merge(word, best) for word in words]
     vocab_ids = {token: i for i, token in enumerate(dict.fromkeys(vocab))}
     vocab_ids["<|startoftext|>"] = len(vocab_ids)
     vocab_ids["<|endoftext|>"] = len(vocab_ids)

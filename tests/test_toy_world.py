@@ -1,0 +1,61 @@
+"""The synthetic world: deterministic, captions that match the pixels, a subject the world never shows."""
+
+import numpy as np
+
+from dreambooth_moslora.tiny_sdxl import build_tokenizer
+from dreambooth_moslora.toy_world import (
+    BACKGROUNDS,
+    COLOURS,
+    SHAPES,
+    SUBJECT_STRIPES,
+    render,
+    scenes,
+    subject_scenes,
+    vocabulary,
+)
+
+
+def test_same_seed_same_world_other_seed_other_world():
+    a, b, c = scenes(50, seed=3), scenes(50, seed=3), scenes(50, seed=4)
+    assert a == b and a != c
+    assert all(np.array_equal(np.asarray(render(x)), np.asarray(render(y))) for x, y in zip(a[:5], b[:5]))
+
+
+def test_captions_name_what_is_drawn():
+    for scene in scenes(200, seed=0):
+        words = scene.caption.split()
+        assert words == ["a", scene.colour, scene.shape, "on", "a", scene.background, "background"]
+        assert scene.colour != scene.background and not scene.striped
+        pixels = np.asarray(render(scene, size=32), dtype=int)
+        cx, cy = (int(c * 32) for c in scene.center)
+        # the object's centre has its colour; the corner farthest from the object has the background's
+        assert np.abs(pixels[cy, cx] - COLOURS[scene.colour]).max() <= 40, scene
+        corner = max(((0, 0), (0, 31), (31, 0), (31, 31)), key=lambda p: (p[0] - cy) ** 2 + (p[1] - cx) ** 2)
+        assert np.abs(pixels[corner] - BACKGROUNDS[scene.background]).max() <= 8, scene
+
+
+def test_every_attribute_value_occurs_and_the_subject_never_does():
+    world = scenes(400, seed=0)
+    assert {s.shape for s in world} == set(SHAPES)
+    assert {s.background for s in world} == set(BACKGROUNDS)
+    assert {s.colour for s in world} == set(COLOURS)
+    assert not any(s.striped or "sks" in s.caption for s in world)
+
+
+def test_subject_is_a_striped_circle_on_its_own_backgrounds():
+    subject = subject_scenes(5)
+    assert [s.caption for s in subject][:3] == [
+        "a sks circle on a black background", "a sks circle on a gray background", "a sks circle on a white background",
+    ]  # fmt: skip
+    pixels = np.asarray(render(subject[0], size=64), dtype=int)
+    inside = pixels.reshape(-1, 3)
+    for stripe in SUBJECT_STRIPES:  # both band colours are visible
+        assert (np.abs(inside - stripe).max(axis=1) <= 30).sum() > 50
+
+
+def test_the_tokenizer_knows_every_word_whole():
+    tokenizer = build_tokenizer(vocabulary())
+    for word in vocabulary():
+        assert len(tokenizer(word).input_ids) == 3, word  # start, the word, end
+    caption = scenes(1, seed=0)[0].caption
+    assert tokenizer.decode(tokenizer(caption).input_ids, skip_special_tokens=True) == caption

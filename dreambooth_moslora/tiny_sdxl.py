@@ -89,8 +89,9 @@ def build_tokenizer(words=DEFAULT_WORDS):
 
 
 def tiny_sdxl_components(
-    seed: int = 0, words=DEFAULT_WORDS, sample_size: int = 32, block_out_channels=(32, 64, 64), text_hidden: int = 32
-) -> dict:
+    seed: int = 0, words=DEFAULT_WORDS, sample_size: int = 32, block_out_channels=(32, 64, 64), text_hidden: int = 32,
+    text_layers: int = 3, vae_channels=(32, 64), prediction_type: str = "epsilon",
+) -> dict:  # fmt: skip
     """The seven parts of an SDXL pipeline, tiny and seeded (widths adjustable, e.g. for mismatch tests)."""
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
@@ -108,8 +109,8 @@ def tiny_sdxl_components(
         )  # fmt: skip
 
     torch.manual_seed(seed)
-    text_encoder = CLIPTextModel(text_config(hidden=text_hidden, layers=3, projection=text_hidden))
-    text_encoder_2 = CLIPTextModelWithProjection(text_config(hidden=text_hidden, layers=3, projection=text_hidden))
+    text_encoder = CLIPTextModel(text_config(hidden=text_hidden, layers=text_layers, projection=text_hidden))
+    text_encoder_2 = CLIPTextModelWithProjection(text_config(hidden=text_hidden, layers=text_layers, projection=text_hidden))
     addition_time_embed_dim = 8
     unet = UNet2DConditionModel(
         sample_size=sample_size,
@@ -130,18 +131,18 @@ def tiny_sdxl_components(
         norm_num_groups=32,
     )
     vae = AutoencoderKL(
-        block_out_channels=(32, 64),
+        block_out_channels=tuple(vae_channels),
         in_channels=3,
         out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        down_block_types=("DownEncoderBlock2D",) * len(vae_channels),
+        up_block_types=("UpDecoderBlock2D",) * len(vae_channels),
         latent_channels=4,
-        norm_num_groups=32,
-        sample_size=2 * sample_size,
+        norm_num_groups=min(32, *vae_channels),
+        sample_size=sample_size * 2 ** (len(vae_channels) - 1),
     )
     scheduler = EulerDiscreteScheduler(
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
-        steps_offset=1, timestep_spacing="leading", prediction_type="epsilon",
+        steps_offset=1, timestep_spacing="leading", prediction_type=prediction_type,
     )  # fmt: skip
     return {
         "unet": unet.eval(),

@@ -59,3 +59,25 @@ def test_the_tokenizer_knows_every_word_whole():
         assert len(tokenizer(word).input_ids) == 3, word  # start, the word, end
     caption = scenes(1, seed=0)[0].caption
     assert tokenizer.decode(tokenizer(caption).input_ids, skip_special_tokens=True) == caption
+
+
+def test_pretraining_runs_end_to_end_and_saves_a_v_prediction_pipeline(tmp_path):
+    """A few steps only: the code path of the toy world's pretraining, not its quality."""
+    import json
+
+    import torch
+    from diffusers import StableDiffusionXLPipeline
+
+    from dreambooth_moslora.pretrain import main
+
+    assert main(["--output_dir", str(tmp_path / "toy"), "--vae_steps", "2", "--steps", "2", "--batch_size", "4",
+                 "--device", "cpu"]) == 0  # fmt: skip
+    settings = json.loads((tmp_path / "toy" / "pretraining.json").read_text())
+    assert settings["steps"] == 2 and settings["image_size"] == 32
+    pipe = StableDiffusionXLPipeline.from_pretrained(tmp_path / "toy")
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.scheduler.config.prediction_type == "v_prediction" and pipe.vae_scale_factor == 4
+    image = pipe("a red circle on a black background", num_inference_steps=2, height=32, width=32,
+                 generator=torch.Generator().manual_seed(0), output_type="np").images[0]  # fmt: skip
+    assert image.shape == (32, 32, 3) and np.isfinite(image).all()
+    assert len(pipe.tokenizer("a gray triangle on a white background").input_ids) == 2 + 7

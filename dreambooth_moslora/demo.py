@@ -22,6 +22,7 @@ from PIL import Image, ImageDraw
 from .adapter import MIXER_INITS, MIXER_MODES
 from .data import DataError
 from .errors import AdapterError
+from .formats import FILE_NAMES
 from .synthetic import BACKGROUNDS, CLASS_PROMPT, SUBJECT_PROMPT, write_subject
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets" / "subject"
@@ -79,9 +80,7 @@ def run(output_dir: Path, rank: int, alpha: float, mixer: str, mixer_init: str, 
     ])  # fmt: skip
     print(f"2. DreamBooth, {steps} steps, rank {rank}, alpha {alpha:g}, mixer {mixer} ({mixer_init}), prior preservation on {CLASS_PROMPT!r}")
     train(args)
-    files = {fmt: adapter_dir / name for fmt, name in
-             {"native": "moslora_adapter.safetensors", "diffusers": "pytorch_lora_weights.safetensors",
-              "kohya": "pytorch_lora_weights_kohya.safetensors"}.items()}  # fmt: skip
+    files = {fmt: adapter_dir / name for fmt, name in FILE_NAMES.items()}
     for fmt, path in files.items():
         print(f"   {fmt:9s} {path}  ({path.stat().st_size / 1024:.0f} KiB)")
 

@@ -489,6 +489,14 @@ def _check_fits(path, layers, components) -> None:
                 )
 
 
+@torch.no_grad()
+def copy_weights(layer: MoSLoRALinear, weights: LayerWeights) -> None:
+    layer.lora_A.copy_(weights.down)
+    layer.lora_B.copy_(weights.up)
+    if weights.mixer is not None:
+        layer.lora_M.copy_(weights.mixer)
+
+
 def build_layers(adapter: AdapterFile, components: dict[str, nn.Module]) -> dict[str, dict[str, MoSLoRALinear]]:
     """Live MoSLoRA layers around the components' base layers, holding the file's weights."""
     built: dict[str, dict[str, MoSLoRALinear]] = {}
@@ -501,10 +509,6 @@ def build_layers(adapter: AdapterFile, components: dict[str, nn.Module]) -> dict
             mixer = adapter.config.mixer if w.mixer is not None else "none"
             config = AdapterConfig(w.rank, w.alpha, mixer, adapter.config.mixer_init if w.mixer is not None else "identity")
             layer = MoSLoRALinear(base, config)
-            with torch.no_grad():
-                layer.lora_A.copy_(w.down)
-                layer.lora_B.copy_(w.up)
-                if w.mixer is not None:
-                    layer.lora_M.copy_(w.mixer)
+            copy_weights(layer, w)
             built.setdefault(component, {})[layer_path] = layer
     return built

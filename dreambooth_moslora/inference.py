@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from .errors import AdapterMismatchError
-from .formats import AdapterFile, build_layers, read_adapter
+from .formats import AdapterFile, build_layers, copy_weights, read_adapter
 from .surgery import COMPONENTS, adapter_layers, fuse_adapter, inject_layers, remove_adapter, set_adapter_scale
 
 
@@ -98,11 +98,6 @@ def restore_adapter_weights(components: dict[str, nn.Module], path: str | os.Pat
     expected = sum(len(v) for v in live.values())
     if sum(len(v) for v in adapter.layers.values()) != expected:
         raise AdapterMismatchError(f"{path}: holds a different set of layers than the adapter being trained")
-    with torch.no_grad():
-        for component, by_path in adapter.layers.items():
-            for layer_path, weights in by_path.items():
-                layer = live[component][layer_path]
-                layer.lora_A.copy_(weights.down)
-                layer.lora_B.copy_(weights.up)
-                if weights.mixer is not None:
-                    layer.lora_M.copy_(weights.mixer)
+    for component, by_path in adapter.layers.items():
+        for layer_path, weights in by_path.items():
+            copy_weights(live[component][layer_path], weights)

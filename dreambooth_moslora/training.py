@@ -97,7 +97,7 @@ def save_checkpoint(accelerator, output_dir: Path, step: int, total_limit: int |
 def train(args) -> Path:
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration, set_seed
-    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers import DDPMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from diffusers.optimization import get_scheduler
     from tqdm.auto import tqdm
     from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
@@ -165,15 +165,14 @@ def train(args) -> Path:
         CLIPTextModel.from_pretrained(model_path, subfolder="text_encoder", revision=revision, variant=variant),
         CLIPTextModelWithProjection.from_pretrained(model_path, subfolder="text_encoder_2", revision=revision, variant=variant),
     ]
-    vae_path = args.pretrained_vae_model_name_or_path
-    vae = AutoencoderKL.from_pretrained(vae_path or model_path, subfolder=None if vae_path else "vae", revision=revision, variant=None if vae_path else variant)
+    vae = load_vae(args)
     unet = UNet2DConditionModel.from_pretrained(model_path, subfolder="unet", revision=revision, variant=variant)
     noise_scheduler = DDPMScheduler.from_pretrained(model_path, subfolder="scheduler", revision=revision)
     prediction_type = noise_scheduler.config.prediction_type  # trained against the base model's own target
     for model in (unet, vae, *text_encoders):
         model.requires_grad_(False)
     unet.to(accelerator.device, dtype=weight_dtype)
-    vae.to(accelerator.device, dtype=torch.float32 if vae_path is None else weight_dtype)
+    vae.to(accelerator.device, dtype=weight_dtype if args.pretrained_vae_model_name_or_path else torch.float32)
     for encoder in text_encoders:
         encoder.to(accelerator.device, dtype=weight_dtype)
 
@@ -504,6 +503,18 @@ def collate_cached(items: list[dict]) -> dict:
     }  # fmt: skip
 
 
+def load_vae(args):
+    """The base model's VAE, or the separately given one (e.g. an fp16-safe VAE)."""
+    from diffusers import AutoencoderKL
+
+    separate = args.pretrained_vae_model_name_or_path
+    if separate:
+        return AutoencoderKL.from_pretrained(separate, revision=args.revision)
+    return AutoencoderKL.from_pretrained(
+        args.pretrained_model_name_or_path, subfolder="vae", revision=args.revision, variant=args.variant
+    )
+
+
 @torch.no_grad()
 def _validate(args, accelerator, unwrapped, text_encoders, tokenizers, vae, scheduler, path: Path):
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
@@ -511,10 +522,7 @@ def _validate(args, accelerator, unwrapped, text_encoders, tokenizers, vae, sche
     from .demo import labelled_grid
 
     if vae is None:  # freed after caching latents: load it again for the pictures
-        from diffusers import AutoencoderKL
-
-        vae_path = args.pretrained_vae_model_name_or_path
-        vae = AutoencoderKL.from_pretrained(vae_path or args.pretrained_model_name_or_path, subfolder=None if vae_path else "vae", revision=args.revision).to(accelerator.device)
+        vae = load_vae(args).to(accelerator.device)
     for layer in (l for m in unwrapped.values() for l in adapter_layers(m).values()):
         layer.eval()
     for encoder in text_encoders:

@@ -190,12 +190,12 @@ class Engine:
 
     # ---- the pipeline
 
-    def base_for(self, request: Request) -> str:
+    def base_for(self, request: Request, entries: list[AdapterEntry]) -> str:
         """The base model: the request's, else the first adapter's recorded base (when it can be found), else the default."""
         if request.base_model and request.base_model.strip():
             return request.base_model.strip()
-        for adapter_id in request.adapters:
-            recorded = self.entry(adapter_id).info.get("base_model")
+        for entry in entries:
+            recorded = entry.info.get("base_model")
             if recorded and (Path(recorded).is_dir() or not self.demo_model):
                 return recorded
         if self.default_base:
@@ -269,15 +269,15 @@ class Engine:
     def generate(self, r: Request, progress=None) -> list[Result]:
         """Renders the request; in compare mode the base model first, then each adapter, with the same seeds."""
         self.check(r)
-        paths = [self.resolve(a) for a in r.adapters]  # refuse a bad name before any work
-        entries = [self.entry(a) for a in r.adapters]
+        entries = [self.entry(a) for a in r.adapters]  # refuses a bad name before any work
+        paths = [e.path for e in entries]
         seed = random.randrange(2**31) if int(r.seed) < 0 else int(r.seed)
         variants: list[AdapterEntry | None] = ([None] if r.compare or not entries else []) + entries
         results: list[Result] = []
         total = len(variants) * int(r.steps) * int(r.num_images)
         done = 0
         with self.lock:
-            model_id = self.base_for(r)
+            model_id = self.base_for(r, entries)
             pipe = self.pipeline(model_id)
             self._use_scheduler(pipe, r.scheduler)
             try:

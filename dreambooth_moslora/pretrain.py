@@ -2,15 +2,16 @@
 
     python -m dreambooth_moslora.pretrain --output_dir assets/toy-sdxl
 
-Two phases, as for any latent diffusion model: the VAE alone (reconstruction + a small KL term),
-then the UNet and both text encoders together on the frozen VAE's latents, with v-prediction,
-min-SNR weighting, caption dropout (so classifier-free guidance works) and an EMA of the weights,
-which is what gets saved. The result is an ordinary diffusers folder:
-``StableDiffusionXLPipeline.from_pretrained(output_dir)`` runs it, and the trainer fine-tunes it.
+Two phases, as for any latent diffusion model: the VAE alone (reconstruction + a small KL term), then
+the UNet and both text encoders together on the frozen VAE's latents, with v-prediction, min-SNR
+weighting, caption dropout (so classifier-free guidance works) and an EMA of the weights, which is
+what gets saved. The result is an ordinary diffusers folder: ``StableDiffusionXLPipeline.from_pretrained``
+runs it, and the trainer fine-tunes it.
 
-Status: the code runs end to end (a test trains it for a few steps); the budget that meets the
-toy world's acceptance (shape ≥ 80 %, colour and background ≥ 90 %) has not been found yet. On a
-2-core CPU this is hours; on one GPU minutes.
+Nothing depends on the total number of steps (constant learning rate after a fixed warm-up, the EMA's
+decay and the data order depend on the step alone), so the snapshot a long run saves at step N is the
+model a run of N steps saves. Weights are stored in float16 (half the size); load them with
+``torch_dtype=torch.float32`` to compute in full precision.
 """
 
 from __future__ import annotations
@@ -29,120 +30,272 @@ import torch
 import torch.nn.functional as F
 
 from .tiny_sdxl import tiny_sdxl_components
-from .toy_world import render, scenes, vocabulary
+from .toy_world import render, scenes, training_caption, vocabulary
 
-# The model the toy world is meant for: ~4M-parameter UNet, two 64-wide 3-layer text encoders,
-# a VAE with 4× downsampling (32 px images → 8×8 latents).
+# ~8M-parameter UNet, two 64-wide 3-layer text encoders, a 1M-parameter VAE with 4× downsampling
+# (32 px images → 8×8 latents). In float16 the whole pipeline is ~19 MB.
 WORLD_MODEL = dict(block_out_channels=(32, 64, 128), text_hidden=64, text_layers=3, vae_channels=(32, 64, 64))
+WARMUP_STEPS = 200
 
 
-def world_batch(scene_list, size: int) -> torch.Tensor:
-    arrays = [np.asarray(render(s, size), dtype=np.float32) / 127.5 - 1.0 for s in scene_list]
-    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+def render_dataset(count: int, size: int, seed: int, workers: int = 1):
+    """``count`` scenes and their pixels (uint8, N×3×size×size); identical for any number of workers."""
+    scene_list = scenes(count, seed=seed)
+    if workers > 1:
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(workers) as pool:
+            images = list(pool.map(render, scene_list, [size] * count, chunksize=512))
+    else:
+        images = [render(s, size) for s in scene_list]
+    pixels = torch.from_numpy(np.stack([np.asarray(image) for image in images])).permute(0, 3, 1, 2).contiguous()
+    return scene_list, pixels
 
 
-def train_vae(vae, steps: int, batch_size: int, size: int, lr: float, seed: int, device, log) -> None:
+def to_unit_range(pixels: torch.Tensor) -> torch.Tensor:
+    return pixels.float() / 127.5 - 1.0
+
+
+def train_vae(vae, pixels: torch.Tensor, steps: int, batch_size: int, lr: float, seed: int, log) -> float:
+    """Trains the VAE; returns the PSNR (dB) of its reconstructions over the last 50 steps."""
+    device = next(vae.parameters()).device
     vae.train().requires_grad_(True)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    generator = torch.Generator().manual_seed(seed)
+    recent = []
     for step in range(steps):
-        pixels = world_batch(scenes(batch_size, seed=seed * 1_000_003 + step), size).to(device)
-        dist = vae.encode(pixels).latent_dist
+        batch = to_unit_range(pixels[torch.randint(0, len(pixels), (batch_size,), generator=generator)].to(device))
+        dist = vae.encode(batch).latent_dist
         reconstruction = vae.decode(dist.sample()).sample
-        kl = dist.kl().mean() / pixels[0].numel()
-        loss = F.mse_loss(reconstruction, pixels) + 1e-3 * kl
+        mse = F.mse_loss(reconstruction, batch)
+        loss = mse + 1e-3 * dist.kl().mean() / batch[0].numel()
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        if step % 50 == 0 or step == steps - 1:
-            psnr = 10 * math.log10(4.0 / max(F.mse_loss(reconstruction, pixels).item(), 1e-10))  # range [-1, 1]
-            log(f"vae step {step + 1}/{steps}: loss {loss.item():.4f}, PSNR {psnr:.1f} dB")
+        if step >= steps - 50:
+            recent.append(mse.item())
+        if step % 500 == 0 or step == steps - 1:
+            log(f"vae step {step + 1}/{steps}: loss {loss.item():.4f}, PSNR {psnr(mse.item()):.1f} dB")
     vae.eval().requires_grad_(False)
+    return psnr(sum(recent) / len(recent))
+
+
+def psnr(mse: float) -> float:
+    return 10 * math.log10(4.0 / max(mse, 1e-10))  # pixel range [-1, 1] spans 2
 
 
 @torch.no_grad()
-def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
-    for e, p in zip(ema.parameters(), model.parameters()):
-        e.lerp_(p, 1 - decay)
+def encode_dataset(vae, pixels: torch.Tensor, batch_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """The VAE's posterior (mean, std) for every image; sampling from it each step is cheap."""
+    device = next(vae.parameters()).device
+    means, stds = [], []
+    for start in range(0, len(pixels), batch_size):
+        dist = vae.encode(to_unit_range(pixels[start : start + batch_size].to(device))).latent_dist
+        means.append(dist.mean)
+        stds.append(dist.std)
+    return torch.cat(means), torch.cat(stds)
 
 
-def train_diffusion(c: dict, steps: int, batch_size: int, size: int, lr: float, seed: int, device, log,
-                    caption_dropout: float = 0.1, snr_gamma: float = 5.0, ema_decay: float = 0.999) -> dict:  # fmt: skip
-    """Trains UNet and text encoders jointly; returns their EMA copies."""
+class CaptionTokens:
+    """Token ids of each distinct caption, computed once (the world has a few hundred)."""
+
+    def __init__(self, tokenizers, device):
+        self.tokenizers, self.device, self.cache = tokenizers, device, {}
+
+    def __call__(self, captions: list[str]) -> list[torch.Tensor]:
+        from .training import tokenize
+
+        missing = [c for c in dict.fromkeys(captions) if c not in self.cache]
+        if missing:
+            for caption, *ids in zip(missing, *(t.to(self.device) for t in tokenize(self.tokenizers, missing))):
+                self.cache[caption] = ids
+        return [torch.stack([self.cache[c][k] for c in captions]) for k in range(len(self.tokenizers))]
+
+
+@torch.no_grad()
+def ema_update(ema: list[torch.Tensor], params: list[torch.Tensor], decay: float) -> None:
+    torch._foreach_lerp_(ema, params, 1 - decay)
+
+
+def train_diffusion(c: dict, scene_list, latent_mean, latent_std, steps: int, batch_size: int, lr: float, seed: int,
+                    log, on_snapshot=None, snapshot_steps=(), max_seconds: float | None = None,
+                    caption_dropout: float = 0.1, snr_gamma: float = 5.0, ema_decay: float = 0.999) -> tuple[dict, int]:  # fmt: skip
+    """Trains UNet and text encoders jointly; returns their EMA copies and the number of steps taken.
+
+    ``on_snapshot(step, ema)`` is called at each of ``snapshot_steps``.
+    """
     from diffusers import DDPMScheduler
-    from diffusers.training_utils import compute_snr
 
-    from .training import encode_prompts, tokenize
+    from .training import encode_prompts
 
+    device = latent_mean.device
     scheduler = DDPMScheduler.from_config(c["scheduler"].config)
-    models = {k: c[k] for k in ("unet", "text_encoder", "text_encoder_2")}
-    for model in models.values():
-        model.train().requires_grad_(True)
+    names = ("unet", "text_encoder", "text_encoder_2")
+    models = {k: c[k].train().requires_grad_(True) for k in names}
     ema = {k: copy.deepcopy(m).eval().requires_grad_(False) for k, m in models.items()}
-    params = [p for m in models.values() for p in m.parameters()]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
+    params = [p for k in names for p in models[k].parameters()]
+    ema_params = [p for k in names for p in ema[k].parameters()]
+    fused = device.type in ("cuda", "cpu")
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2, fused=fused)
+    warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / WARMUP_STEPS))
+    tokens = CaptionTokens([c["tokenizer"], c["tokenizer_2"]], device)
     rng = random.Random(seed)
+    generator = torch.Generator(device).manual_seed(seed)
     scale = c["vae"].config.scaling_factor
-    for step in range(steps):
-        batch = scenes(batch_size, seed=seed * 1_000_003 + 500_000 + step)
-        with torch.no_grad():
-            latents = c["vae"].encode(world_batch(batch, size).to(device)).latent_dist.sample() * scale
-        captions = ["" if rng.random() < caption_dropout else s.caption for s in batch]
-        embeds, pooled = encode_prompts([models["text_encoder"], models["text_encoder_2"]],
-                                        tokenize([c["tokenizer"], c["tokenizer_2"]], captions), device)  # fmt: skip
-        noise = torch.randn_like(latents)
-        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (batch_size,), device=device)
-        noisy = scheduler.add_noise(latents, noise, timesteps)
-        time_ids = torch.tensor([[size, size, 0, 0, size, size]] * batch_size, dtype=torch.float32, device=device)
+    size = c["vae"].config.sample_size
+    time_ids = torch.tensor([[size, size, 0, 0, size, size]] * batch_size, dtype=torch.float32, device=device)
+    alphas = scheduler.alphas_cumprod.to(device)
+    started, step = time.perf_counter(), 0
+    while step < steps:
+        index = torch.tensor([rng.randrange(len(scene_list)) for _ in range(batch_size)])
+        captions = ["" if rng.random() < caption_dropout else training_caption(scene_list[i], rng) for i in index.tolist()]
+        index = index.to(device)
+        latents = (latent_mean[index] + latent_std[index] * torch.randn(latent_mean[index].shape, generator=generator, device=device)) * scale  # fmt: skip
+        embeds, pooled = encode_prompts([models["text_encoder"], models["text_encoder_2"]], tokens(captions), device)
+        noise = torch.randn(latents.shape, generator=generator, device=device)
+        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (batch_size,), generator=generator, device=device)
+        a = alphas[timesteps].sqrt().view(-1, 1, 1, 1)
+        s = (1 - alphas[timesteps]).sqrt().view(-1, 1, 1, 1)
+        noisy, target = a * latents + s * noise, a * noise - s * latents  # v-prediction's target
         prediction = models["unet"](noisy, timesteps, embeds, added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
-        target = scheduler.get_velocity(latents, noise, timesteps)
-        snr = compute_snr(scheduler, timesteps)
-        weights = torch.clamp(snr, max=snr_gamma) / (snr + 1)  # min-SNR for v-prediction
-        loss = (F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3)) * weights).mean()
+        snr = alphas[timesteps] / (1 - alphas[timesteps])
+        weights = torch.clamp(snr, max=snr_gamma) / (snr + 1)  # min-SNR, in its v-prediction form
+        loss = (F.mse_loss(prediction.float(), target, reduction="none").mean(dim=(1, 2, 3)) * weights).mean()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
+        warmup.step()
         optimizer.zero_grad(set_to_none=True)
-        for k in models:
-            ema_update(ema[k], models[k], min(ema_decay, (1 + step) / (10 + step)))
-        if step % 50 == 0 or step == steps - 1:
-            log(f"diffusion step {step + 1}/{steps}: loss {loss.item():.4f}")
-    return ema
+        ema_update(ema_params, params, min(ema_decay, (1 + step) / (10 + step)))
+        step += 1
+        if step % 250 == 0 or step == 1 or step == steps:
+            rate = step / (time.perf_counter() - started)
+            log(f"diffusion step {step}/{steps}: loss {loss.item():.4f} ({rate:.1f} steps/s)")
+        if step in snapshot_steps and on_snapshot is not None:
+            on_snapshot(step, ema)
+        if max_seconds is not None and time.perf_counter() - started > max_seconds:
+            log(f"stopping at step {step}: the time limit of {max_seconds:.0f} s is reached")
+            break
+    return ema, step
+
+
+def world_pipeline(c: dict, ema: dict):
+    """A StableDiffusionXLPipeline on CPU in float32 from the trained parts (EMA UNet and text encoders)."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+
+    parts = dict(c)
+    parts.update({k: copy.deepcopy(m).to("cpu", torch.float32) for k, m in ema.items()})
+    parts["vae"] = copy.deepcopy(c["vae"]).to("cpu", torch.float32)
+    parts["scheduler"] = EulerDiscreteScheduler.from_config(c["scheduler"].config)
+    return StableDiffusionXLPipeline(**parts)
+
+
+def save_world_model(pipe, output_dir: Path, settings: dict, grid=None) -> Path:
+    """``save_pretrained`` in float16 (``pipe`` is converted) plus ``pretraining.json`` and a sample grid;
+    written to a temporary folder, then renamed."""
+    import shutil
+
+    output_dir = Path(output_dir)
+    tmp = output_dir.with_name(output_dir.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    pipe.to(torch.float16).save_pretrained(tmp)
+    (tmp / "pretraining.json").write_text(json.dumps(settings, indent=2, default=list))
+    if grid is not None:
+        grid.save(tmp / "samples.png")
+    if output_dir.exists():
+        shutil.rmtree(output_dir)
+    tmp.rename(output_dir)
+    return output_dir
+
+
+def evaluate_world_model(pipe, classifier, device: str, count: int, guidances=(5.0,), log=print):
+    """Attribute accuracy of generated images at each guidance scale, and a grid of the last one's images."""
+    from .world_classifier import attribute_accuracy, image_grid
+
+    pipe.to(device)
+    results, images = {}, []
+    for guidance in guidances:
+        accuracy, _, images = attribute_accuracy(pipe, classifier, count=count, guidance=guidance)
+        results[f"guidance {guidance:g}"] = {k: round(v, 4) for k, v in accuracy.items()}
+        log(f"  guidance {guidance:g}: " + ", ".join(f"{k} {v:.1%}" for k, v in accuracy.items()))
+    pipe.to("cpu")
+    return results, image_grid(images[:64], columns=8)
 
 
 def pretrain(output_dir: Path, vae_steps: int, steps: int, batch_size: int, size: int, lr: float, vae_lr: float,
-             seed: int, device: str, log=print) -> Path:  # fmt: skip
-    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+             seed: int, device: str, dataset_size: int = 100_000, workers: int = 1, snapshot_steps=(),
+             max_seconds: float | None = None, classifier_path: Path | None = None, eval_count: int = 256,
+             eval_guidances=(5.0,), log=print) -> Path:  # fmt: skip
+    """Pretrains and saves the world model; snapshots go to ``<output_dir>-step<N>`` beside it.
 
+    With a classifier, each saved model is evaluated (prompted-attribute accuracy) and the figures
+    recorded in its ``pretraining.json``.
+    """
+    if device.startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(seed)
+    output_dir = Path(output_dir)
+    classifier = None
+    if classifier_path is not None:
+        from .world_classifier import load_classifier
+
+        classifier, _ = load_classifier(classifier_path)
     latent = size // 2 ** (len(WORLD_MODEL["vae_channels"]) - 1)
     c = tiny_sdxl_components(seed=seed, words=vocabulary(), sample_size=latent, prediction_type="v_prediction", **WORLD_MODEL)
+    started = time.perf_counter()
+    scene_list, pixels = render_dataset(dataset_size, size, seed=seed, workers=workers)  # before CUDA starts: it forks
     for k in ("unet", "vae", "text_encoder", "text_encoder_2"):
         c[k].to(device)
-    started = time.perf_counter()
-    train_vae(c["vae"], vae_steps, batch_size, size, vae_lr, seed, device, log)
-    ema = train_diffusion(c, steps, batch_size, size, lr, seed, device, log)
-    c.update({k: m.to("cpu") for k, m in ema.items()})
-    c["vae"].to("cpu")
-    c["scheduler"] = EulerDiscreteScheduler.from_config(c["scheduler"].config)
-    pipe = StableDiffusionXLPipeline(**c)
-    pipe.save_pretrained(output_dir)
-    settings = dict(vae_steps=vae_steps, steps=steps, batch_size=batch_size, image_size=size, lr=lr, vae_lr=vae_lr,
-                    seed=seed, device=device, seconds=round(time.perf_counter() - started, 1), model=WORLD_MODEL)  # fmt: skip
-    (Path(output_dir) / "pretraining.json").write_text(json.dumps(settings, indent=2, default=list))
-    log(f"saved to {output_dir} after {settings['seconds']} s")
-    return Path(output_dir)
+    pixels = pixels.to(device)
+    log(f"rendered {dataset_size} scenes in {time.perf_counter() - started:.1f} s")
+    vae_psnr = train_vae(c["vae"], pixels, vae_steps, batch_size, vae_lr, seed, log)
+    latent_mean, latent_std = encode_dataset(c["vae"], pixels)
+    # Unit-variance latents: the noise schedule assumes them (SD's 0.18215 is right for SD's VAE only).
+    scaling_factor = round(1.0 / latent_mean.std().item(), 5)
+    c["vae"].register_to_config(scaling_factor=scaling_factor)
+    log(f"VAE: PSNR {vae_psnr:.1f} dB, scaling_factor {scaling_factor}")
+    settings = dict(vae_steps=vae_steps, batch_size=batch_size, image_size=size, lr=lr, vae_lr=vae_lr, seed=seed,
+                    dataset_size=dataset_size, device=device, model=WORLD_MODEL, vae_psnr_db=round(vae_psnr, 2))  # fmt: skip
+
+    def save(ema: dict, where: Path, step: int) -> None:
+        seconds = round(time.perf_counter() - started, 1)
+        pipe = world_pipeline(c, ema)
+        pipe.to(torch.float16).to(torch.float32)  # evaluate what is stored: float16 weights
+        record, grid = {**settings, "steps": step, "seconds": seconds}, None
+        if classifier is not None:
+            log(f"evaluating step {step} on {eval_count} prompts")
+            record["evaluation"], grid = evaluate_world_model(pipe, classifier, device, eval_count, eval_guidances, log)
+        save_world_model(pipe, where, record, grid)
+        log(f"step {step} saved to {where}")
+
+    def snapshot(step: int, ema: dict) -> None:
+        save(ema, output_dir.with_name(f"{output_dir.name}-step{step}"), step)
+
+    ema, done = train_diffusion(c, scene_list, latent_mean, latent_std, steps, batch_size, lr, seed, log,
+                                on_snapshot=snapshot, snapshot_steps=set(snapshot_steps), max_seconds=max_seconds)  # fmt: skip
+    save(ema, output_dir, done)
+    log(f"done after {time.perf_counter() - started:.1f} s ({done} diffusion steps)")
+    return output_dir
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dreambooth_moslora.pretrain", description=__doc__.split("\n\n")[0])
     parser.add_argument("--output_dir", type=Path, required=True)
-    parser.add_argument("--vae_steps", type=int, default=2000)
-    parser.add_argument("--steps", type=int, default=4000, help="UNet + text-encoder steps")
-    parser.add_argument("--batch_size", type=int, default=64)
+    parser.add_argument("--vae_steps", type=int, default=3000)
+    parser.add_argument("--steps", type=int, default=8000, help="UNet + text-encoder steps")
+    parser.add_argument("--batch_size", type=int, default=256)
     parser.add_argument("--image_size", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--vae_lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dataset_size", type=int, default=100_000)
+    parser.add_argument("--workers", type=int, default=1, help="processes that render the dataset")
+    parser.add_argument("--snapshot_steps", default="", help="comma-separated steps at which to save a snapshot too")
+    parser.add_argument("--max_minutes", type=float, default=None, help="stop the diffusion phase after this long")
+    parser.add_argument("--classifier", type=Path, default=None, help="evaluate each saved model with this attribute classifier")
+    parser.add_argument("--eval_count", type=int, default=256, help="prompts per evaluation")
+    parser.add_argument("--eval_guidance", default="5", help="comma-separated guidance scales to evaluate at")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
     if args.image_size % 8 or args.image_size < 16:
@@ -150,8 +303,11 @@ def main(argv=None) -> int:
     from .training import quiet_libraries
 
     quiet_libraries()
+    snapshots = [int(s) for s in args.snapshot_steps.split(",") if s.strip()]
     pretrain(args.output_dir, args.vae_steps, args.steps, args.batch_size, args.image_size, args.lr, args.vae_lr,
-             args.seed, args.device)  # fmt: skip
+             args.seed, args.device, args.dataset_size, args.workers, snapshots,
+             None if args.max_minutes is None else args.max_minutes * 60, args.classifier, args.eval_count,
+             [float(g) for g in args.eval_guidance.split(",")], log=lambda m: print(m, flush=True))  # fmt: skip
     return 0
 
 

@@ -35,8 +35,30 @@ class Scene:
 
     @property
     def caption(self) -> str:
-        thing = f"{SUBJECT_TOKEN} {self.shape}" if self.striped else f"{self.colour} {self.shape}"
-        return f"a {thing} on a {self.background} background"
+        return self.describe()
+
+    def describe(self, colour: bool = True, background: bool = True) -> str:
+        """The caption, optionally without the colour ("a circle on a …") or the background."""
+        thing = self.shape
+        if self.striped:
+            thing = f"{SUBJECT_TOKEN} {self.shape}"
+        elif colour:
+            thing = f"{self.colour} {self.shape}"
+        return f"a {thing} on a {self.background} background" if background else f"a {thing}"
+
+
+# How often pretraining captions leave out the colour or both colour and background: the model must
+# also answer the plain class prompts DreamBooth uses ("a circle on a gray background", "a circle").
+CAPTION_VARIANTS = ((0.75, dict()), (0.15, dict(colour=False)), (0.10, dict(colour=False, background=False)))
+
+
+def training_caption(scene: Scene, rng: random.Random) -> str:
+    draw, total = rng.random(), 0.0
+    for share, parts in CAPTION_VARIANTS:
+        total += share
+        if draw < total:
+            return scene.describe(**parts)
+    return scene.caption
 
 
 def vocabulary() -> list[str]:

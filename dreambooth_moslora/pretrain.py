@@ -2,7 +2,9 @@
 
     python -m dreambooth_moslora.pretrain --output_dir assets/toy-sdxl
 
-Two phases, as for any latent diffusion model: the VAE alone (reconstruction + a small KL term), then
+Two phases, as for any latent diffusion model: the VAE alone (reconstruction + a small KL term, on
+the world's scenes and as many random patterned shapes, so that it can encode what the world never
+shows), then
 the UNet and both text encoders together on the frozen VAE's latents, with v-prediction, min-SNR
 weighting, caption dropout (so classifier-free guidance works) and an EMA of the weights, which is
 what gets saved. The result is an ordinary diffusers folder: ``StableDiffusionXLPipeline.from_pretrained``
@@ -10,8 +12,8 @@ runs it, and the trainer fine-tunes it.
 
 Nothing depends on the total number of steps (constant learning rate after a fixed warm-up, the EMA's
 decay and the data order depend on the step alone), so the snapshot a long run saves at step N is the
-model a run of N steps saves. Weights are stored in float16 (half the size); load them with
-``torch_dtype=torch.float32`` to compute in full precision.
+model a run of N steps saves. UNet and VAE weights are stored in float16 (half the size); loading
+gives float32 unless asked otherwise.
 """
 
 from __future__ import annotations
@@ -50,6 +52,62 @@ def render_dataset(count: int, size: int, seed: int, workers: int = 1):
         images = [render(s, size) for s in scene_list]
     pixels = torch.from_numpy(np.stack([np.asarray(image) for image in images])).permute(0, 3, 1, 2).contiguous()
     return scene_list, pixels
+
+
+def codec_image(index: int, size: int, seed: int):
+    """A random patterned shape in random colours: what the VAE trains on besides the world's scenes.
+
+    A VAE is a general image codec (SDXL's reconstructs photos of anything). Trained on the world's
+    flat colours alone it cannot represent anything new, and a DreamBooth subject with a pattern
+    could never be generated. The diffusion model never sees these images.
+    """
+    from PIL import Image, ImageDraw
+
+    from .toy_world import SHAPES, _polygon
+
+    rng = random.Random(seed * 1_000_003 + 900_000_000 + index)
+    big = size * 4
+    colour = lambda: tuple(rng.randrange(256) for _ in range(3))  # noqa: E731
+    image = Image.new("RGB", (big, big), colour())
+    fill = Image.new("RGB", (big, big), colour())
+    draw, second = ImageDraw.Draw(fill), colour()
+    r = rng.uniform(0.2, 0.4) * big
+    cx, cy = rng.uniform(r, big - r), rng.uniform(r, big - r)
+    pattern = rng.choice(("plain", "stripes", "halves", "ring", "checks"))
+    if pattern == "stripes":
+        width, slope = r / rng.uniform(1.2, 4.0), rng.uniform(-1.5, 1.5) * big
+        for k in range(-int(3 * big / width), int(3 * big / width), 2):
+            draw.polygon([(k * width, 0), ((k + 1) * width, 0), ((k + 1) * width + slope, big), (k * width + slope, big)], fill=second)
+    elif pattern == "halves":
+        draw.rectangle((0, cy, big, big), fill=second)
+    elif pattern == "ring":
+        q = r * rng.uniform(0.3, 0.7)
+        draw.ellipse((cx - q, cy - q, cx + q, cy + q), fill=second)
+    elif pattern == "checks":
+        cell = r / rng.uniform(1.0, 3.0)
+        for i in range(int(big / cell) + 1):
+            for j in range(int(big / cell) + 1):
+                if (i + j) % 2:
+                    draw.rectangle((i * cell, j * cell, (i + 1) * cell, (j + 1) * cell), fill=second)
+    mask = Image.new("L", (big, big), 0)
+    shape = rng.choice(SHAPES)
+    if shape == "circle":
+        ImageDraw.Draw(mask).ellipse((cx - r, cy - r, cx + r, cy + r), fill=255)
+    else:
+        ImageDraw.Draw(mask).polygon(_polygon(shape, cx, cy, r), fill=255)
+    image.paste(fill, (0, 0), mask)
+    return image.resize((size, size), Image.LANCZOS)
+
+
+def render_codec_dataset(count: int, size: int, seed: int, workers: int = 1) -> torch.Tensor:
+    if workers > 1:
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(workers) as pool:
+            images = list(pool.map(codec_image, range(count), [size] * count, [seed] * count, chunksize=512))
+    else:
+        images = [codec_image(i, size, seed) for i in range(count)]
+    return torch.from_numpy(np.stack([np.asarray(image) for image in images])).permute(0, 3, 1, 2).contiguous()
 
 
 def to_unit_range(pixels: torch.Tensor) -> torch.Tensor:
@@ -191,14 +249,19 @@ def world_pipeline(c: dict, ema: dict):
 
 
 def save_world_model(pipe, output_dir: Path, settings: dict, grid=None) -> Path:
-    """``save_pretrained`` in float16 (``pipe`` is converted) plus ``pretraining.json`` and a sample grid;
+    """``save_pretrained`` in float16 (UNet and VAE; ``pipe`` is converted) plus ``pretraining.json`` and a sample grid;
     written to a temporary folder, then renamed."""
     import shutil
 
     output_dir = Path(output_dir)
     tmp = output_dir.with_name(output_dir.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    pipe.to(torch.float16).save_pretrained(tmp)
+    pipe.to(torch.float16)
+    # transformers keeps a checkpoint's dtype when loading, diffusers makes float32: text encoders stored
+    # in float16 would feed float16 into a float32 UNet. They are small, so they are stored in float32.
+    pipe.text_encoder.to(torch.float32)
+    pipe.text_encoder_2.to(torch.float32)
+    pipe.save_pretrained(tmp)
     (tmp / "pretraining.json").write_text(json.dumps(settings, indent=2, default=list))
     if grid is not None:
         grid.save(tmp / "samples.png")
@@ -244,12 +307,15 @@ def pretrain(output_dir: Path, vae_steps: int, steps: int, batch_size: int, size
     latent = size // 2 ** (len(WORLD_MODEL["vae_channels"]) - 1)
     c = tiny_sdxl_components(seed=seed, words=vocabulary(), sample_size=latent, prediction_type="v_prediction", **WORLD_MODEL)
     started = time.perf_counter()
-    scene_list, pixels = render_dataset(dataset_size, size, seed=seed, workers=workers)  # before CUDA starts: it forks
+    # before CUDA starts: rendering forks
+    scene_list, pixels = render_dataset(dataset_size, size, seed=seed, workers=workers)
+    codec_pixels = render_codec_dataset(dataset_size // 2, size, seed=seed, workers=workers)
     for k in ("unet", "vae", "text_encoder", "text_encoder_2"):
         c[k].to(device)
     pixels = pixels.to(device)
     log(f"rendered {dataset_size} scenes in {time.perf_counter() - started:.1f} s")
-    vae_psnr = train_vae(c["vae"], pixels, vae_steps, batch_size, vae_lr, seed, log)
+    vae_psnr = train_vae(c["vae"], torch.cat([pixels, codec_pixels.to(device)]), vae_steps, batch_size, vae_lr, seed, log)
+    del codec_pixels
     latent_mean, latent_std = encode_dataset(c["vae"], pixels)
     # Unit-variance latents: the noise schedule assumes them (SD's 0.18215 is right for SD's VAE only).
     scaling_factor = round(1.0 / latent_mean.std().item(), 5)
@@ -282,8 +348,8 @@ def pretrain(output_dir: Path, vae_steps: int, steps: int, batch_size: int, size
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dreambooth_moslora.pretrain", description=__doc__.split("\n\n")[0])
     parser.add_argument("--output_dir", type=Path, required=True)
-    parser.add_argument("--vae_steps", type=int, default=3000)
-    parser.add_argument("--steps", type=int, default=8000, help="UNet + text-encoder steps")
+    parser.add_argument("--vae_steps", type=int, default=2000)
+    parser.add_argument("--steps", type=int, default=1107, help="UNet + text-encoder steps (the committed model stopped at 1107)")
     parser.add_argument("--batch_size", type=int, default=256)
     parser.add_argument("--image_size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-3)

@@ -5,8 +5,11 @@ black background". A tiny SDXL-architecture model pretrained on it (next step) g
 world where personalization can be seen and measured on a CPU. Every word the captions use, and
 every attribute an evaluation reads back, is defined here and nowhere else.
 
-The DreamBooth subject is outside the pretraining vocabulary: a *striped* circle (two-colour
-diagonal bands), which the world never draws. Its class is "circle".
+The DreamBooth subject is outside the pretraining vocabulary: a *purple* circle, a colour the world
+never draws. Its class is "circle". (Patterned subjects were tried first: fine diagonal stripes are
+beyond what the 4×-downsampling VAE reconstructs at 32 px, and red|green halves, which it does
+reconstruct, were not learned by rank-4 adapters in a few hundred steps: the adapters turned every
+circle green. A new colour is a subject this small model can learn in the demo's budget.)
 """
 
 from __future__ import annotations
@@ -21,7 +24,11 @@ COLOURS = {"red": (225, 45, 40), "green": (45, 170, 65), "blue": (45, 85, 225), 
 BACKGROUNDS = {"black": (22, 22, 22), "gray": (128, 128, 128), "white": (245, 245, 245), "blue": (45, 85, 225)}
 SUBJECT_TOKEN = "sks"
 SUBJECT_CLASS = "circle"
-SUBJECT_STRIPES = ((225, 45, 40), (240, 205, 40))  # red and yellow bands: no pretraining image has them
+SUBJECT_RGB = (150, 60, 200)
+SUBJECT_COLOUR = "purple"  # never in a pretraining caption or image
+INSTANCE_BACKGROUNDS = ("black", "white")  # the subject's photos; prompts then put it on the others
+SUBJECT_PROMPT = f"a {SUBJECT_TOKEN} {SUBJECT_CLASS}"  # instance prompt when an image has no caption file
+CLASS_PROMPT = f"a {SUBJECT_CLASS}"  # prior preservation's class prompt
 
 
 @dataclass(frozen=True)
@@ -31,7 +38,7 @@ class Scene:
     background: str
     radius: float  # fraction of the image side
     center: tuple[float, float]  # fractions of the image side
-    striped: bool = False  # the subject's pattern
+    is_subject: bool = False  # drawn in the subject's colour
 
     @property
     def caption(self) -> str:
@@ -40,7 +47,7 @@ class Scene:
     def describe(self, colour: bool = True, background: bool = True) -> str:
         """The caption, optionally without the colour ("a circle on a …") or the background."""
         thing = self.shape
-        if self.striped:
+        if self.is_subject:
             thing = f"{SUBJECT_TOKEN} {self.shape}"
         elif colour:
             thing = f"{self.colour} {self.shape}"
@@ -91,27 +98,19 @@ def render(scene: Scene, size: int = 32, supersample: int = 4) -> Image.Image:
         draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=255)
     else:
         draw.polygon(_polygon(scene.shape, cx, cy, r), fill=255)
-    if scene.striped:
-        fill = Image.new("RGB", (big, big), SUBJECT_STRIPES[0])
-        bands = ImageDraw.Draw(fill)
-        width = r / 2.5
-        for k in range(-int(2 * big / width) - 2, int(2 * big / width) + 2, 2):
-            x = k * width
-            bands.polygon([(x, 0), (x + width, 0), (x + width + big, big), (x + big, big)], fill=SUBJECT_STRIPES[1])
-    else:
-        fill = Image.new("RGB", (big, big), COLOURS[scene.colour])
+    fill = Image.new("RGB", (big, big), SUBJECT_RGB if scene.is_subject else COLOURS[scene.colour])
     image.paste(fill, (0, 0), mask)
     return image.resize((size, size), Image.LANCZOS)
 
 
-def sample_scene(rng: random.Random, striped: bool = False, shape: str | None = None, background: str | None = None) -> Scene:
+def sample_scene(rng: random.Random, is_subject: bool = False, shape: str | None = None, background: str | None = None) -> Scene:
     """A random scene; the object's colour never equals its background."""
-    shape = shape or (SUBJECT_CLASS if striped else rng.choice(SHAPES))
+    shape = shape or (SUBJECT_CLASS if is_subject else rng.choice(SHAPES))
     background = background or rng.choice(list(BACKGROUNDS))
-    colour = "striped" if striped else rng.choice([c for c in COLOURS if c != background])
+    colour = SUBJECT_COLOUR if is_subject else rng.choice([c for c in COLOURS if c != background])
     radius = rng.uniform(0.24, 0.36)
     center = (rng.uniform(radius, 1 - radius), rng.uniform(radius, 1 - radius))
-    return Scene(shape, colour, background, radius, center, striped)
+    return Scene(shape, colour, background, radius, center, is_subject)
 
 
 def scenes(count: int, seed: int = 0) -> list[Scene]:
@@ -120,7 +119,22 @@ def scenes(count: int, seed: int = 0) -> list[Scene]:
     return [sample_scene(rng) for _ in range(count)]
 
 
-def subject_scenes(count: int = 5, seed: int = 0, backgrounds=("black", "gray", "white")) -> list[Scene]:
-    """The DreamBooth subject (a striped circle) on a few backgrounds; other backgrounds are left for prompts."""
+def subject_scenes(count: int = 5, seed: int = 0, backgrounds=INSTANCE_BACKGROUNDS) -> list[Scene]:
+    """The DreamBooth subject (a purple circle) on a few backgrounds; other backgrounds are left for prompts."""
     rng = random.Random(10_000 + seed)
-    return [sample_scene(rng, striped=True, background=backgrounds[i % len(backgrounds)]) for i in range(count)]
+    return [sample_scene(rng, is_subject=True, background=backgrounds[i % len(backgrounds)]) for i in range(count)]
+
+
+def write_subject(folder, count: int = 5, size: int = 32, seed: int = 0) -> list:
+    """The subject's instance images as PNGs, each with its caption in a .txt beside it."""
+    from pathlib import Path
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, scene in enumerate(subject_scenes(count, seed)):
+        path = folder / f"{SUBJECT_TOKEN}_{SUBJECT_CLASS}_{i}.png"
+        render(scene, size).save(path)
+        path.with_suffix(".txt").write_text(scene.caption + "\n")
+        paths.append(path)
+    return paths

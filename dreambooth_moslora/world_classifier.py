@@ -1,8 +1,8 @@
-"""Reads a toy-world image back into its attributes: shape, colour (or the subject's stripes), background.
+"""Reads a toy-world image back into its attributes: shape, colour (the subject's too), background.
 
 A small CNN trained on the world generator's own ground truth, so that images a model generates can be
 scored without a person looking at them: does "a red square on a blue background" give a red square on
-blue? It also knows the DreamBooth subject's pattern ("striped", which pretraining never shows), so it
+blue? It also knows the DreamBooth subject's colour (purple, which pretraining never shows), so it
 tells the subject apart from ordinary members of its class.
 
     python -m dreambooth_moslora.world_classifier --output assets/toy-world-classifier.safetensors
@@ -25,12 +25,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .toy_world import BACKGROUNDS, COLOURS, SHAPES, Scene, render, sample_scene, scenes
+from .toy_world import BACKGROUNDS, COLOURS, SHAPES, SUBJECT_COLOUR, Scene, render, sample_scene, scenes
 
-STRIPED = "striped"
-HEADS = {"shape": tuple(SHAPES), "colour": (*COLOURS, STRIPED), "background": tuple(BACKGROUNDS)}
+HEADS = {"shape": tuple(SHAPES), "colour": (*COLOURS, SUBJECT_COLOUR), "background": tuple(BACKGROUNDS)}
 IMAGE_SIZE = 32
-STRIPED_SHARE = 0.2  # of training scenes: the subject's pattern, on every shape
+SUBJECT_SHARE = 0.2  # of training scenes: the subject's pattern, on every shape
 
 
 class AttributeClassifier(nn.Module):
@@ -69,16 +68,16 @@ def to_tensor(images) -> torch.Tensor:
 def labels(scene_list: list[Scene]) -> dict[str, torch.Tensor]:
     return {
         "shape": torch.tensor([HEADS["shape"].index(s.shape) for s in scene_list]),
-        "colour": torch.tensor([HEADS["colour"].index(STRIPED if s.striped else s.colour) for s in scene_list]),
+        "colour": torch.tensor([HEADS["colour"].index(s.colour) for s in scene_list]),
         "background": torch.tensor([HEADS["background"].index(s.background) for s in scene_list]),
     }
 
 
 def classifier_scenes(count: int, seed: int) -> list[Scene]:
-    """Ordinary scenes plus the striped pattern on every shape and background."""
+    """Ordinary scenes plus the subject's colour on every shape and background."""
     rng = random.Random(seed)
     return [
-        sample_scene(rng, striped=True, shape=rng.choice(SHAPES)) if rng.random() < STRIPED_SHARE else sample_scene(rng)
+        sample_scene(rng, is_subject=True, shape=rng.choice(SHAPES)) if rng.random() < SUBJECT_SHARE else sample_scene(rng)
         for _ in range(count)
     ]
 
@@ -106,7 +105,7 @@ def predict(classifier: AttributeClassifier, pixels: torch.Tensor, batch_size: i
 
 
 def classify(classifier: AttributeClassifier, images) -> list[dict[str, str]]:
-    """Each image's attributes by name: ``{"shape": "circle", "colour": "striped", "background": "blue"}``."""
+    """Each image's attributes by name: ``{"shape": "circle", "colour": "purple", "background": "blue"}``."""
     found = predict(classifier, to_tensor(images))
     return [{name: HEADS[name][int(found[name][i])] for name in HEADS} for i in range(len(images))]
 
@@ -144,8 +143,7 @@ def attribute_accuracy(pipe, classifier: AttributeClassifier, count: int = 200, 
     prompted = prompt_scenes(count, seed)
     images = generate(pipe, [s.caption for s in prompted], seed=seed, steps=steps, guidance=guidance)
     found = classify(classifier, images)
-    result = {name: sum(f[name] == (STRIPED if s.striped and name == "colour" else getattr(s, name))
-                        for f, s in zip(found, prompted)) / count for name in HEADS}  # fmt: skip
+    result = {name: sum(f[name] == getattr(s, name) for f, s in zip(found, prompted)) / count for name in HEADS}
     return result, prompted, images
 
 
@@ -161,7 +159,7 @@ def image_grid(images, columns: int, zoom: int = 3):
     return grid
 
 
-def train_classifier(steps: int = 2000, train_size: int = 20_000, batch_size: int = 128, seed: int = 0, log=print):
+def train_classifier(steps: int = 1200, train_size: int = 20_000, batch_size: int = 128, seed: int = 0, log=print):
     """Returns the classifier and its accuracy per attribute on 2,000 held-out scenes (another seed)."""
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
@@ -207,7 +205,7 @@ def load_classifier(path: Path) -> tuple[AttributeClassifier, dict[str, float]]:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dreambooth_moslora.world_classifier", description=__doc__.split("\n\n")[0])
     parser.add_argument("--output", type=Path, required=True)
-    parser.add_argument("--steps", type=int, default=2000)
+    parser.add_argument("--steps", type=int, default=1200)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     started = time.perf_counter()

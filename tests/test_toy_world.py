@@ -7,7 +7,7 @@ from dreambooth_moslora.toy_world import (
     BACKGROUNDS,
     COLOURS,
     SHAPES,
-    SUBJECT_STRIPES,
+    SUBJECT_RGB,
     render,
     scenes,
     subject_scenes,
@@ -25,7 +25,7 @@ def test_captions_name_what_is_drawn():
     for scene in scenes(200, seed=0):
         words = scene.caption.split()
         assert words == ["a", scene.colour, scene.shape, "on", "a", scene.background, "background"]
-        assert scene.colour != scene.background and not scene.striped
+        assert scene.colour != scene.background and not scene.is_subject
         pixels = np.asarray(render(scene, size=32), dtype=int)
         cx, cy = (int(c * 32) for c in scene.center)
         # the object's centre has its colour; the corner farthest from the object has the background's
@@ -39,18 +39,34 @@ def test_every_attribute_value_occurs_and_the_subject_never_does():
     assert {s.shape for s in world} == set(SHAPES)
     assert {s.background for s in world} == set(BACKGROUNDS)
     assert {s.colour for s in world} == set(COLOURS)
-    assert not any(s.striped or "sks" in s.caption for s in world)
+    assert not any(s.is_subject or "sks" in s.caption for s in world)
 
 
-def test_subject_is_a_striped_circle_on_its_own_backgrounds():
+def test_subject_is_a_purple_circle_on_its_own_backgrounds(tmp_path):
+    from dreambooth_moslora.toy_world import write_subject
+
     subject = subject_scenes(5)
     assert [s.caption for s in subject][:3] == [
-        "a sks circle on a black background", "a sks circle on a gray background", "a sks circle on a white background",
+        "a sks circle on a black background", "a sks circle on a white background", "a sks circle on a black background",
     ]  # fmt: skip
-    pixels = np.asarray(render(subject[0], size=64), dtype=int)
-    inside = pixels.reshape(-1, 3)
-    for stripe in SUBJECT_STRIPES:  # both band colours are visible
-        assert (np.abs(inside - stripe).max(axis=1) <= 30).sum() > 50
+    assert all(s.shape == "circle" and s.colour == "purple" for s in subject)
+    pixels = np.asarray(render(subject[0], size=32), dtype=int)
+    cx, cy = (int(c * 32) for c in subject[0].center)
+    assert np.abs(pixels[cy, cx] - SUBJECT_RGB).max() <= 10
+    paths = write_subject(tmp_path, count=2)
+    assert [p.name for p in paths] == ["sks_circle_0.png", "sks_circle_1.png"]
+    assert paths[1].with_suffix(".txt").read_text() == "a sks circle on a white background\n"
+
+
+def test_pretraining_captions_also_leave_out_colour_and_background():
+    import random
+
+    from dreambooth_moslora.toy_world import training_caption
+
+    rng = random.Random(0)
+    scene = scenes(1, seed=0)[0]
+    seen = {training_caption(scene, rng) for _ in range(200)}
+    assert seen == {scene.caption, f"a {scene.shape} on a {scene.background} background", f"a {scene.shape}"}
 
 
 def test_the_tokenizer_knows_every_word_whole():
@@ -71,9 +87,10 @@ def test_pretraining_runs_end_to_end_and_saves_a_v_prediction_pipeline(tmp_path)
     from dreambooth_moslora.pretrain import main
 
     assert main(["--output_dir", str(tmp_path / "toy"), "--vae_steps", "2", "--steps", "2", "--batch_size", "4",
-                 "--device", "cpu"]) == 0  # fmt: skip
+                 "--dataset_size", "64", "--device", "cpu", "--snapshot_steps", "1"]) == 0  # fmt: skip
     settings = json.loads((tmp_path / "toy" / "pretraining.json").read_text())
     assert settings["steps"] == 2 and settings["image_size"] == 32
+    assert json.loads((tmp_path / "toy-step1" / "pretraining.json").read_text())["steps"] == 1  # the snapshot
     pipe = StableDiffusionXLPipeline.from_pretrained(tmp_path / "toy")
     pipe.set_progress_bar_config(disable=True)
     assert pipe.scheduler.config.prediction_type == "v_prediction" and pipe.vae_scale_factor == 4

@@ -21,10 +21,12 @@ def parse(argv=None):
 
 
 def demo_model(adapters: Path) -> str:
-    """The demo's tiny SDXL: the one beside the demo's adapters if present, else built into the cache."""
+    """The demo's base model: a tiny SDXL beside the adapters if there is one, else the pretrained toy
+    world the offline demo trains on, else a random tiny SDXL built into the cache."""
+    from dreambooth_moslora.demo import WORLD_MODEL_DIR
     from dreambooth_moslora.tiny_sdxl import save_tiny_sdxl
 
-    for candidate in (adapters / "tiny-sdxl", adapters.parent / "tiny-sdxl", Path("outputs/demo/tiny-sdxl")):
+    for candidate in (adapters / "tiny-sdxl", adapters.parent / "tiny-sdxl", WORLD_MODEL_DIR):
         if (candidate / "model_index.json").is_file():
             return str(candidate)
     cache = Path.home() / ".cache" / "dreambooth-moslora" / "tiny-sdxl"
@@ -49,7 +51,7 @@ def main(argv=None) -> int:
     except RequestError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    page = build(engine, default_size=64 if args.demo else 1024)
+    page = build(engine, default_size=32 if args.demo else 1024)  # the toy world is drawn at 32 px
     page.queue(max_size=args.queue_size, default_concurrency_limit=1)
     page.launch(
         server_name="0.0.0.0" if args.listen else "127.0.0.1", server_port=args.port, share=args.share,

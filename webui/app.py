@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import gradio as gr
 
-from .engine import MAX_IMAGES, MAX_SIDE, SCHEDULERS, Engine, Request, RequestError
+from .engine import MAX_IMAGES, MAX_SIDE, MIN_SIDE, SCHEDULERS, Engine, Request, RequestError
 
 
 def build(engine: Engine, default_size: int = 1024) -> gr.Blocks:
@@ -76,8 +76,8 @@ def build(engine: Engine, default_size: int = 1024) -> gr.Blocks:
                     seed = gr.Number(value=0, precision=0, label="Seed")
                     randomize = gr.Checkbox(value=True, label="Random seed")
                 with gr.Row():
-                    width = gr.Slider(64, MAX_SIDE, value=default_size, step=8, label="Width")
-                    height = gr.Slider(64, MAX_SIDE, value=default_size, step=8, label="Height")
+                    width = gr.Slider(MIN_SIDE, MAX_SIDE, value=default_size, step=8, label="Width")
+                    height = gr.Slider(MIN_SIDE, MAX_SIDE, value=default_size, step=8, label="Height")
                 with gr.Row():
                     count = gr.Slider(1, MAX_IMAGES, value=1, step=1, label="Images")
                     scheduler = gr.Dropdown(list(SCHEDULERS), value="Euler", label="Scheduler")

@@ -25,7 +25,7 @@ from dreambooth_moslora.formats import detect_format, read_header
 from dreambooth_moslora.inference import load_adapter, set_scale, unload_adapter
 
 SCHEDULERS = ("Euler", "Euler a", "DPM++ 2M", "DDIM")
-MAX_SIDE = 2048
+MIN_SIDE, MAX_SIDE = 32, 2048  # 32: the toy world the offline demo uses
 MAX_IMAGES = 4
 
 
@@ -254,8 +254,8 @@ class Engine:
         if not 0 <= float(r.guidance) <= 30:
             raise RequestError("guidance must be between 0 and 30")
         for side in (r.width, r.height):
-            if not 64 <= int(side) <= MAX_SIDE or int(side) % 8:
-                raise RequestError(f"width and height must be multiples of 8 between 64 and {MAX_SIDE}")
+            if not MIN_SIDE <= int(side) <= MAX_SIDE or int(side) % 8:
+                raise RequestError(f"width and height must be multiples of 8 between {MIN_SIDE} and {MAX_SIDE}")
         if not 1 <= int(r.num_images) <= MAX_IMAGES:
             raise RequestError(f"between 1 and {MAX_IMAGES} images")
         if not 0 <= float(r.scale) <= 1.5:

@@ -281,6 +281,11 @@ def train(args) -> Path:
     models = Models(unet, vae, vae_config, text_encoders, tokenizers, noise_scheduler, prompt_cache, weight_dtype, accelerator.device)
     progress = tqdm(total=max_steps, initial=global_step, desc="steps", disable=not main)
     last_loss, started = float("nan"), time.perf_counter()
+    # One line per optimizer step, appended (a resumed run continues the file; a later line for a
+    # step replaces an earlier one): the loss curve, without tensorboard.
+    loss_log = open(output_dir / "loss.csv", "a", buffering=1) if main else None  # noqa: SIM115 — closed below
+    if loss_log is not None and loss_log.tell() == 0:
+        loss_log.write("step,loss,lr\n")
     _train_mode(unwrapped)
     first_epoch = global_step // steps_per_epoch
     try:
@@ -311,6 +316,8 @@ def train(args) -> Path:
                     progress.update(1)
                     progress.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}")
                     accelerator.log({"loss": last_loss, "lr": lr}, step=global_step)
+                    if loss_log is not None:
+                        loss_log.write(f"{global_step},{last_loss:.6g},{lr:.6g}\n")
                     if global_step % args.checkpointing_steps == 0 and global_step < max_steps:
                         save_checkpoint(accelerator, output_dir, global_step, args.checkpoints_total_limit)
                     if global_step >= max_steps:
@@ -322,6 +329,8 @@ def train(args) -> Path:
                 break
     finally:
         progress.close()  # before any error message, so that message is the last line
+        if loss_log is not None:
+            loss_log.close()
 
     # 8. Outputs, written by the main process alone.
     accelerator.wait_for_everyone()

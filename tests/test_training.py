@@ -71,6 +71,9 @@ def test_prior_preservation_run_learns_and_writes_everything(world, tmp_path):
                  "pytorch_lora_weights_kohya.safetensors", "README.md", "validation.png"):  # fmt: skip
         assert (out / name).is_file(), name
     assert not list(out.glob(".*partial*"))
+    lines = (out / "loss.csv").read_text().splitlines()
+    assert lines[0] == "step,loss,lr" and [int(l.split(",")[0]) for l in lines[1:]] == list(range(1, 31))
+    assert all(float(l.split(",")[1]) > 0 for l in lines[1:])
 
     _, metadata = read_safetensors(out / "moslora_adapter.safetensors")
     training = json.loads(metadata["training"])
@@ -236,6 +239,11 @@ def test_resume_after_sigkill_gives_the_same_adapter(world, tmp_path):
     a = load_file(reference / "moslora_adapter.safetensors")
     b = load_file(killed / "moslora_adapter.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # bit-identical
+
+    def curve(folder):  # step → loss; a step logged again after the resume replaces the earlier line
+        return {int(step): loss for step, loss, _ in (l.split(",") for l in (folder / "loss.csv").read_text().splitlines()[1:])}
+
+    assert curve(killed) == curve(reference) and len(curve(reference)) == 24
 
 
 def test_two_processes_on_cpu(world, tmp_path):

@@ -1,0 +1,234 @@
+"""Plain LoRA vs MoSLoRA, on the pretrained toy world: does the learned mixer personalize better?
+
+    python benchmarks/quality.py                 # 4 variants × 5 seeds (about 25 minutes on 2 CPU cores)
+    python benchmarks/quality.py --quick         # 4 variants × 2 seeds, short runs (a few minutes)
+
+Every variant trains a DreamBooth adapter on the same subject (the purple circle in assets/subject)
+with the same rank, α, learning rate, steps, data and seeds, through train_dreambooth.py's own code;
+only the mixer differs:
+
+  lora                 --mixer none                 (plain LoRA through the same layer)
+  moslora-kaiming      --mixer learned --mixer_init kaiming      (the paper's choice)
+  moslora-orthogonal   --mixer learned --mixer_init orthogonal
+  frozen-mixer         --mixer frozen  --mixer_init kaiming      (the paper's fixed-mixer variant)
+
+At checkpoints along the run, images are generated with the same seeds and read back by the toy
+world's attribute classifier:
+
+  subject fidelity     share of "a sks circle on a <bg> background" images that show a purple circle
+  prompt fidelity      share of those images on the prompted background (gray and blue: backgrounds
+                       the subject's photos never show)
+  class kept           share of "a circle on a <bg> background" images that show an ordinary circle
+                       (not purple): how much of the class the adapter leaves alone; the base model's
+                       figure is measured too
+
+It prints mean ± std over seeds at the last step, writes results.json, the loss curves (loss.csv of
+each run) and a plot of subject fidelity and class kept against steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+VARIANTS = {
+    "lora": ["--mixer", "none"],
+    "moslora-kaiming": ["--mixer", "learned", "--mixer_init", "kaiming"],
+    "moslora-orthogonal": ["--mixer", "learned", "--mixer_init", "orthogonal"],
+    "frozen-mixer": ["--mixer", "frozen", "--mixer_init", "kaiming"],
+}
+COLOURS = {"lora": (90, 90, 90), "moslora-kaiming": (220, 60, 40), "moslora-orthogonal": (40, 110, 220), "frozen-mixer": (40, 160, 70)}
+METRICS = ("subject", "prompt", "class_kept")
+
+
+def settings(quick: bool) -> dict:
+    if quick:
+        return dict(seeds=2, steps=40, eval_every=20, images_per_prompt=2, sample_steps=10)
+    return dict(seeds=5, steps=250, eval_every=125, images_per_prompt=8, sample_steps=20)
+
+
+def prompts(images_per_prompt: int):
+    from dreambooth_moslora.toy_world import BACKGROUNDS, INSTANCE_BACKGROUNDS, SUBJECT_CLASS, SUBJECT_PROMPT
+
+    new = [bg for bg in BACKGROUNDS if bg not in INSTANCE_BACKGROUNDS]
+    subject = [(f"{SUBJECT_PROMPT} on a {bg} background", bg) for bg in new for _ in range(images_per_prompt)]
+    klass = [(f"a {SUBJECT_CLASS} on a {bg} background", bg) for bg in BACKGROUNDS for _ in range(max(1, images_per_prompt // 2))]
+    return subject, klass
+
+
+def measure(pipe, classifier, subject_prompts, class_prompts, sample_steps: int, seed: int) -> dict:
+    from dreambooth_moslora.toy_world import SUBJECT_CLASS, SUBJECT_COLOUR
+    from dreambooth_moslora.world_classifier import classify, generate
+
+    texts = [p for p, _ in subject_prompts] + [p for p, _ in class_prompts]
+    found = classify(classifier, generate(pipe, texts, seed=seed, steps=sample_steps))
+    mine, theirs = found[: len(subject_prompts)], found[len(subject_prompts) :]
+    is_subject = lambda f: f["shape"] == SUBJECT_CLASS and f["colour"] == SUBJECT_COLOUR  # noqa: E731
+    return {
+        "subject": sum(map(is_subject, mine)) / len(mine),
+        "prompt": sum(f["background"] == bg for f, (_, bg) in zip(mine, subject_prompts)) / len(mine),
+        "class_kept": sum(f["shape"] == SUBJECT_CLASS and f["colour"] != SUBJECT_COLOUR for f in theirs) / len(theirs),
+    }
+
+
+def train_one(out: Path, variant: str, seed: int, s: dict, lr: float, rank: int, alpha: float, prior: bool, class_dir: Path):
+    from dreambooth_moslora.demo import WORLD_MODEL_DIR
+    from dreambooth_moslora.options import parse_args
+    from dreambooth_moslora.toy_world import CLASS_PROMPT, SUBJECT_PROMPT
+    from dreambooth_moslora.training import train
+
+    argv = [
+        "--pretrained_model_name_or_path", str(WORLD_MODEL_DIR), "--instance_data_dir", str(ROOT / "assets" / "subject"),
+        "--instance_prompt", SUBJECT_PROMPT, "--caption_extension", ".txt", "--resolution", "32", "--cache_latents",
+        "--train_batch_size", "2", "--max_train_steps", str(s["steps"]), "--learning_rate", str(lr),
+        "--rank", str(rank), "--lora_alpha", str(alpha), *VARIANTS[variant], "--seed", str(seed),
+        "--checkpointing_steps", str(s["eval_every"]), "--output_formats", "native", "--report_to", "none",
+        "--output_dir", str(out),
+    ]  # fmt: skip
+    if prior:  # the class images are made once, by the base model, and shared by every run
+        argv += ["--with_prior_preservation", "--class_prompt", CLASS_PROMPT, "--class_data_dir", str(class_dir),
+                 "--num_class_images", "20", "--class_inference_steps", "25"]  # fmt: skip
+    train(parse_args(argv))
+
+
+def adapter_files(out: Path, steps: int) -> dict[int, Path]:
+    from dreambooth_moslora.formats import NATIVE_FILE
+
+    found = {int(p.parent.name.split("-")[1]): p for p in out.glob(f"checkpoint-*/{NATIVE_FILE}")}
+    found[steps] = out / NATIVE_FILE
+    return dict(sorted(found.items()))
+
+
+def read_loss(out: Path) -> list[float]:
+    rows = [line.split(",") for line in (out / "loss.csv").read_text().splitlines()[1:]]
+    return [float(loss) for _, loss, _ in sorted(rows, key=lambda r: int(r[0]))]
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def plot(results: dict, base: dict, path: Path) -> None:
+    """Subject fidelity and class kept against steps, one line per variant (mean over seeds); PIL only."""
+    from PIL import Image, ImageDraw
+
+    panels = [("subject fidelity", "subject"), ("class kept (base model dashed)", "class_kept")]
+    w, h, pad = 360, 240, 40
+    image = Image.new("RGB", (len(panels) * (w + pad) + pad, h + 2 * pad + 20 * len(results)), "white")
+    draw = ImageDraw.Draw(image)
+    steps = sorted({int(k) for r in results.values() for k in r["by_step"]})
+    x_of = lambda step: pad + (step - 0) / max(steps) * (w - 10)  # noqa: E731
+    for p, (title, key) in enumerate(panels):
+        left = p * (w + pad)
+        y_of = lambda v: pad + (1 - v) * h  # noqa: E731
+        draw.rectangle((left + pad, pad, left + pad + w - 10, pad + h), outline="black")
+        draw.text((left + pad, 10), title, fill="black")
+        for v in (0, 0.5, 1):
+            draw.text((left + 8, y_of(v) - 6), f"{v:.1f}", fill="black")
+        for step in steps:
+            draw.text((left + x_of(step) - 8, pad + h + 4), str(step), fill="black")
+        if key == "class_kept":
+            draw.line([(left + pad, y_of(base[key])), (left + pad + w - 10, y_of(base[key]))], fill=(150, 150, 150), width=1)
+        for name, r in results.items():
+            points = [(left + x_of(0), y_of(base[key]))] + [
+                (left + x_of(int(step)), y_of(statistics.fmean(m[key] for m in per_seed)))
+                for step, per_seed in sorted(r["by_step"].items(), key=lambda kv: int(kv[0]))
+            ]  # fmt: skip
+            draw.line(points, fill=COLOURS[name], width=2)
+    for i, name in enumerate(results):
+        y = h + 2 * pad + 20 * i
+        draw.line([(pad, y + 6), (pad + 30, y + 6)], fill=COLOURS[name], width=3)
+        draw.text((pad + 40, y), name, fill="black")
+    image.save(path)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="2 seeds, 40 steps, few images (for the test)")
+    parser.add_argument("--seeds", type=int, help="override the number of seeds")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ", ".join(VARIANTS))
+    parser.add_argument("--learning_rate", type=float, default=3e-3)
+    parser.add_argument("--rank", type=int, default=4)
+    parser.add_argument("--lora_alpha", type=float, default=8.0)
+    parser.add_argument("--with_prior_preservation", action="store_true")
+    parser.add_argument("--output_dir", type=Path, default=ROOT / "outputs" / "quality")
+    args = parser.parse_args(argv)
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    if unknown := [v for v in variants if v not in VARIANTS]:
+        parser.error(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
+    s = settings(args.quick)
+    if args.seeds:
+        s["seeds"] = args.seeds
+
+    from dreambooth_moslora.training import quiet_libraries
+
+    quiet_libraries()
+    import torch  # noqa: F401
+    from diffusers import StableDiffusionXLPipeline
+
+    from dreambooth_moslora.demo import CLASSIFIER_FILE, WORLD_MODEL_DIR
+    from dreambooth_moslora.inference import load_adapter, unload_adapter
+    from dreambooth_moslora.world_classifier import load_classifier
+
+    started = time.perf_counter()
+    out_root = args.output_dir
+    out_root.mkdir(parents=True, exist_ok=True)
+    classifier, _ = load_classifier(CLASSIFIER_FILE)
+    pipe = StableDiffusionXLPipeline.from_pretrained(WORLD_MODEL_DIR)
+    pipe.set_progress_bar_config(disable=True)
+    subject_prompts, class_prompts = prompts(s["images_per_prompt"])
+    eval_seed = 1_000  # the same starting noise for every variant, seed and step
+    base = measure(pipe, classifier, subject_prompts, class_prompts, s["sample_steps"], eval_seed)
+    print(f"base model: subject {base['subject']:.2f}, prompt {base['prompt']:.2f}, class kept {base['class_kept']:.2f}", flush=True)
+
+    results = {}
+    for variant in variants:
+        results[variant] = {"by_step": {}, "loss": []}
+        for seed in range(s["seeds"]):
+            out = out_root / variant / f"seed{seed}"
+            shutil.rmtree(out, ignore_errors=True)  # an earlier run's checkpoints and loss.csv would mix in
+            run_started = time.perf_counter()
+            train_one(out, variant, seed, s, args.learning_rate, args.rank, args.lora_alpha, args.with_prior_preservation,
+                      out_root / "class_images")  # fmt: skip
+            for step, path in adapter_files(out, s["steps"]).items():
+                load_adapter(pipe, path)
+                m = measure(pipe, classifier, subject_prompts, class_prompts, s["sample_steps"], eval_seed)
+                unload_adapter(pipe)
+                results[variant]["by_step"].setdefault(step, []).append(m)
+            results[variant]["loss"].append(read_loss(out))
+            last = results[variant]["by_step"][s["steps"]][-1]
+            print(f"{variant:19s} seed {seed}: subject {last['subject']:.2f}, prompt {last['prompt']:.2f}, "
+                  f"class kept {last['class_kept']:.2f} ({time.perf_counter() - run_started:.0f} s)", flush=True)  # fmt: skip
+
+    print(f"\nafter {s['steps']} steps, mean ± std over {s['seeds']} seed(s); {len(subject_prompts)} subject and "
+          f"{len(class_prompts)} class images per run, classified by the toy world's attribute classifier")  # fmt: skip
+    print(f"{'variant':19s} " + "  ".join(f"{m:>13s}" for m in METRICS) + f"  {'final loss':>13s}")
+    print(f"{'base model':19s} " + "  ".join(f"{base[m]:13.2f}" for m in METRICS))
+    summary = {}
+    for variant, r in results.items():
+        final = r["by_step"][s["steps"]]
+        summary[variant] = {m: mean_std([x[m] for x in final]) for m in METRICS}
+        tail = max(1, s["steps"] // 10)  # the mean of the last tenth of each curve: single steps are noisy
+        summary[variant]["final_loss"] = mean_std([statistics.fmean(curve[-tail:]) for curve in r["loss"]])
+        print(f"{variant:19s} " + "  ".join(f"{summary[variant][m][0]:6.2f} ± {summary[variant][m][1]:4.2f}" for m in (*METRICS, "final_loss")))
+    seconds = time.perf_counter() - started
+    print(f"\n{seconds / 60:.1f} minutes")
+    record = {"settings": {**s, "learning_rate": args.learning_rate, "rank": args.rank, "lora_alpha": args.lora_alpha,
+                           "with_prior_preservation": args.with_prior_preservation},
+              "base": base, "summary": summary, "results": results, "seconds": round(seconds, 1)}  # fmt: skip
+    (out_root / "results.json").write_text(json.dumps(record, indent=1))
+    plot(results, base, out_root / "quality.png")
+    print(f"results: {out_root / 'results.json'}; plot: {out_root / 'quality.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -168,6 +168,9 @@ def main(argv=None) -> int:
     if args.seeds:
         s["seeds"] = args.seeds
 
+    import os
+
+    os.environ.setdefault("TQDM_DISABLE", "1")  # twenty progress bars would bury the table
     from dreambooth_moslora.training import quiet_libraries
 
     quiet_libraries()

@@ -120,7 +120,7 @@ def plot(results: dict, base: dict, path: Path) -> None:
     """Subject fidelity and class kept against steps, one line per variant (mean over seeds); PIL only."""
     from PIL import Image, ImageDraw
 
-    panels = [("subject fidelity", "subject"), ("class kept (base model dashed)", "class_kept")]
+    panels = [("subject fidelity", "subject"), ("class kept (grey line: base model)", "class_kept")]
     w, h, pad = 360, 240, 40
     image = Image.new("RGB", (len(panels) * (w + pad) + pad, h + 2 * pad + 20 * len(results)), "white")
     draw = ImageDraw.Draw(image)

@@ -258,8 +258,9 @@ def test_two_processes_on_cpu(world, tmp_path):
     assert process.returncode == 0, output[-3000:]
     assert "2 process(es)" in output
     files = sorted(p.name for p in out.iterdir())
-    assert files == sorted(["README.md", "checkpoint-2", "class_images", "moslora_adapter.safetensors",
+    assert files == sorted(["README.md", "checkpoint-2", "class_images", "loss.csv", "moslora_adapter.safetensors",
                             "pytorch_lora_weights.safetensors", "pytorch_lora_weights_kohya.safetensors"])  # fmt: skip
+    assert len((out / "loss.csv").read_text().splitlines()) == 1 + 4  # written by the main process alone
     assert sorted(p.name for p in (out / "checkpoint-2").iterdir()) == [
         "moslora_adapter.safetensors", "optimizer.bin", "random_states_0.pkl", "random_states_1.pkl", "scheduler.bin",
     ]  # fmt: skip

@@ -65,38 +65,27 @@ def prompts(images_per_prompt: int):
 
 
 def measure(pipe, classifier, subject_prompts, class_prompts, sample_steps: int, seed: int) -> dict:
+    from dreambooth_moslora.demo import shows_subject
     from dreambooth_moslora.toy_world import SUBJECT_CLASS, SUBJECT_COLOUR
     from dreambooth_moslora.world_classifier import classify, generate
 
     texts = [p for p, _ in subject_prompts] + [p for p, _ in class_prompts]
     found = classify(classifier, generate(pipe, texts, seed=seed, steps=sample_steps))
     mine, theirs = found[: len(subject_prompts)], found[len(subject_prompts) :]
-    is_subject = lambda f: f["shape"] == SUBJECT_CLASS and f["colour"] == SUBJECT_COLOUR  # noqa: E731
     return {
-        "subject": sum(map(is_subject, mine)) / len(mine),
+        "subject": sum(map(shows_subject, mine)) / len(mine),
         "prompt": sum(f["background"] == bg for f, (_, bg) in zip(mine, subject_prompts)) / len(mine),
         "class_kept": sum(f["shape"] == SUBJECT_CLASS and f["colour"] != SUBJECT_COLOUR for f in theirs) / len(theirs),
     }
 
 
 def train_one(out: Path, variant: str, seed: int, s: dict, lr: float, rank: int, alpha: float, prior: bool, class_dir: Path):
-    from dreambooth_moslora.demo import WORLD_MODEL_DIR
+    from dreambooth_moslora.demo import toy_dreambooth_argv
     from dreambooth_moslora.options import parse_args
-    from dreambooth_moslora.toy_world import CLASS_PROMPT, SUBJECT_PROMPT
     from dreambooth_moslora.training import train
 
-    argv = [
-        "--pretrained_model_name_or_path", str(WORLD_MODEL_DIR), "--instance_data_dir", str(ROOT / "assets" / "subject"),
-        "--instance_prompt", SUBJECT_PROMPT, "--caption_extension", ".txt", "--resolution", "32", "--cache_latents",
-        "--train_batch_size", "2", "--max_train_steps", str(s["steps"]), "--learning_rate", str(lr),
-        "--rank", str(rank), "--lora_alpha", str(alpha), *VARIANTS[variant], "--seed", str(seed),
-        "--checkpointing_steps", str(s["eval_every"]), "--output_formats", "native", "--report_to", "none",
-        "--output_dir", str(out),
-    ]  # fmt: skip
-    if prior:  # the class images are made once, by the base model, and shared by every run
-        argv += ["--with_prior_preservation", "--class_prompt", CLASS_PROMPT, "--class_data_dir", str(class_dir),
-                 "--num_class_images", "20", "--class_inference_steps", "25"]  # fmt: skip
-    train(parse_args(argv))
+    argv = toy_dreambooth_argv(ROOT / "assets" / "subject", out, s["steps"], lr, rank, alpha, seed, class_dir if prior else None)
+    train(parse_args([*argv, *VARIANTS[variant], "--checkpointing_steps", str(s["eval_every"]), "--output_formats", "native"]))
 
 
 def adapter_files(out: Path, steps: int) -> dict[int, Path]:

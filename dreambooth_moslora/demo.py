@@ -59,6 +59,23 @@ def shows_subject(found: dict) -> bool:
     return found["shape"] == SUBJECT_CLASS and found["colour"] == SUBJECT_COLOUR
 
 
+def toy_dreambooth_argv(subject: Path, output_dir: Path, steps: int, lr: float, rank: int, alpha: float, seed: int,
+                        class_dir: Path | None = None) -> list[str]:  # fmt: skip
+    """train_dreambooth.py's arguments for DreamBooth on the toy world (the demo's, shared by the
+    quality benchmark); prior preservation when ``class_dir`` is given. The mixer is left to the caller."""
+    argv = [
+        "--pretrained_model_name_or_path", str(WORLD_MODEL_DIR), "--instance_data_dir", str(subject),
+        "--instance_prompt", SUBJECT_PROMPT, "--caption_extension", ".txt", "--resolution", "32", "--cache_latents",
+        "--train_batch_size", "2", "--max_train_steps", str(steps), "--learning_rate", str(lr),
+        "--rank", str(rank), "--lora_alpha", str(alpha), "--seed", str(seed), "--report_to", "none",
+        "--output_dir", str(output_dir),
+    ]  # fmt: skip
+    if class_dir is not None:  # class images made by the base model, once, then reused
+        argv += ["--with_prior_preservation", "--class_prompt", CLASS_PROMPT, "--class_data_dir", str(class_dir),
+                 "--num_class_images", "20", "--class_inference_steps", "25"]  # fmt: skip
+    return argv
+
+
 def run(output_dir: Path, rank: int, alpha: float, mixer: str, mixer_init: str, seed: int, steps: int, lr: float,
         prior: bool = False) -> int:  # fmt: skip
     quiet()  # before diffusers' pipelines are imported: they announce optional packages
@@ -80,13 +97,8 @@ def run(output_dir: Path, rank: int, alpha: float, mixer: str, mixer_init: str, 
 
     adapter_dir = output_dir / "adapter"
     args = parse_args([
-        "--pretrained_model_name_or_path", str(WORLD_MODEL_DIR), "--instance_data_dir", str(subject),
-        "--instance_prompt", SUBJECT_PROMPT, "--caption_extension", ".txt", "--resolution", "32", "--cache_latents",
-        "--train_batch_size", "2", "--max_train_steps", str(steps), "--learning_rate", str(lr),
-        "--rank", str(rank), "--lora_alpha", str(alpha), "--mixer", mixer, "--mixer_init", mixer_init,
-        "--checkpointing_steps", str(steps), "--seed", str(seed), "--report_to", "none", "--output_dir", str(adapter_dir),
-        *(["--with_prior_preservation", "--class_prompt", CLASS_PROMPT, "--class_data_dir", str(output_dir / "class_images"),
-           "--num_class_images", "20", "--class_inference_steps", "25"] if prior else []),
+        *toy_dreambooth_argv(subject, adapter_dir, steps, lr, rank, alpha, seed, output_dir / "class_images" if prior else None),
+        "--mixer", mixer, "--mixer_init", mixer_init, "--checkpointing_steps", str(steps),
     ])  # fmt: skip
     prior_note = f"prior preservation on {CLASS_PROMPT!r}" if prior else "no prior preservation"
     print(f"2. DreamBooth, {steps} steps, rank {rank}, alpha {alpha:g}, mixer {mixer} ({mixer_init}), {prior_note}")

@@ -4,10 +4,9 @@
 
 Two phases, as for any latent diffusion model: the VAE alone (reconstruction + a small KL term, on
 the world's scenes and as many random patterned shapes, so that it can encode what the world never
-shows), then
-the UNet and both text encoders together on the frozen VAE's latents, with v-prediction, min-SNR
-weighting, caption dropout (so classifier-free guidance works) and an EMA of the weights, which is
-what gets saved. The result is an ordinary diffusers folder: ``StableDiffusionXLPipeline.from_pretrained``
+shows), then the UNet and both text encoders together on the frozen VAE's latents, with
+v-prediction, min-SNR weighting, caption dropout (so classifier-free guidance works) and an EMA of
+the weights, which is what gets saved. The result is an ordinary diffusers folder: ``StableDiffusionXLPipeline.from_pretrained``
 runs it, and the trainer fine-tunes it.
 
 Nothing depends on the total number of steps (constant learning rate after a fixed warm-up, the EMA's
@@ -40,18 +39,22 @@ WORLD_MODEL = dict(block_out_channels=(32, 64, 128), text_hidden=64, text_layers
 WARMUP_STEPS = 200
 
 
-def render_dataset(count: int, size: int, seed: int, workers: int = 1):
-    """``count`` scenes and their pixels (uint8, N×3×size×size); identical for any number of workers."""
-    scene_list = scenes(count, seed=seed)
+def render_all(draw, calls: list[tuple], workers: int = 1) -> torch.Tensor:
+    """``draw(*call)`` for each call, as uint8 pixels N×3×H×W; identical for any number of workers."""
     if workers > 1:
         from concurrent.futures import ProcessPoolExecutor
 
         with ProcessPoolExecutor(workers) as pool:
-            images = list(pool.map(render, scene_list, [size] * count, chunksize=512))
+            images = list(pool.map(draw, *zip(*calls), chunksize=512))
     else:
-        images = [render(s, size) for s in scene_list]
-    pixels = torch.from_numpy(np.stack([np.asarray(image) for image in images])).permute(0, 3, 1, 2).contiguous()
-    return scene_list, pixels
+        images = [draw(*call) for call in calls]
+    return torch.from_numpy(np.stack([np.asarray(image) for image in images])).permute(0, 3, 1, 2).contiguous()
+
+
+def render_dataset(count: int, size: int, seed: int, workers: int = 1):
+    """``count`` scenes and their pixels (uint8, N×3×size×size)."""
+    scene_list = scenes(count, seed=seed)
+    return scene_list, render_all(render, [(s, size) for s in scene_list], workers)
 
 
 def codec_image(index: int, size: int, seed: int):
@@ -63,7 +66,7 @@ def codec_image(index: int, size: int, seed: int):
     """
     from PIL import Image, ImageDraw
 
-    from .toy_world import SHAPES, _polygon
+    from .toy_world import SHAPES, draw_shape
 
     rng = random.Random(seed * 1_000_003 + 900_000_000 + index)
     big = size * 4
@@ -90,24 +93,9 @@ def codec_image(index: int, size: int, seed: int):
                 if (i + j) % 2:
                     draw.rectangle((i * cell, j * cell, (i + 1) * cell, (j + 1) * cell), fill=second)
     mask = Image.new("L", (big, big), 0)
-    shape = rng.choice(SHAPES)
-    if shape == "circle":
-        ImageDraw.Draw(mask).ellipse((cx - r, cy - r, cx + r, cy + r), fill=255)
-    else:
-        ImageDraw.Draw(mask).polygon(_polygon(shape, cx, cy, r), fill=255)
+    draw_shape(ImageDraw.Draw(mask), rng.choice(SHAPES), cx, cy, r)
     image.paste(fill, (0, 0), mask)
     return image.resize((size, size), Image.LANCZOS)
-
-
-def render_codec_dataset(count: int, size: int, seed: int, workers: int = 1) -> torch.Tensor:
-    if workers > 1:
-        from concurrent.futures import ProcessPoolExecutor
-
-        with ProcessPoolExecutor(workers) as pool:
-            images = list(pool.map(codec_image, range(count), [size] * count, [seed] * count, chunksize=512))
-    else:
-        images = [codec_image(i, size, seed) for i in range(count)]
-    return torch.from_numpy(np.stack([np.asarray(image) for image in images])).permute(0, 3, 1, 2).contiguous()
 
 
 def to_unit_range(pixels: torch.Tensor) -> torch.Tensor:
@@ -208,15 +196,16 @@ def train_diffusion(c: dict, scene_list, latent_mean, latent_std, steps: int, ba
         index = torch.tensor([rng.randrange(len(scene_list)) for _ in range(batch_size)])
         captions = ["" if rng.random() < caption_dropout else training_caption(scene_list[i], rng) for i in index.tolist()]
         index = index.to(device)
-        latents = (latent_mean[index] + latent_std[index] * torch.randn(latent_mean[index].shape, generator=generator, device=device)) * scale  # fmt: skip
+        mean = latent_mean[index]
+        latents = (mean + latent_std[index] * torch.randn(mean.shape, generator=generator, device=device)) * scale
         embeds, pooled = encode_prompts([models["text_encoder"], models["text_encoder_2"]], tokens(captions), device)
         noise = torch.randn(latents.shape, generator=generator, device=device)
         timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (batch_size,), generator=generator, device=device)
-        a = alphas[timesteps].sqrt().view(-1, 1, 1, 1)
-        s = (1 - alphas[timesteps]).sqrt().view(-1, 1, 1, 1)
+        alpha = alphas[timesteps]
+        a, s = alpha.sqrt().view(-1, 1, 1, 1), (1 - alpha).sqrt().view(-1, 1, 1, 1)
         noisy, target = a * latents + s * noise, a * noise - s * latents  # v-prediction's target
         prediction = models["unet"](noisy, timesteps, embeds, added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
-        snr = alphas[timesteps] / (1 - alphas[timesteps])
+        snr = alpha / (1 - alpha)
         weights = torch.clamp(snr, max=snr_gamma) / (snr + 1)  # min-SNR, in its v-prediction form
         loss = (F.mse_loss(prediction.float(), target, reduction="none").mean(dim=(1, 2, 3)) * weights).mean()
         loss.backward()
@@ -309,7 +298,7 @@ def pretrain(output_dir: Path, vae_steps: int, steps: int, batch_size: int, size
     started = time.perf_counter()
     # before CUDA starts: rendering forks
     scene_list, pixels = render_dataset(dataset_size, size, seed=seed, workers=workers)
-    codec_pixels = render_codec_dataset(dataset_size // 2, size, seed=seed, workers=workers)
+    codec_pixels = render_all(codec_image, [(i, size, seed) for i in range(dataset_size // 2)], workers)
     for k in ("unet", "vae", "text_encoder", "text_encoder_2"):
         c[k].to(device)
     pixels = pixels.to(device)

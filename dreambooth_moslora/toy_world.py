@@ -1,7 +1,7 @@
 """A small synthetic world of captioned images, generated deterministically.
 
 Plain shapes in named colours on named backgrounds, at varied sizes and places: "a red circle on a
-black background". A tiny SDXL-architecture model pretrained on it (next step) gives the project a
+black background". A small SDXL-architecture model pretrained on it (assets/toy-sdxl) gives the project a
 world where personalization can be seen and measured on a CPU. Every word the captions use, and
 every attribute an evaluation reads back, is defined here and nowhere else.
 
@@ -87,17 +87,20 @@ def _polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, fl
     raise ValueError(f"unknown shape {shape!r}")
 
 
+def draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, fill=255) -> None:
+    """One of SHAPES centred at (cx, cy), r being its half-size, drawn onto ``draw`` (usually a mask's)."""
+    if shape == "circle":
+        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
+    else:
+        draw.polygon(_polygon(shape, cx, cy, r), fill=fill)
+
+
 def render(scene: Scene, size: int = 32, supersample: int = 4) -> Image.Image:
     """The scene as an RGB image, drawn large and downsampled so that edges are smooth."""
     big = size * supersample
     image = Image.new("RGB", (big, big), BACKGROUNDS[scene.background])
     mask = Image.new("L", (big, big), 0)
-    draw = ImageDraw.Draw(mask)
-    cx, cy, r = scene.center[0] * big, scene.center[1] * big, scene.radius * big
-    if scene.shape == "circle":
-        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=255)
-    else:
-        draw.polygon(_polygon(scene.shape, cx, cy, r), fill=255)
+    draw_shape(ImageDraw.Draw(mask), scene.shape, scene.center[0] * big, scene.center[1] * big, scene.radius * big)
     fill = Image.new("RGB", (big, big), SUBJECT_RGB if scene.is_subject else COLOURS[scene.colour])
     image.paste(fill, (0, 0), mask)
     return image.resize((size, size), Image.LANCZOS)

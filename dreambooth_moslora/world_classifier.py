@@ -66,11 +66,7 @@ def to_tensor(images) -> torch.Tensor:
 
 
 def labels(scene_list: list[Scene]) -> dict[str, torch.Tensor]:
-    return {
-        "shape": torch.tensor([HEADS["shape"].index(s.shape) for s in scene_list]),
-        "colour": torch.tensor([HEADS["colour"].index(s.colour) for s in scene_list]),
-        "background": torch.tensor([HEADS["background"].index(s.background) for s in scene_list]),
-    }
+    return {name: torch.tensor([values.index(getattr(s, name)) for s in scene_list]) for name, values in HEADS.items()}
 
 
 def classifier_scenes(count: int, seed: int) -> list[Scene]:

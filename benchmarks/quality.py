@@ -1,11 +1,15 @@
 """Plain LoRA vs MoSLoRA, on the pretrained toy world: does the learned mixer personalize better?
 
-    python benchmarks/quality.py                 # 4 variants × 5 seeds (about 25 minutes on 2 CPU cores)
+    python benchmarks/quality.py                 # 4 variants × 5 seeds (about 30 minutes on 2 CPU cores)
     python benchmarks/quality.py --quick         # 4 variants × 2 seeds, short runs (a few minutes)
+    python benchmarks/quality.py --variants lora,moslora-kaiming --learning_rate 6e-3 --text_encoder_lr 6e-3 \
+        --output_dir outputs/quality-lr6e-3      # the same at another learning rate
 
 Every variant trains a DreamBooth adapter on the same subject (the purple circle in assets/subject)
-with the same rank, α, learning rate, steps, data and seeds, through train_dreambooth.py's own code;
-only the mixer differs:
+with the same rank, α, learning rate, steps, data and seeds, through train_dreambooth.py's own code,
+at the demo's settings: prior preservation on 20 images of "a circle" made by the base model, and
+adapters on the UNet and both text encoders (--no-with_prior_preservation and
+--no-train_text_encoder turn either off). Only the mixer differs:
 
   lora                 --mixer none                 (plain LoRA through the same layer)
   moslora-kaiming      --mixer learned --mixer_init kaiming      (the paper's choice)
@@ -52,7 +56,7 @@ METRICS = ("subject", "prompt", "class_kept")
 def settings(quick: bool) -> dict:
     if quick:
         return dict(seeds=2, steps=40, eval_every=20, images_per_prompt=2, sample_steps=10)
-    return dict(seeds=5, steps=250, eval_every=125, images_per_prompt=8, sample_steps=20)
+    return dict(seeds=5, steps=300, eval_every=150, images_per_prompt=8, sample_steps=20)
 
 
 def prompts(images_per_prompt: int):
@@ -79,12 +83,14 @@ def measure(pipe, classifier, subject_prompts, class_prompts, sample_steps: int,
     }
 
 
-def train_one(out: Path, variant: str, seed: int, s: dict, lr: float, rank: int, alpha: float, prior: bool, class_dir: Path):
+def train_one(out: Path, variant: str, seed: int, s: dict, args, class_dir: Path):
     from dreambooth_moslora.demo import toy_dreambooth_argv
     from dreambooth_moslora.options import parse_args
     from dreambooth_moslora.training import train
 
-    argv = toy_dreambooth_argv(ROOT / "assets" / "subject", out, s["steps"], lr, rank, alpha, seed, class_dir if prior else None)
+    argv = toy_dreambooth_argv(ROOT / "assets" / "subject", out, s["steps"], args.learning_rate, args.rank, args.lora_alpha, seed,
+                               class_dir if args.with_prior_preservation else None,
+                               args.text_encoder_lr if args.train_text_encoder else None)  # fmt: skip
     train(parse_args([*argv, *VARIANTS[variant], "--checkpointing_steps", str(s["eval_every"]), "--output_formats", "native"]))
 
 
@@ -147,7 +153,11 @@ def main(argv=None) -> int:
     parser.add_argument("--learning_rate", type=float, default=3e-3)
     parser.add_argument("--rank", type=int, default=4)
     parser.add_argument("--lora_alpha", type=float, default=8.0)
-    parser.add_argument("--with_prior_preservation", action="store_true")
+    parser.add_argument("--with_prior_preservation", action=argparse.BooleanOptionalAction, default=True,
+                        help="train on the base model's images of 'a circle' too (the demo's setting)")
+    parser.add_argument("--train_text_encoder", action=argparse.BooleanOptionalAction, default=True,
+                        help="adapters on both text encoders too (the demo's setting)")
+    parser.add_argument("--text_encoder_lr", type=float, default=3e-3)
     parser.add_argument("--output_dir", type=Path, default=ROOT / "outputs" / "quality")
     args = parser.parse_args(argv)
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
@@ -166,7 +176,7 @@ def main(argv=None) -> int:
     import torch  # noqa: F401
     from diffusers import StableDiffusionXLPipeline
 
-    from dreambooth_moslora.demo import CLASSIFIER_FILE, WORLD_MODEL_DIR
+    from dreambooth_moslora.demo import CLASSIFIER_FILE, WORLD_MODEL_DIR, write_class_images
     from dreambooth_moslora.inference import load_adapter, unload_adapter
     from dreambooth_moslora.world_classifier import load_classifier
 
@@ -176,6 +186,8 @@ def main(argv=None) -> int:
     classifier, _ = load_classifier(CLASSIFIER_FILE)
     pipe = StableDiffusionXLPipeline.from_pretrained(WORLD_MODEL_DIR)
     pipe.set_progress_bar_config(disable=True)
+    if args.with_prior_preservation:  # the demo's captioned class images, made once for every run
+        write_class_images(pipe, out_root / "class_images")
     subject_prompts, class_prompts = prompts(s["images_per_prompt"])
     eval_seed = 1_000  # the same starting noise for every variant, seed and step
     base = measure(pipe, classifier, subject_prompts, class_prompts, s["sample_steps"], eval_seed)
@@ -188,8 +200,7 @@ def main(argv=None) -> int:
             out = out_root / variant / f"seed{seed}"
             shutil.rmtree(out, ignore_errors=True)  # an earlier run's checkpoints and loss.csv would mix in
             run_started = time.perf_counter()
-            train_one(out, variant, seed, s, args.learning_rate, args.rank, args.lora_alpha, args.with_prior_preservation,
-                      out_root / "class_images")  # fmt: skip
+            train_one(out, variant, seed, s, args, out_root / "class_images")
             for step, path in adapter_files(out, s["steps"]).items():
                 load_adapter(pipe, path)
                 m = measure(pipe, classifier, subject_prompts, class_prompts, s["sample_steps"], eval_seed)
@@ -214,7 +225,8 @@ def main(argv=None) -> int:
     seconds = time.perf_counter() - started
     print(f"\n{seconds / 60:.1f} minutes")
     record = {"settings": {**s, "learning_rate": args.learning_rate, "rank": args.rank, "lora_alpha": args.lora_alpha,
-                           "with_prior_preservation": args.with_prior_preservation},
+                           "with_prior_preservation": args.with_prior_preservation,
+                           "text_encoder_lr": args.text_encoder_lr if args.train_text_encoder else None},
               "base": base, "summary": summary, "results": results, "seconds": round(seconds, 1)}  # fmt: skip
     (out_root / "results.json").write_text(json.dumps(record, indent=1))
     plot(results, base, out_root / "quality.png")

@@ -29,8 +29,8 @@ sys.path.insert(0, str(ROOT))
 def job_argv(model: Path, subject: Path, class_dir: Path, out: Path, steps: int, mixer: str, extra=()) -> list[str]:
     return [
         "--pretrained_model_name_or_path", str(model), "--instance_data_dir", str(subject),
-        "--instance_prompt", "a photo of sks ball", "--caption_extension", ".txt",
-        "--with_prior_preservation", "--class_prompt", "a photo of ball", "--class_data_dir", str(class_dir),
+        "--instance_prompt", "a sks circle", "--caption_extension", ".txt",
+        "--with_prior_preservation", "--class_prompt", "a circle", "--class_data_dir", str(class_dir),
         "--num_class_images", "8", "--class_inference_steps", "10", "--resolution", "64", "--train_batch_size", "2",
         "--max_train_steps", str(steps), "--rank", "4", "--mixer", mixer, "--learning_rate", "1e-4",
         "--checkpointing_steps", str(10**9), "--report_to", "none", "--output_formats", "native",
@@ -84,7 +84,7 @@ def breakdown(model: Path, subject: Path, class_dir: Path, steps: int, mixer: st
     optimizer = make_optimizer(argparse.Namespace(optimizer="adamw", use_8bit_adam=False, adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8), [{"params": params, "lr": 1e-4}])
     instance, _ = scan_images(subject)
     classes, _ = scan_images(class_dir)
-    ds = DreamBoothDataset(instance, "a photo of sks ball", 64, classes[:8], "a photo of ball", ".txt")
+    ds = DreamBoothDataset(instance, "a sks circle", 64, classes[:8], "a circle", ".txt")
     batches = epoch_batches(ds, 2, 0, 0)
     parts = {k: [] for k in ("data", "vae", "text encoders", "unet forward", "backward", "optimizer")}
 
@@ -118,8 +118,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     os.environ["HF_HUB_OFFLINE"] = "1"
-    from dreambooth_moslora.synthetic import write_subject
     from dreambooth_moslora.tiny_sdxl import save_tiny_sdxl
+    from dreambooth_moslora.toy_world import write_subject
     from dreambooth_moslora.training import quiet_libraries
 
     quiet_libraries()
@@ -127,7 +127,7 @@ def main(argv=None):
         tmp = Path(tmp)
         model = save_tiny_sdxl(tmp / "tiny-sdxl")
         subject = tmp / "subject"
-        write_subject(subject)
+        write_subject(subject, size=64)
         class_dir = tmp / "class"
         # one short run first: it generates the class images every later run shares, and warms the disk cache
         run_job(job_argv(model, subject, class_dir, tmp / "warm", 2, "learned"))

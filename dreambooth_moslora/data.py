@@ -214,7 +214,8 @@ class DreamBoothDataset(torch.utils.data.Dataset):
         self.instance_images = list(instance_images)
         self.captions = [read_caption(p, caption_extension, instance_prompt) for p in self.instance_images]
         self.class_images = list(class_images or [])
-        self.class_prompt = class_prompt
+        # Class images may carry captions too (the same extension); the class prompt is the fallback.
+        self.class_captions = [read_caption(p, caption_extension, class_prompt) for p in self.class_images]
         self.center_crop, self.random_flip, self.seed = center_crop, random_flip, seed
         self.buckets = make_buckets(resolution, bucket_step) if aspect_ratio_buckets else [(resolution, resolution)]
         # Sizes come from the headers alone; the pixels are read when an item is asked for.
@@ -237,7 +238,7 @@ class DreamBoothDataset(torch.utils.data.Dataset):
         i = index % len(paths)
         generator = seeded_generator(self.seed, epoch, 0 if kind == "instance" else 1, index)
         pixels, crop = prepare(load_image(paths[i]), bucket, self.center_crop, self.random_flip, generator)
-        caption = self.captions[i] if kind == "instance" else self.class_prompt
+        caption = (self.captions if kind == "instance" else self.class_captions)[i]
         return Example(pixels, sizes[i], crop, caption)
 
     def __getitem__(self, item: tuple[int, int]) -> dict:

@@ -17,7 +17,7 @@ import torch
 
 DEFAULT_WORDS = (
     "a an the photo picture painting drawing of in on at with and sks dog cat person man woman toy "
-    "red green blue yellow black white beach forest city snow park room background style portrait ball striped"
+    "red green blue yellow black white beach forest city snow park room background style portrait circle gray"
 ).split()
 
 SDXL_BASE_ID = "stabilityai/stable-diffusion-xl-base-1.0"

@@ -119,6 +119,9 @@ def train(args) -> Path:
     if args.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
     main = accelerator.is_main_process
+    # Progress bars on the main process, unless tqdm's own TQDM_DISABLE says otherwise (an explicit
+    # disable= argument would override it).
+    show_bars = main and os.environ.get("TQDM_DISABLE", "").lower() in ("", "0", "false")
     model_path, revision, variant = args.pretrained_model_name_or_path, args.revision, args.variant
 
     # 1. Data first: a bad folder fails before any model is loaded.
@@ -136,7 +139,7 @@ def train(args) -> Path:
             missing = args.num_class_images - len(existing)
             if missing > 0:
                 logger.info("generating %d class image(s) of %r into %s", missing, args.class_prompt, args.class_data_dir)
-                bar = tqdm(total=missing, desc="class images", disable=not main)
+                bar = tqdm(total=missing, desc="class images", disable=not show_bars)
 
                 def base_pipeline():
                     pipe = StableDiffusionXLPipeline.from_pretrained(model_path, revision=revision, variant=variant)
@@ -206,7 +209,7 @@ def train(args) -> Path:
     )  # fmt: skip
     prompt_cache = None
     if not args.train_text_encoder:
-        captions = sorted(set(dataset.captions) | ({args.class_prompt} if class_images else set()))
+        captions = sorted(set(dataset.captions) | set(dataset.class_captions))
         with torch.no_grad():
             embeds, pooled = encode_prompts(text_encoders, tokenize(tokenizers, captions), accelerator.device)
         prompt_cache = {c: (embeds[i], pooled[i]) for i, c in enumerate(captions)}
@@ -279,7 +282,7 @@ def train(args) -> Path:
 
     # 7. The loop.
     models = Models(unet, vae, vae_config, text_encoders, tokenizers, noise_scheduler, prompt_cache, weight_dtype, accelerator.device)
-    progress = tqdm(total=max_steps, initial=global_step, desc="steps", disable=not main)
+    progress = tqdm(total=max_steps, initial=global_step, desc="steps", disable=not show_bars)
     last_loss, started = float("nan"), time.perf_counter()
     # One line per optimizer step, appended (a resumed run continues the file; a later line for a
     # step replaces an earlier one): the loss curve, without tensorboard.

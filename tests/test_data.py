@@ -19,8 +19,8 @@ from dreambooth_moslora.data import (
     nearest_bucket,
     scan_images,
 )
-from dreambooth_moslora.synthetic import write_subject
 from dreambooth_moslora.tiny_sdxl import build_tiny_sdxl
+from dreambooth_moslora.toy_world import write_subject
 
 
 def gradient(width, height):
@@ -93,10 +93,10 @@ def test_scan_skips_bad_files_with_reasons(tmp_path):
     (tmp_path / "empty.png").write_bytes(b"")
     (tmp_path / "notes.pdf").write_bytes(b"%PDF-1.4")
     (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 definitely not a jpeg")
-    good = tmp_path / "sks_ball_0.png"
+    good = tmp_path / "sks_circle_0.png"
     (tmp_path / "truncated.png").write_bytes(good.read_bytes()[:200])
     usable, skipped = scan_images(tmp_path)
-    assert [p.name for p in usable] == ["sks_ball_0.png", "sks_ball_1.png"]
+    assert [p.name for p in usable] == ["sks_circle_0.png", "sks_circle_1.png"]
     reasons = dict(s.split(": ", 1) for s in skipped)
     assert reasons["empty.png"] == "empty file"
     assert reasons["notes.pdf"] == "not an image file"
@@ -108,24 +108,42 @@ def test_scan_skips_bad_files_with_reasons(tmp_path):
 
 def test_dataset_captions_conditioning_and_upscale_warning(tmp_path, caplog):
     paths = write_subject(tmp_path / "inst", count=3, size=48)
-    (tmp_path / "inst" / "sks_ball_2.txt").unlink()  # falls back to the instance prompt
+    (tmp_path / "inst" / "sks_circle_2.txt").unlink()  # falls back to the instance prompt
     class_dir = tmp_path / "cls"
     class_dir.mkdir()
     Image.fromarray(gradient(96, 64)).save(class_dir / "00000-a.png")
     with caplog.at_level(logging.WARNING):
-        ds = DreamBoothDataset(paths, "a photo of sks ball", 64, [class_dir / "00000-a.png"], "a photo of ball",
+        ds = DreamBoothDataset(paths, "a sks circle", 64, [class_dir / "00000-a.png"], "a circle",
                                caption_extension=".txt", center_crop=True)  # fmt: skip
     assert "upscaling 3 image(s) smaller than 64 px" in caplog.text
     batch = collate([ds[(0, i)] for i in range(3)])
     assert batch["pixels"].shape == (6, 3, 64, 64) and batch["num_instance"] == 3
     assert -1.0 <= batch["pixels"].min() and batch["pixels"].max() <= 1.0
     assert batch["captions"][:3] == [
-        "a photo of sks ball on a white background", "a photo of sks ball on a blue background", "a photo of sks ball",
+        "a sks circle on a black background", "a sks circle on a white background", "a sks circle",
     ]  # fmt: skip
-    assert batch["captions"][3:] == ["a photo of ball"] * 3
+    assert batch["captions"][3:] == ["a circle"] * 3
     # each example carries its own original size and crop: the class image is 64×96, centre-cropped
     assert batch["original_sizes"][0] == (48, 48) and batch["original_sizes"][3] == (64, 96)
     assert batch["crops_top_left"][0] == (0, 0) and batch["crops_top_left"][3] == (0, 16)
+
+
+def test_class_images_use_their_own_captions_when_they_have_them(tmp_path):
+    """Captioned regularization images keep their captions; the class prompt covers the others."""
+    paths = write_subject(tmp_path / "inst", count=2)
+    class_dir = tmp_path / "cls"
+    class_dir.mkdir()
+    for name in ("00000-a", "00001-b"):
+        Image.fromarray(gradient(32, 32)).save(class_dir / f"{name}.png")
+    (class_dir / "00000-a.txt").write_text("a circle on a  gray background\n")
+    classes = sorted(class_dir.glob("*.png"))
+    ds = DreamBoothDataset(paths, "a sks circle", 32, classes, "a circle", caption_extension=".txt")
+    assert ds.class_captions == ["a circle on a gray background", "a circle"]
+    batch = collate([ds[(0, i)] for i in range(2)])
+    assert batch["captions"][2:] == ["a circle on a gray background", "a circle"]
+    # without a caption extension every class image is the class prompt, as in diffusers' script
+    plain = DreamBoothDataset(paths, "a sks circle", 32, classes, "a circle")
+    assert plain.class_captions == ["a circle", "a circle"]
 
 
 def test_random_crop_and_flip_are_a_function_of_seed_epoch_and_index(tmp_path):
@@ -164,14 +182,14 @@ def test_class_image_generation_resumes_with_the_same_images(tmp_path):
         return pipe
 
     folder = tmp_path / "class"
-    assert generate_class_images(factory, folder, "a photo of ball", 3, 2, seed=0, resolution=32, num_inference_steps=2) == 3
+    assert generate_class_images(factory, folder, "a circle", 3, 2, seed=0, resolution=32, num_inference_steps=2) == 3
     first = sorted(p.name for p in folder.iterdir())
     assert len(first) == 3 and all(p.endswith(".png") for p in first)
     removed = np.asarray(Image.open(folder / first[1]), dtype=int)
     (folder / first[1]).unlink()  # as if generation had been interrupted there
-    assert generate_class_images(factory, folder, "a photo of ball", 3, 2, seed=0, resolution=32, num_inference_steps=2) == 1
+    assert generate_class_images(factory, folder, "a circle", 3, 2, seed=0, resolution=32, num_inference_steps=2) == 1
     again = sorted(folder.iterdir())
     assert [p.name for p in again][::2] == first[::2] and again[1].name.startswith("00001-")
     # the same seed gives the same image; batched alone rather than in a pair, pixels may differ by rounding
     assert np.abs(np.asarray(Image.open(again[1]), dtype=int) - removed).max() <= 2
-    assert generate_class_images(factory, folder, "a photo of ball", 3, 2, seed=0, resolution=32) == 0
+    assert generate_class_images(factory, folder, "a circle", 3, 2, seed=0, resolution=32) == 0

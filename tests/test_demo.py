@@ -10,7 +10,8 @@ from dreambooth_moslora.demo import main
 
 
 def test_demo_trains_offline_writes_adapters_and_the_subject_appears(tmp_path, capsys):
-    """The README's main job at its default settings: the adapter draws the subject the base model cannot."""
+    """The README's main job at its default settings (prior preservation, text-encoder adapters): the adapter
+    draws the subject the base model cannot, and plain class prompts still draw the class."""
     assert main(["--output_dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     for name in FILE_NAMES.values():
@@ -18,10 +19,13 @@ def test_demo_trains_offline_writes_adapters_and_the_subject_appears(tmp_path, c
     assert (tmp_path / "adapter" / "README.md").is_file()
     assert "MISMATCH" not in out and out.count(" ok") == 8
     grid = Image.open(tmp_path / "samples.png")
-    assert grid.size == (8 * 96, 2 * (96 + 14))
+    assert grid.size == (8 * 96, 3 * (96 + 14))
     found = re.search(r"subject \(a purple circle\) in (\d+) of 8 images with the adapter, (\d+) of 8 without", out)
     with_adapter, without = int(found.group(1)), int(found.group(2))
     assert with_adapter >= 4 and without == 0, out
+    # prior preservation: with the adapter, plain "a circle" prompts still draw ordinary circles
+    kept = int(re.search(r"an ordinary circle \(not the subject\) in (\d+) of 8 'a circle' images", out).group(1))
+    assert kept >= 4, out
 
 
 def test_demo_bad_setting_is_one_line(tmp_path, capsys):
@@ -30,3 +34,16 @@ def test_demo_bad_setting_is_one_line(tmp_path, capsys):
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].endswith("--rank and --max_train_steps must be at least 1")
+
+
+def test_class_images_are_kept_and_strays_removed(tmp_path):
+    """The demo's class folder: made images with captions are reused (no pipeline needed); anything
+    else in it would be counted as a class image by the trainer, so it goes."""
+    from dreambooth_moslora.demo import NUM_CLASS_IMAGES, write_class_images
+
+    for i in range(NUM_CLASS_IMAGES):
+        Image.new("RGB", (32, 32)).save(tmp_path / f"{i:05d}.png")
+        (tmp_path / f"{i:05d}.txt").write_text("a circle on a gray background\n")
+    Image.new("RGB", (32, 32)).save(tmp_path / "00000-0123456789.png")  # an older demo's uncaptioned image
+    paths = write_class_images(None, tmp_path)
+    assert sorted(tmp_path.glob("*.png")) == paths and len(paths) == NUM_CLASS_IMAGES

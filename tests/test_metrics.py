@@ -10,8 +10,8 @@ from PIL import Image
 
 from dreambooth_moslora import AdapterConfig, inject_components, pipeline_components, save_adapter
 from dreambooth_moslora.metrics import ClipScorer, DinoScorer, main, prompt_fidelity, subject_fidelity
-from dreambooth_moslora.synthetic import write_subject
 from dreambooth_moslora.tiny_sdxl import build_tiny_sdxl, build_tokenizer, save_tiny_sdxl
+from dreambooth_moslora.toy_world import write_subject
 
 from .conftest import randomize_adapter_
 
@@ -61,7 +61,7 @@ def test_identical_images_score_one_and_others_less(scorers, name):
 
 def test_clip_t_is_the_cosine_of_image_and_prompt(scorers):
     clip = scorers["clip"]
-    images, prompts = [picture(3), picture(4)], ["a photo of sks dog", "a red ball"]
+    images, prompts = [picture(3), picture(4)], ["a photo of sks dog", "a red circle"]
     expected = []
     with torch.no_grad():
         for image, prompt in zip(images, prompts):
@@ -84,8 +84,8 @@ def test_the_command_scores_base_and_adapter(scorers, tmp_path, capsys):
     inject_components(components, AdapterConfig(rank=4))
     randomize_adapter_(components, std=0.2)
     adapter = save_adapter(tmp_path / "adapter", components, formats=["diffusers"])["diffusers"]
-    write_subject(tmp_path / "subject", count=2)
-    (tmp_path / "prompts.txt").write_text("a photo of sks ball on a green background\n\na photo of sks ball\n")
+    write_subject(tmp_path / "subject", count=2, size=64)
+    (tmp_path / "prompts.txt").write_text("a sks circle on a gray background\n\na sks circle\n")
     code = main([
         "--pretrained_model_name_or_path", str(model), "--adapter", str(adapter), "--instance_data_dir",
         str(tmp_path / "subject"), "--prompts", str(tmp_path / "prompts.txt"), "--images_per_prompt", "2",

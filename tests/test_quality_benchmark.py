@@ -21,6 +21,9 @@ def test_quick_benchmark_runs_every_variant_and_reports(tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     record = json.loads((out / "results.json").read_text())
     assert list(record["summary"]) == VARIANTS
+    # the demo's setting: prior preservation on captioned class images, text-encoder adapters
+    assert record["settings"]["with_prior_preservation"] and record["settings"]["text_encoder_lr"] == 3e-3
+    assert len(list((out / "class_images").glob("*.txt"))) == len(list((out / "class_images").glob("*.png"))) == 20
     for variant in VARIANTS:
         by_step = record["results"][variant]["by_step"]
         assert sorted(int(s) for s in by_step) == [20, 40]  # a checkpoint halfway, and the end

@@ -16,14 +16,14 @@ from safetensors.torch import load_file
 from dreambooth_moslora import AdapterConfig, inject_components, load_adapter
 from dreambooth_moslora.formats import read_safetensors
 from dreambooth_moslora.inference import max_abs_diff, sdxl_forward
-from dreambooth_moslora.synthetic import write_subject
 from dreambooth_moslora.tiny_sdxl import save_tiny_sdxl
+from dreambooth_moslora.toy_world import write_subject
 from dreambooth_moslora.training import main
 
 from .helpers import denoising_loss
 
 ROOT = Path(__file__).resolve().parents[1]
-PROMPT = "a photo of sks ball"
+PROMPT = "a sks circle"
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +31,7 @@ def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("world")
     model = save_tiny_sdxl(root / "tiny-sdxl", seed=0)
     subject = root / "subject"
-    write_subject(subject, count=5)
+    write_subject(subject, count=5, size=64)
     return {"model": model, "subject": subject, "root": root}
 
 
@@ -59,10 +59,10 @@ def captions(world):
 
 def test_prior_preservation_run_learns_and_writes_everything(world, tmp_path):
     out = tmp_path / "out"
-    code = main(argv(world, out, "--with_prior_preservation", "--class_prompt", "a photo of ball",
+    code = main(argv(world, out, "--with_prior_preservation", "--class_prompt", "a circle",
                      "--num_class_images", "4", "--class_inference_steps", "2", "--learning_rate", "1e-2",
                      "--checkpointing_steps", "10", "--checkpoints_total_limit", "1",
-                     "--validation_prompt", "a photo of sks ball on a green background", "--num_validation_images", "2",
+                     "--validation_prompt", "a sks circle on a gray background", "--num_validation_images", "2",
                      "--num_validation_inference_steps", "2", steps=30))  # fmt: skip
     assert code == 0
     assert len(list((out / "class_images").glob("*.png"))) == 4
@@ -85,7 +85,7 @@ def test_prior_preservation_run_learns_and_writes_everything(world, tmp_path):
     _, kohya_meta = read_safetensors(out / "pytorch_lora_weights_kohya.safetensors")
     assert kohya_meta["ss_max_train_steps"] == "30" and kohya_meta["ss_num_train_images"] == "5"
     card = (out / "README.md").read_text()
-    assert f"base_model: {world['model']}" in card and "instance_prompt: a photo of sks ball" in card
+    assert f"base_model: {world['model']}" in card and "instance_prompt: a sks circle" in card
     assert "| mixer | learned |" in card and 'load_lora_weights' in card
 
     # the adapter learned the subject: lower denoising error on its images than the base model
@@ -199,7 +199,7 @@ def test_unusable_instance_folders(world, tmp_path, capsys, setup, message):
 
 def test_bad_files_among_good_ones_are_skipped_with_one_warning(world, tmp_path, caplog):
     folder = tmp_path / "instance"
-    write_subject(folder, count=2)
+    write_subject(folder, count=2, size=64)
     (folder / "zero.jpg").write_bytes(b"")
     (folder / "readme.md").write_text("hello")
     args = argv(world, tmp_path / "out", "--output_formats", "diffusers", steps=2)
@@ -251,7 +251,7 @@ def test_two_processes_on_cpu(world, tmp_path):
     out = tmp_path / "out"
     process = _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
                     str(ROOT / "train_dreambooth.py"),
-                    *argv(world, out, "--with_prior_preservation", "--class_prompt", "a photo of ball",
+                    *argv(world, out, "--with_prior_preservation", "--class_prompt", "a circle",
                           "--num_class_images", "2", "--class_inference_steps", "2", "--checkpointing_steps", "2",
                           steps=4)])  # fmt: skip
     output = process.communicate(timeout=600)[0]
@@ -285,7 +285,7 @@ def test_aspect_ratio_buckets_accumulation_and_bf16(world, tmp_path):
 
     folder = tmp_path / "instance"
     folder.mkdir()
-    source = Image.open(world["subject"] / "sks_ball_0.png")
+    source = Image.open(world["subject"] / "sks_circle_0.png")
     for i, size in enumerate([(64, 64), (96, 48), (48, 96), (100, 50)]):
         source.resize(size).save(folder / f"{i}.png")
     args = argv(world, tmp_path / "out", "--aspect_ratio_buckets", "--gradient_accumulation_steps", "2",

@@ -60,17 +60,16 @@ def settings(quick: bool) -> dict:
 
 
 def prompts(images_per_prompt: int):
-    from dreambooth_moslora.toy_world import BACKGROUNDS, INSTANCE_BACKGROUNDS, SUBJECT_CLASS, SUBJECT_PROMPT
+    from dreambooth_moslora.demo import NEW_BACKGROUNDS
+    from dreambooth_moslora.toy_world import BACKGROUNDS, CLASS_PROMPT, SUBJECT_PROMPT
 
-    new = [bg for bg in BACKGROUNDS if bg not in INSTANCE_BACKGROUNDS]
-    subject = [(f"{SUBJECT_PROMPT} on a {bg} background", bg) for bg in new for _ in range(images_per_prompt)]
-    klass = [(f"a {SUBJECT_CLASS} on a {bg} background", bg) for bg in BACKGROUNDS for _ in range(max(1, images_per_prompt // 2))]
+    subject = [(f"{SUBJECT_PROMPT} on a {bg} background", bg) for bg in NEW_BACKGROUNDS for _ in range(images_per_prompt)]
+    klass = [(f"{CLASS_PROMPT} on a {bg} background", bg) for bg in BACKGROUNDS for _ in range(max(1, images_per_prompt // 2))]
     return subject, klass
 
 
 def measure(pipe, classifier, subject_prompts, class_prompts, sample_steps: int, seed: int) -> dict:
-    from dreambooth_moslora.demo import shows_subject
-    from dreambooth_moslora.toy_world import SUBJECT_CLASS, SUBJECT_COLOUR
+    from dreambooth_moslora.demo import shows_ordinary_member, shows_subject
     from dreambooth_moslora.world_classifier import classify, generate
 
     texts = [p for p, _ in subject_prompts] + [p for p, _ in class_prompts]
@@ -79,7 +78,7 @@ def measure(pipe, classifier, subject_prompts, class_prompts, sample_steps: int,
     return {
         "subject": sum(map(shows_subject, mine)) / len(mine),
         "prompt": sum(f["background"] == bg for f, (_, bg) in zip(mine, subject_prompts)) / len(mine),
-        "class_kept": sum(f["shape"] == SUBJECT_CLASS and f["colour"] != SUBJECT_COLOUR for f in theirs) / len(theirs),
+        "class_kept": sum(map(shows_ordinary_member, theirs)) / len(theirs),
     }
 
 

@@ -305,14 +305,15 @@ def generate_class_images(
         ).images
         for i, image in zip(indices, images):
             digest = hashlib.sha1(image.tobytes()).hexdigest()[:10]
-            _atomic_save(image, class_dir / f"{i:05d}-{digest}.png")
+            save_png_atomically(image, class_dir / f"{i:05d}-{digest}.png")
             made += 1
         if progress is not None:
             progress.update(len(indices))
     return made
 
 
-def _atomic_save(image: Image.Image, path: Path) -> None:
+def save_png_atomically(image: Image.Image, path: Path) -> None:
+    """A crash leaves no half-written PNG under ``path``."""
     tmp = path.parent / f".tmp-{path.name}"
     try:
         image.save(tmp, format="PNG")

@@ -19,11 +19,10 @@ import sys
 import time
 from pathlib import Path
 
-import torch
 from PIL import Image, ImageDraw
 
 from .adapter import MIXER_INITS, MIXER_MODES
-from .data import DataError
+from .data import DataError, save_png_atomically
 from .errors import AdapterError
 from .formats import FILE_NAMES
 from .toy_world import BACKGROUNDS, CLASS_PROMPT, INSTANCE_BACKGROUNDS, SUBJECT_CLASS, SUBJECT_PROMPT, SUBJECT_COLOUR, write_subject
@@ -59,6 +58,11 @@ def quiet() -> None:
 
 def shows_subject(found: dict) -> bool:
     return found["shape"] == SUBJECT_CLASS and found["colour"] == SUBJECT_COLOUR
+
+
+def shows_ordinary_member(found: dict) -> bool:
+    """A member of the subject's class that is not the subject: what prior preservation keeps."""
+    return found["shape"] == SUBJECT_CLASS and not shows_subject(found)
 
 
 def toy_dreambooth_argv(subject: Path, output_dir: Path, steps: int, lr: float, rank: int, alpha: float, seed: int,
@@ -103,10 +107,8 @@ def write_class_images(pipe, folder: Path, seed: int = 0) -> list[Path]:
     if all(p.is_file() and p.with_suffix(".txt").is_file() for p in paths):
         return paths
     for path, prompt, image in zip(paths, prompts, generate(pipe, prompts, seed=seed, steps=25)):
-        tmp = path.with_name(f".tmp-{path.name}")
-        image.save(tmp, format="PNG")
         path.with_suffix(".txt").write_text(prompt + "\n")
-        tmp.replace(path)  # the image last: an image present always has its caption
+        save_png_atomically(image, path)  # the image last: an image present always has its caption
     return paths
 
 
@@ -130,14 +132,14 @@ def run(output_dir: Path, rank: int, alpha: float, mixer: str, mixer_init: str, 
     print(f"1. base model: the pretrained toy world ({WORLD_MODEL_DIR}); subject photos: {subject}")
     pipe = StableDiffusionXLPipeline.from_pretrained(WORLD_MODEL_DIR)
     pipe.set_progress_bar_config(disable=True)
-    if prior:
-        class_dir = output_dir / "class_images"
+    class_dir = output_dir / "class_images" if prior else None
+    if class_dir is not None:
         write_class_images(pipe, class_dir, seed)
         print(f"   class images for prior preservation, made by the base model: {class_dir}")
 
     adapter_dir = output_dir / "adapter"
     args = parse_args([
-        *toy_dreambooth_argv(subject, adapter_dir, steps, lr, rank, alpha, seed, class_dir if prior else None, text_encoder_lr),
+        *toy_dreambooth_argv(subject, adapter_dir, steps, lr, rank, alpha, seed, class_dir, text_encoder_lr),
         "--mixer", mixer, "--mixer_init", mixer_init, "--checkpointing_steps", str(steps),
     ])  # fmt: skip
     prior_note = f"prior preservation on {NUM_CLASS_IMAGES} images of {CLASS_PROMPT!r} on each background" if prior else "no prior preservation"
@@ -185,7 +187,7 @@ def run(output_dir: Path, rank: int, alpha: float, mixer: str, mixer_init: str, 
     rows[CLASS_PROMPT] = generate(pipe, class_prompts, seed=seed)
     read = {label: classify(classifier, images) for label, images in rows.items()}
     found = {label: sum(map(shows_subject, row)) for label, row in read.items()}
-    ordinary = sum(f["shape"] == SUBJECT_CLASS and not shows_subject(f) for f in read[CLASS_PROMPT])
+    ordinary = sum(map(shows_ordinary_member, read[CLASS_PROMPT]))
     images = [image.resize((96, 96), Image.NEAREST) for row in rows.values() for image in row]
     labels = [f"{label}: {p.split(' on a ')[1].split()[0]}" for label in rows for p in prompts]
     grid_path = output_dir / "samples.png"

@@ -13,7 +13,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: $(VENV)/.installed
-	HF_HUB_OFFLINE=1 $(VENV)/bin/python -m dreambooth_moslora.demo --output_dir outputs/demo
+	HF_HUB_OFFLINE=1 $(VENV)/bin/python -m toyworld.demo --output_dir outputs/demo
 
 test: $(VENV)/.installed
 	HF_HUB_OFFLINE=1 $(VENV)/bin/python -m pytest -q

@@ -5,7 +5,7 @@
       --instance_data_dir ./dog --instance_prompt "a photo of sks dog" \\
       --with_prior_preservation --class_prompt "a photo of dog" --rank 4 --mixer learned --output_dir ./out
 
-`python train_dreambooth.py --help` lists every option; the loop is dreambooth_moslora/training.py.
+`python train_dreambooth.py --help` lists every option; the run is dreambooth_moslora/training/loop.py.
 """
 
 import sys

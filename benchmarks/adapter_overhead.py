@@ -20,17 +20,14 @@ import argparse
 import copy
 import random
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 from diffusers.utils import logging as diffusers_logging
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from dreambooth_moslora import UNET_TARGETS, AdapterConfig, inject_adapter  # noqa: E402
-from dreambooth_moslora.tiny_sdxl import SDXL_UNET_CONFIG  # noqa: E402
+from dreambooth_moslora import UNET_TARGETS, AdapterConfig, inject_adapter
+from dreambooth_moslora.sdxl import square_time_ids
+from toyworld.tiny_sdxl import SDXL_UNET_CONFIG
 
 # SDXL's block layout (3 levels, 1/2/10 transformer layers, text_time conditioning) at a tenth of its width.
 SMALL_SDXL_SHAPED = dict(
@@ -64,7 +61,7 @@ def make_batch(config: dict, pooled_dim: int, batch: int, resolution: int, devic
         encoder_hidden_states=torch.randn(batch, 77, config["cross_attention_dim"], generator=g).to(device, dtype),
         added_cond_kwargs={
             "text_embeds": torch.randn(batch, pooled_dim, generator=g).to(device, dtype),
-            "time_ids": torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]] * batch).to(device, dtype),
+            "time_ids": square_time_ids(resolution, batch, device, dtype),
         },
         target=torch.randn(batch, 4, latent, latent, generator=g).to(device, dtype),
     )

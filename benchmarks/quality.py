@@ -40,8 +40,9 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from dreambooth_moslora.safe_files import save_image, write_text
+
+ROOT = Path(__file__).resolve().parents[1]  # outputs go under the checkout
 
 VARIANTS = {
     "lora": ["--mixer", "none"],
@@ -60,8 +61,8 @@ def settings(quick: bool) -> dict:
 
 
 def prompts(images_per_prompt: int):
-    from dreambooth_moslora.demo import NEW_BACKGROUNDS
-    from dreambooth_moslora.toy_world import BACKGROUNDS, CLASS_PROMPT, SUBJECT_PROMPT
+    from toyworld.recipe import NEW_BACKGROUNDS
+    from toyworld.world import BACKGROUNDS, CLASS_PROMPT, SUBJECT_PROMPT
 
     subject = [(f"{SUBJECT_PROMPT} on a {bg} background", bg) for bg in NEW_BACKGROUNDS for _ in range(images_per_prompt)]
     klass = [(f"{CLASS_PROMPT} on a {bg} background", bg) for bg in BACKGROUNDS for _ in range(max(1, images_per_prompt // 2))]
@@ -69,8 +70,8 @@ def prompts(images_per_prompt: int):
 
 
 def measure(pipe, classifier, subject_prompts, class_prompts, sample_steps: int, seed: int) -> dict:
-    from dreambooth_moslora.demo import shows_ordinary_member, shows_subject
-    from dreambooth_moslora.world_classifier import classify, generate
+    from toyworld.classifier import classify, generate
+    from toyworld.recipe import shows_ordinary_member, shows_subject
 
     texts = [p for p, _ in subject_prompts] + [p for p, _ in class_prompts]
     found = classify(classifier, generate(pipe, texts, seed=seed, steps=sample_steps))
@@ -83,11 +84,10 @@ def measure(pipe, classifier, subject_prompts, class_prompts, sample_steps: int,
 
 
 def train_one(out: Path, variant: str, seed: int, s: dict, args, class_dir: Path):
-    from dreambooth_moslora.demo import toy_dreambooth_argv
-    from dreambooth_moslora.options import parse_args
-    from dreambooth_moslora.training import train
+    from dreambooth_moslora.training import parse_args, train
+    from toyworld.recipe import ASSETS, toy_dreambooth_argv
 
-    argv = toy_dreambooth_argv(ROOT / "assets" / "subject", out, s["steps"], args.learning_rate, args.rank, args.lora_alpha, seed,
+    argv = toy_dreambooth_argv(ASSETS / "subject", out, s["steps"], args.learning_rate, args.rank, args.lora_alpha, seed,
                                class_dir if args.with_prior_preservation else None,
                                args.text_encoder_lr if args.train_text_encoder else None)  # fmt: skip
     train(parse_args([*argv, *VARIANTS[variant], "--checkpointing_steps", str(s["eval_every"]), "--output_formats", "native"]))
@@ -141,7 +141,7 @@ def plot(results: dict, base: dict, path: Path) -> None:
         y = h + 2 * pad + 20 * i
         draw.line([(pad, y + 6), (pad + 30, y + 6)], fill=COLOURS[name], width=3)
         draw.text((pad + 40, y), name, fill="black")
-    image.save(path)
+    save_image(image, path)
 
 
 def main(argv=None) -> int:
@@ -169,15 +169,15 @@ def main(argv=None) -> int:
     import os
 
     os.environ.setdefault("TQDM_DISABLE", "1")  # twenty progress bars would bury the table
-    from dreambooth_moslora.training import quiet_libraries
+    from dreambooth_moslora.runtime import quiet_libraries
 
     quiet_libraries()
     import torch  # noqa: F401
     from diffusers import StableDiffusionXLPipeline
 
-    from dreambooth_moslora.demo import CLASSIFIER_FILE, WORLD_MODEL_DIR, write_class_images
     from dreambooth_moslora.inference import load_adapter, unload_adapter
-    from dreambooth_moslora.world_classifier import load_classifier
+    from toyworld.classifier import load_classifier
+    from toyworld.recipe import CLASSIFIER_FILE, WORLD_MODEL_DIR, write_class_images
 
     started = time.perf_counter()
     out_root = args.output_dir
@@ -227,7 +227,7 @@ def main(argv=None) -> int:
                            "with_prior_preservation": args.with_prior_preservation,
                            "text_encoder_lr": args.text_encoder_lr if args.train_text_encoder else None},
               "base": base, "summary": summary, "results": results, "seconds": round(seconds, 1)}  # fmt: skip
-    (out_root / "results.json").write_text(json.dumps(record, indent=1))
+    write_text(out_root / "results.json", json.dumps(record, indent=1))
     plot(results, base, out_root / "quality.png")
     print(f"results: {out_root / 'results.json'}; plot: {out_root / 'quality.png'}")
     return 0

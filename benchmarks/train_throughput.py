@@ -22,8 +22,6 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 
 def job_argv(model: Path, subject: Path, class_dir: Path, out: Path, steps: int, mixer: str, extra=()) -> list[str]:
@@ -40,21 +38,20 @@ def job_argv(model: Path, subject: Path, class_dir: Path, out: Path, steps: int,
 
 RUNNER = """
 import json, resource, sys, time
-sys.path.insert(0, {root!r})
-from dreambooth_moslora.options import parse_args
-from dreambooth_moslora.training import quiet_libraries, train
+from dreambooth_moslora.runtime import quiet_libraries
+from dreambooth_moslora.training import parse_args, train
 quiet_libraries()
 args = parse_args(json.loads(sys.argv[1]))
 start = time.perf_counter()
 train(args)
 wall = time.perf_counter() - start
-print("RESULT", json.dumps({{"wall": wall, "maxrss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}}))
+print("RESULT", json.dumps({"wall": wall, "maxrss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """
 
 
 def run_job(argv: list[str]) -> dict:
     env = dict(os.environ, HF_HUB_OFFLINE="1")
-    out = subprocess.run([sys.executable, "-c", RUNNER.format(root=str(ROOT)), json.dumps(argv)], env=env,
+    out = subprocess.run([sys.executable, "-c", RUNNER, json.dumps(argv)], env=env,
                          capture_output=True, text=True)  # fmt: skip
     lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
     if out.returncode != 0 or not lines:
@@ -69,8 +66,9 @@ def breakdown(model: Path, subject: Path, class_dir: Path, steps: int, mixer: st
     from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
 
     from dreambooth_moslora import AdapterConfig, inject_components
-    from dreambooth_moslora.data import DreamBoothDataset, collate, epoch_batches, scan_images
-    from dreambooth_moslora.training import encode_prompts, make_optimizer, tokenize
+    from dreambooth_moslora.sdxl import encode_prompts, square_time_ids, tokenize, unet_prediction
+    from dreambooth_moslora.training.data import DreamBoothDataset, collate, epoch_batches, scan_images
+    from dreambooth_moslora.training.models import make_optimizer
 
     unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet")
     vae = AutoencoderKL.from_pretrained(model, subfolder="vae")
@@ -81,7 +79,7 @@ def breakdown(model: Path, subject: Path, class_dir: Path, steps: int, mixer: st
     for m in (unet, vae, *tes):
         m.requires_grad_(False)
     params = inject_components({"unet": unet}, AdapterConfig(rank=4, mixer=mixer))["unet"]
-    optimizer = make_optimizer(argparse.Namespace(optimizer="adamw", use_8bit_adam=False, adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8), [{"params": params, "lr": 1e-4}])
+    optimizer = make_optimizer("adamw", [{"params": params, "lr": 1e-4}])
     instance, _ = scan_images(subject)
     classes, _ = scan_images(class_dir)
     ds = DreamBoothDataset(instance, "a sks circle", 64, classes[:8], "a circle", ".txt")
@@ -102,9 +100,8 @@ def breakdown(model: Path, subject: Path, class_dir: Path, steps: int, mixer: st
             embeds, pooled = timed("text encoders", lambda: encode_prompts(tes, tokenize(toks, batch["captions"]), "cpu"))
         noise = torch.randn_like(latents)
         t = torch.randint(0, 1000, (latents.shape[0],))
-        time_ids = torch.tensor([[64, 64, 0, 0, 64, 64]] * latents.shape[0], dtype=torch.float32)
-        pred = timed("unet forward", lambda: unet(sched.add_noise(latents, noise, t), t, embeds,
-                                                    added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample)  # fmt: skip
+        time_ids = square_time_ids(64, latents.shape[0])
+        pred = timed("unet forward", lambda: unet_prediction(unet, sched.add_noise(latents, noise, t), t, embeds, pooled, time_ids))
         loss = torch.nn.functional.mse_loss(pred, noise)
         timed("backward", loss.backward)
         timed("optimizer", lambda: (optimizer.step(), optimizer.zero_grad(set_to_none=True)))
@@ -118,14 +115,14 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     os.environ["HF_HUB_OFFLINE"] = "1"
-    from dreambooth_moslora.tiny_sdxl import save_tiny_sdxl
-    from dreambooth_moslora.toy_world import write_subject
-    from dreambooth_moslora.training import quiet_libraries
+    from dreambooth_moslora.runtime import quiet_libraries
+    from toyworld.tiny_sdxl import save_tiny_sdxl
+    from toyworld.world import write_subject
 
     quiet_libraries()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        model = save_tiny_sdxl(tmp / "tiny-sdxl")
+        model = save_tiny_sdxl(tmp / "random-sdxl")
         subject = tmp / "subject"
         write_subject(subject, size=64)
         class_dir = tmp / "class"

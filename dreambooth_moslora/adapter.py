@@ -73,10 +73,9 @@ class MoSLoRALinear(nn.Module):
             raise AdapterError(f"MoSLoRA wraps nn.Linear layers, got {type(base_layer).__name__}")
         base_layer.requires_grad_(False)
         self.base_layer = base_layer
+        self.config = config  # the layer keeps its own settings: files are written from them
         self.rank = config.rank
         self.alpha = float(config.alpha)
-        self.mixer_mode = config.mixer
-        self.mixer_init = config.mixer_init
         device = base_layer.weight.device
         self.lora_A = nn.Parameter(torch.empty(config.rank, base_layer.in_features, dtype=dtype, device=device))
         self.lora_B = nn.Parameter(torch.zeros(base_layer.out_features, config.rank, dtype=dtype, device=device))
@@ -98,7 +97,7 @@ class MoSLoRALinear(nn.Module):
             nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
             self.lora_B.zero_()
         if self.lora_M is not None:
-            init_mixer_(self.lora_M, self.mixer_init)
+            init_mixer_(self.lora_M, self.config.mixer_init)
 
     # The wrapped layer's attributes, for code that inspects ``module.weight`` and friends.
     @property
@@ -130,10 +129,16 @@ class MoSLoRALinear(nn.Module):
         if was_merged:
             self.merge()
 
+    def mixed_up(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """B·M (B without a mixer), the up matrix of the equivalent plain LoRA, before α/r; in ``dtype`` if given."""
+        up = self.lora_B if dtype is None else self.lora_B.to(dtype)
+        if self.lora_M is None:
+            return up
+        return up @ (self.lora_M if dtype is None else self.lora_M.to(dtype))
+
     def up_weight(self) -> torch.Tensor:
         """B' = (α/r)·scale·B·M: the up matrix of the equivalent plain LoRA (out×r)."""
-        up = self.lora_B if self.lora_M is None else self.lora_B @ self.lora_M
-        return up * (self.alpha / self.rank * self.scale)
+        return self.mixed_up() * (self.alpha / self.rank * self.scale)
 
     def delta_weight(self) -> torch.Tensor:
         """ΔW (out×in), in the adapter's dtype."""
@@ -148,8 +153,7 @@ class MoSLoRALinear(nn.Module):
         # The scale goes on the rank-r hidden state (PEFT scales the out-sized result), and M
         # into the up matrix: autograd then keeps what LoRA keeps, plus one out×r product.
         hidden = F.linear(self.dropout(x), self.lora_A.to(compute_dtype)) * (self.alpha / self.rank * self._scale)
-        up = self.lora_B if self.lora_M is None else self.lora_B @ self.lora_M
-        return out + F.linear(hidden, up.to(compute_dtype))
+        return out + F.linear(hidden, self.mixed_up().to(compute_dtype))
 
     @torch.no_grad()
     def merge(self) -> None:
@@ -171,5 +175,5 @@ class MoSLoRALinear(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"in={self.in_features}, out={self.out_features}, rank={self.rank}, alpha={self.alpha:g}, "
-            f"mixer={self.mixer_mode}"
+            f"mixer={self.config.mixer}"
         )

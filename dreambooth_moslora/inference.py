@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import os
 
-import torch
 from torch import nn
 
 from .errors import AdapterMismatchError
 from .formats import AdapterFile, build_layers, copy_weights, read_adapter
-from .surgery import COMPONENTS, adapter_layers, fuse_adapter, inject_layers, remove_adapter, set_adapter_scale
+from .sdxl import COMPONENTS
+from .surgery import adapter_layers, fuse_adapter, inject_layers, remove_adapter, set_adapter_scale
 
 
 def pipeline_components(pipe) -> dict[str, nn.Module]:
@@ -54,34 +54,6 @@ def set_scale(pipe, scale: float) -> None:
         set_adapter_scale(model, scale)
 
 
-@torch.no_grad()
-def sdxl_forward(pipe, prompt: str, seed: int = 0, timestep: int = 500, size: int | None = None) -> dict:
-    """One deterministic pass through both text encoders and the UNet, for exactness checks.
-
-    Returns the concatenated text-encoder hidden states SDXL conditions on, the pooled
-    embedding of the second encoder, and the UNet's prediction for seeded noise.
-    """
-    device = pipe.unet.device
-    size = size or pipe.unet.config.sample_size * pipe.vae_scale_factor
-    prompt_embeds, _, pooled, _ = pipe.encode_prompt(prompt, device=device, do_classifier_free_guidance=False)
-    generator = torch.Generator("cpu").manual_seed(seed)
-    latent_size = size // pipe.vae_scale_factor
-    latents = torch.randn(1, pipe.unet.config.in_channels, latent_size, latent_size, generator=generator)
-    # SDXL micro-conditioning: original size, crop top-left, target size.
-    time_ids = torch.tensor([[size, size, 0, 0, size, size]], dtype=prompt_embeds.dtype, device=device)
-    prediction = pipe.unet(
-        latents.to(device, prompt_embeds.dtype),
-        timestep,
-        encoder_hidden_states=prompt_embeds,
-        added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids},
-    ).sample
-    return {"prompt_embeds": prompt_embeds, "pooled_prompt_embeds": pooled, "noise_prediction": prediction}
-
-
-def max_abs_diff(a: dict, b: dict) -> float:
-    return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
-
-
 def restore_adapter_weights(components: dict[str, nn.Module], path: str | os.PathLike) -> None:
     """Copies a native file's A, M and B into the adapter layers already in the models, in place.
 
@@ -95,8 +67,7 @@ def restore_adapter_weights(components: dict[str, nn.Module], path: str | os.Pat
             layer = live.get(component, {}).get(layer_path)
             if layer is None or layer.rank != weights.rank or (layer.lora_M is None) != (weights.mixer is None):
                 raise AdapterMismatchError(f"{path}: {component}.{layer_path} does not match the adapter being trained")
-    expected = sum(len(v) for v in live.values())
-    if sum(len(v) for v in adapter.layers.values()) != expected:
+    if sum(len(v) for v in adapter.layers.values()) != sum(len(v) for v in live.values()):
         raise AdapterMismatchError(f"{path}: holds a different set of layers than the adapter being trained")
     for component, by_path in adapter.layers.items():
         for layer_path, weights in by_path.items():

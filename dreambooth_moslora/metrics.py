@@ -88,6 +88,7 @@ def evaluate(pipe, adapter: str | None, prompts: list[str], references, clip: Cl
              images_per_prompt: int = 4, seed: int = 0, **generate) -> dict:  # fmt: skip
     """Generates images_per_prompt images for each prompt, base model and adapter, and scores both."""
     from .inference import load_adapter, unload_adapter
+    from .runtime import image_generators
 
     report = {}
     for name in ("base", "adapter"):
@@ -95,12 +96,9 @@ def evaluate(pipe, adapter: str | None, prompts: list[str], references, clip: Cl
             if adapter is None:
                 break
             load_adapter(pipe, adapter)
-        images, texts = [], []
-        for i, prompt in enumerate(prompts):
-            for j in range(images_per_prompt):
-                generator = torch.Generator("cpu").manual_seed(seed + 1000 * i + j)
-                images.append(pipe(prompt, generator=generator, **generate).images[0])
-                texts.append(prompt)
+        texts = [prompt for prompt in prompts for _ in range(images_per_prompt)]
+        # image i gets the same noise with and without the adapter
+        images = [pipe(prompt, generator=g, **generate).images[0] for prompt, g in zip(texts, image_generators(seed, range(len(texts))))]
         report[name] = {
             "DINO": subject_fidelity(images, references, dino),
             "CLIP-I": subject_fidelity(images, references, clip),
@@ -128,9 +126,10 @@ def main(argv=None) -> int:
     parser.add_argument("--output", type=Path, help="write the report as JSON here")
     args = parser.parse_args(argv)
 
-    from .data import DataError, load_image, scan_images
-    from .errors import AdapterError
-    from .training import quiet_libraries
+    from .errors import DataError, MosloraError
+    from .runtime import quiet_libraries
+    from .safe_files import write_text
+    from .training.data import load_image, scan_images
 
     quiet_libraries()
     try:
@@ -153,14 +152,14 @@ def main(argv=None) -> int:
             num_inference_steps=args.num_inference_steps, height=args.resolution, width=args.resolution,
             guidance_scale=args.guidance_scale,
         )  # fmt: skip
-    except (DataError, AdapterError, OSError) as exc:
+    except (MosloraError, OSError) as exc:
         print(f"error: {str(exc).splitlines()[0]}", file=sys.stderr)
         return 1
     print(f"{'':8s} {'DINO':>7s} {'CLIP-I':>7s} {'CLIP-T':>7s}  images")
     for name, scores in report.items():
         print(f"{name:8s} {scores['DINO']:7.3f} {scores['CLIP-I']:7.3f} {scores['CLIP-T']:7.3f}  {scores['images']}")
     if args.output:
-        args.output.write_text(json.dumps(report, indent=2))
+        write_text(args.output, json.dumps(report, indent=2))
     return 0
 
 

@@ -20,7 +20,6 @@ UNET_TARGETS = (r"\.attn[12]\.(to_q|to_k|to_v|to_out\.0)$",)
 # The attention projections of every CLIP encoder layer (CLIP-L and OpenCLIP-bigG alike).
 TEXT_ENCODER_TARGETS = (r"\.self_attn\.(q_proj|k_proj|v_proj|out_proj)$",)
 
-COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 DEFAULT_TARGETS = {"unet": UNET_TARGETS, "text_encoder": TEXT_ENCODER_TARGETS, "text_encoder_2": TEXT_ENCODER_TARGETS}
 
 _FUSED_ATTR = "_moslora_fused_layers"
@@ -121,13 +120,6 @@ def set_adapter_scale(model: nn.Module, scale: float) -> None:
         raise AdapterError("the adapter is fused into the weights: load it unfused to change its scale")
     for layer in adapter_layers(model).values():
         layer.scale = scale
-
-
-def set_adapter_enabled(model: nn.Module, enabled: bool) -> None:
-    if getattr(model, _FUSED_ATTR, None):
-        raise AdapterError("the adapter is fused into the weights: remove it instead of disabling it")
-    for layer in adapter_layers(model).values():
-        layer.enabled = enabled
 
 
 def inject_components(

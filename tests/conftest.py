@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from dreambooth_moslora import AdapterConfig, adapter_layers, inject_components, pipeline_components
-from dreambooth_moslora.tiny_sdxl import build_tiny_sdxl
+from toyworld.tiny_sdxl import build_tiny_sdxl
 
 PROMPT = "a photo of sks dog on the beach"
 

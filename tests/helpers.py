@@ -3,7 +3,8 @@
 import torch
 from PIL import Image
 
-from dreambooth_moslora.data import prepare
+from dreambooth_moslora.sdxl import square_time_ids, unet_prediction
+from dreambooth_moslora.training.data import prepare
 
 
 @torch.no_grad()
@@ -23,9 +24,8 @@ def denoising_loss(pipe, image_paths, captions, resolution=64, draws=8, seed=0) 
         noise = torch.randn(latents.shape, generator=g)
         timesteps = torch.linspace(50, 950, draws).long()
         noisy = scheduler.add_noise(latents, noise, timesteps)
-        time_ids = torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]] * draws, dtype=torch.float32)
-        pred = pipe.unet(noisy, timesteps, embeds.repeat(draws, 1, 1),
-                         added_cond_kwargs={"text_embeds": pooled.repeat(draws, 1), "time_ids": time_ids}).sample
+        time_ids = square_time_ids(resolution, draws)
+        pred = unet_prediction(pipe.unet, noisy, timesteps, embeds.repeat(draws, 1, 1), pooled.repeat(draws, 1), time_ids)
         target = noise if scheduler.config.prediction_type == "epsilon" else scheduler.get_velocity(latents, noise, timesteps)
         total += torch.nn.functional.mse_loss(pred, target).item()
     return total / len(image_paths)

@@ -11,7 +11,7 @@ def parse(argv=None):
     p = argparse.ArgumentParser(prog="python -m webui", description="Generate the trained subject from saved adapters.")
     p.add_argument("--adapters", type=Path, default=Path("outputs"), help="the folder of trained adapters")
     p.add_argument("--base_model", help="hub id or folder; default: the one recorded in the chosen adapter")
-    p.add_argument("--demo", action="store_true", help="offline: the tiny SDXL of the demo (built if missing)")
+    p.add_argument("--demo", action="store_true", help="offline: the toy world's model (python -m toyworld.demo trains on it)")
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--listen", action="store_true", help="serve on all interfaces, not only this machine")
     p.add_argument("--share", action="store_true", help="a public gradio.live link")
@@ -21,15 +21,15 @@ def parse(argv=None):
 
 
 def demo_model(adapters: Path) -> str:
-    """The demo's base model: a tiny SDXL beside the adapters if there is one, else the pretrained toy
-    world the offline demo trains on, else a random tiny SDXL built into the cache."""
-    from dreambooth_moslora.demo import WORLD_MODEL_DIR
-    from dreambooth_moslora.tiny_sdxl import save_tiny_sdxl
+    """The demo's base model: a random tiny SDXL beside the adapters if there is one, else the pretrained
+    toy world the offline demo trains on, else a random tiny SDXL built into the cache."""
+    from toyworld.recipe import WORLD_MODEL_DIR
+    from toyworld.tiny_sdxl import save_tiny_sdxl
 
-    for candidate in (adapters / "tiny-sdxl", adapters.parent / "tiny-sdxl", WORLD_MODEL_DIR):
+    for candidate in (adapters / "random-sdxl", adapters.parent / "random-sdxl", WORLD_MODEL_DIR):
         if (candidate / "model_index.json").is_file():
             return str(candidate)
-    cache = Path.home() / ".cache" / "dreambooth-moslora" / "tiny-sdxl"
+    cache = Path.home() / ".cache" / "dreambooth-moslora" / "random-sdxl"
     if not (cache / "model_index.json").is_file():
         save_tiny_sdxl(cache)
     return str(cache)
@@ -37,11 +37,12 @@ def demo_model(adapters: Path) -> str:
 
 def main(argv=None) -> int:
     args = parse(argv)
-    from dreambooth_moslora.training import quiet_libraries
+    from dreambooth_moslora.errors import RequestError
+    from dreambooth_moslora.runtime import quiet_libraries
 
     quiet_libraries()
     from .app import build
-    from .engine import Engine, RequestError
+    from .engine import Engine
 
     if args.demo and not args.adapters.is_dir():
         args.adapters.mkdir(parents=True)

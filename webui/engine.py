@@ -20,17 +20,14 @@ import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from dreambooth_moslora.errors import AdapterError, AdapterFileError
-from dreambooth_moslora.formats import detect_format, read_header
+from dreambooth_moslora.errors import AdapterError, AdapterFileError, RequestError
+from dreambooth_moslora.formats import summarize
 from dreambooth_moslora.inference import load_adapter, set_scale, unload_adapter
+from dreambooth_moslora.safe_files import save_image, sha256_of
 
 SCHEDULERS = ("Euler", "Euler a", "DPM++ 2M", "DDIM")
 MIN_SIDE, MAX_SIDE = 32, 2048  # 32: the toy world the offline demo uses
 MAX_IMAGES = 4
-
-
-class RequestError(ValueError):
-    """A request the demo refuses; the message is shown to the user as it is."""
 
 
 @dataclass
@@ -53,43 +50,21 @@ class AdapterEntry:
         return f"{self.id} — " + ", ".join(str(p) for p in parts if p)
 
 
-def _json(text: str | None) -> dict:
-    try:
-        value = json.loads(text or "{}")
-    except json.JSONDecodeError:
-        return {}
-    return value if isinstance(value, dict) else {}
-
-
 def describe(path: Path, root: Path) -> AdapterEntry | None:
     """An adapter file's format and metadata from its header alone; None for files that are no adapter."""
     entry = AdapterEntry(path.relative_to(root).as_posix(), path)
     try:
-        header, metadata = read_header(path)
+        summary = summarize(path)
     except AdapterFileError as exc:
         entry.error = str(exc).split(": ", 1)[-1]
         return entry
-    entry.format = detect_format(header, metadata)
-    if entry.format is None:
+    if summary is None:
         if "lora" in path.name.lower() or "adapter" in path.name.lower():
             entry.error = "not a LoRA/MoSLoRA file this toolkit knows"
             return entry
         return None  # a model's weights, say: not listed
-    ranks = [entry["shape"][0] for key, entry in header.items() if key.endswith(("moslora_A", "lora_A.weight", "lora_down.weight"))]
-    config = _json(metadata.get("adapter_config")) or _json(metadata.get("dreambooth_moslora")).get("adapter_config", {})
-    training = _json(metadata.get("training"))
-    info = {
-        "rank": config.get("rank") or metadata.get("ss_network_dim") or (max(set(ranks), key=ranks.count) if ranks else None),
-        "alpha": config.get("alpha") or metadata.get("ss_network_alpha"),
-        "mixer": config.get("mixer") or _json(metadata.get("ss_network_args")).get("moslora_mixer") or "none",
-        "instance_prompt": training.get("instance_prompt") or metadata.get("ss_instance_prompt"),
-        "steps": training.get("max_train_steps") or metadata.get("ss_max_train_steps"),
-        "base_model": metadata.get("base_model") or metadata.get("ss_sd_model_name") or None,
-        "date": dt.datetime.fromtimestamp(path.stat().st_mtime).strftime("%Y-%m-%d %H:%M"),
-    }
-    if isinstance(info["alpha"], float):
-        info["alpha"] = f"{info['alpha']:g}"
-    entry.info = info
+    entry.format = summary.pop("format")
+    entry.info = {**summary, "date": dt.datetime.fromtimestamp(path.stat().st_mtime).strftime("%Y-%m-%d %H:%M")}
     return entry
 
 
@@ -110,11 +85,7 @@ def discover(root: Path) -> list[AdapterEntry]:
 
 
 def file_hash(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:12]
+    return sha256_of(path)[:12]
 
 
 @dataclass
@@ -319,8 +290,5 @@ class Engine:
         info.add_text("dreambooth_moslora", json.dumps(parameters))
         label = f"{'base model' if variant is None else variant.id.removesuffix('.safetensors')} · seed {seed}"
         name = f"{dt.datetime.now():%Y%m%d-%H%M%S}-{seed}-{hashlib.sha1(text.encode()).hexdigest()[:8]}.png"
-        out = self.output_dir / name
-        tmp = out.with_suffix(".partial")
-        image.save(tmp, format="PNG", pnginfo=info)
-        os.replace(tmp, out)
+        out = save_image(image, self.output_dir / name, pnginfo=info)
         return Result(out, label, parameters)

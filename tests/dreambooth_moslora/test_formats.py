@@ -18,10 +18,10 @@ from dreambooth_moslora import (
     unload_adapter,
 )
 from dreambooth_moslora.formats import read_safetensors, sgm_unet_path
-from dreambooth_moslora.inference import sdxl_forward
-from dreambooth_moslora.tiny_sdxl import build_tiny_sdxl
+from dreambooth_moslora.sdxl import sdxl_forward
+from toyworld.tiny_sdxl import build_tiny_sdxl
 
-from .conftest import PROMPT, randomize_adapter_
+from tests.conftest import PROMPT, randomize_adapter_
 
 TOLERANCE = 1e-5  # fp32, the project's promise
 
@@ -36,7 +36,7 @@ def saved(tmp_path_factory):
     randomize_adapter_(components)
     live = sdxl_forward(pipe, PROMPT, seed=3)
     out = tmp_path_factory.mktemp("adapter")
-    files = save_adapter(out, components, base_model="tiny-sdxl", training={"max_train_steps": 10})
+    files = save_adapter(out, components, base_model="random-sdxl", training={"max_train_steps": 10})
     return {"pipe": pipe, "live": live, "files": files, "dir": out}
 
 
@@ -121,7 +121,7 @@ def test_native_file_keeps_a_m_b_and_the_settings(saved):
     assert json.loads(metadata["adapter_config"]) == {
         "rank": 4, "alpha": 7.0, "mixer": "learned", "mixer_init": "kaiming", "dropout": 0.0,
     }  # fmt: skip
-    assert metadata["base_model"] == "tiny-sdxl"
+    assert metadata["base_model"] == "random-sdxl"
     assert json.loads(metadata["training"]) == {"max_train_steps": 10}
     assert len(json.loads(metadata["targets"])["unet"]) == 136
     assert all(t.startswith("text_model.") for t in json.loads(metadata["targets"])["text_encoder"])
@@ -148,7 +148,7 @@ def test_native_reload_is_a_trainable_adapter_of_the_same_mode(tmp_path, mixer):
         reloaded, original = adapter_layers(model), adapter_layers(components[c])
         assert reloaded.keys() == original.keys()
         for path, layer in reloaded.items():
-            assert layer.mixer_mode == mixer and layer.alpha == 3.0
+            assert layer.config.mixer == mixer and layer.alpha == 3.0
             assert torch.equal(layer.lora_A, original[path].lora_A)
             assert layer.lora_A.requires_grad and layer.lora_B.requires_grad
             if mixer == "none":

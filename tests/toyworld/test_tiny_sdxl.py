@@ -3,7 +3,7 @@
 import torch
 from diffusers import StableDiffusionXLPipeline
 
-from dreambooth_moslora.tiny_sdxl import build_tiny_sdxl, build_tokenizer, save_tiny_sdxl
+from toyworld.tiny_sdxl import build_tiny_sdxl, build_tokenizer, save_tiny_sdxl
 
 
 def test_tokenizer_knows_its_words_and_still_spells_the_rest():

@@ -17,13 +17,13 @@ import torch
 from PIL import Image
 
 from dreambooth_moslora import AdapterConfig, inject_components, pipeline_components, save_adapter
-from dreambooth_moslora.inference import max_abs_diff, sdxl_forward
-from dreambooth_moslora.tiny_sdxl import build_tiny_sdxl, save_tiny_sdxl
+from dreambooth_moslora.sdxl import max_abs_diff, sdxl_forward
+from toyworld.tiny_sdxl import build_tiny_sdxl, save_tiny_sdxl
 from webui.engine import Engine, Request, RequestError
 
-from .conftest import randomize_adapter_
+from tests.conftest import randomize_adapter_
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SMALL = dict(width=64, height=64, steps=3, seed=7)
 
 
@@ -40,7 +40,7 @@ def make_adapter(folder: Path, seed: int, formats=("native", "diffusers", "kohya
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("webui")
-    model = save_tiny_sdxl(root / "tiny-sdxl", seed=0)
+    model = save_tiny_sdxl(root / "random-sdxl", seed=0)
     adapters = root / "adapters"
     make_adapter(adapters / "run_a", seed=1)
     make_adapter(adapters / "run_b", seed=2, formats=("native",))
@@ -158,7 +158,7 @@ def free_port() -> int:
 def server(world):
     port = free_port()
     env = dict(os.environ, HF_HUB_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False", PYTHONUNBUFFERED="1")
-    shutil.copytree(world["model"], world["adapters"] / "tiny-sdxl", dirs_exist_ok=True)  # what --demo looks for
+    shutil.copytree(world["model"], world["adapters"] / "random-sdxl", dirs_exist_ok=True)  # what --demo looks for
     log = open(world["root"] / "server.log", "w")
     process = subprocess.Popen([sys.executable, "-m", "webui", "--adapters", str(world["adapters"]), "--demo",
                                 "--port", str(port), "--queue_size", "12"], cwd=ROOT, env=env, stdout=log,

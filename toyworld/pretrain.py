@@ -1,6 +1,6 @@
 """Pretrains a small SDXL-architecture model on the toy world, from scratch.
 
-    python -m dreambooth_moslora.pretrain --output_dir assets/toy-sdxl
+    python -m toyworld.pretrain --output_dir assets/toy-sdxl
 
 Two phases, as for any latent diffusion model: the VAE alone (reconstruction + a small KL term, on
 the world's scenes and as many random patterned shapes, so that it can encode what the world never
@@ -30,8 +30,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from dreambooth_moslora.runtime import quiet_libraries, seed_from
+from dreambooth_moslora.safe_files import atomic_path, save_image, write_text
+from dreambooth_moslora.sdxl import encode_prompts, square_time_ids, tokenize, unet_prediction
+
 from .tiny_sdxl import tiny_sdxl_components
-from .toy_world import render, scenes, training_caption, vocabulary
+from .world import SHAPES, draw_shape, render, scenes, training_caption, vocabulary
+
+CODEC_IMAGES = 1  # the seed scheme's stream of the VAE's extra images
 
 # ~8M-parameter UNet, two 64-wide 3-layer text encoders, a 1M-parameter VAE with 4× downsampling
 # (32 px images → 8×8 latents). In float16 the whole pipeline is ~19 MB.
@@ -66,9 +72,7 @@ def codec_image(index: int, size: int, seed: int):
     """
     from PIL import Image, ImageDraw
 
-    from .toy_world import SHAPES, draw_shape
-
-    rng = random.Random(seed * 1_000_003 + 900_000_000 + index)
+    rng = random.Random(seed_from(seed, CODEC_IMAGES, index))
     big = size * 4
     colour = lambda: tuple(rng.randrange(256) for _ in range(3))  # noqa: E731
     image = Image.new("RGB", (big, big), colour())
@@ -149,8 +153,6 @@ class CaptionTokens:
         self.tokenizers, self.device, self.cache = tokenizers, device, {}
 
     def __call__(self, captions: list[str]) -> list[torch.Tensor]:
-        from .training import tokenize
-
         missing = [c for c in dict.fromkeys(captions) if c not in self.cache]
         if missing:
             for caption, *ids in zip(missing, *(t.to(self.device) for t in tokenize(self.tokenizers, missing))):
@@ -172,8 +174,6 @@ def train_diffusion(c: dict, scene_list, latent_mean, latent_std, steps: int, ba
     """
     from diffusers import DDPMScheduler
 
-    from .training import encode_prompts
-
     device = latent_mean.device
     scheduler = DDPMScheduler.from_config(c["scheduler"].config)
     names = ("unet", "text_encoder", "text_encoder_2")
@@ -189,7 +189,7 @@ def train_diffusion(c: dict, scene_list, latent_mean, latent_std, steps: int, ba
     generator = torch.Generator(device).manual_seed(seed)
     scale = c["vae"].config.scaling_factor
     size = c["vae"].config.sample_size
-    time_ids = torch.tensor([[size, size, 0, 0, size, size]] * batch_size, dtype=torch.float32, device=device)
+    time_ids = square_time_ids(size, batch_size, device)
     alphas = scheduler.alphas_cumprod.to(device)
     started, step = time.perf_counter(), 0
     while step < steps:
@@ -204,7 +204,7 @@ def train_diffusion(c: dict, scene_list, latent_mean, latent_std, steps: int, ba
         alpha = alphas[timesteps]
         a, s = alpha.sqrt().view(-1, 1, 1, 1), (1 - alpha).sqrt().view(-1, 1, 1, 1)
         noisy, target = a * latents + s * noise, a * noise - s * latents  # v-prediction's target
-        prediction = models["unet"](noisy, timesteps, embeds, added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
+        prediction = unet_prediction(models["unet"], noisy, timesteps, embeds, pooled, time_ids)
         snr = alpha / (1 - alpha)
         weights = torch.clamp(snr, max=snr_gamma) / (snr + 1)  # min-SNR, in its v-prediction form
         loss = (F.mse_loss(prediction.float(), target, reduction="none").mean(dim=(1, 2, 3)) * weights).mean()
@@ -239,30 +239,23 @@ def world_pipeline(c: dict, ema: dict):
 
 def save_world_model(pipe, output_dir: Path, settings: dict, grid=None) -> Path:
     """``save_pretrained`` in float16 (UNet and VAE; ``pipe`` is converted) plus ``pretraining.json`` and a sample grid;
-    written to a temporary folder, then renamed."""
-    import shutil
-
-    output_dir = Path(output_dir)
-    tmp = output_dir.with_name(output_dir.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
+    written whole or not at all."""
     pipe.to(torch.float16)
     # transformers keeps a checkpoint's dtype when loading, diffusers makes float32: text encoders stored
     # in float16 would feed float16 into a float32 UNet. They are small, so they are stored in float32.
     pipe.text_encoder.to(torch.float32)
     pipe.text_encoder_2.to(torch.float32)
-    pipe.save_pretrained(tmp)
-    (tmp / "pretraining.json").write_text(json.dumps(settings, indent=2, default=list))
-    if grid is not None:
-        grid.save(tmp / "samples.png")
-    if output_dir.exists():
-        shutil.rmtree(output_dir)
-    tmp.rename(output_dir)
-    return output_dir
+    with atomic_path(output_dir, directory=True) as tmp:
+        pipe.save_pretrained(tmp)
+        write_text(tmp / "pretraining.json", json.dumps(settings, indent=2, default=list))
+        if grid is not None:
+            save_image(grid, tmp / "samples.png")
+    return Path(output_dir)
 
 
 def evaluate_world_model(pipe, classifier, device: str, count: int, guidances=(5.0,), log=print):
     """Attribute accuracy of generated images at each guidance scale, and a grid of the last one's images."""
-    from .world_classifier import attribute_accuracy, image_grid
+    from .classifier import attribute_accuracy, image_grid
 
     pipe.to(device)
     results, images = {}, []
@@ -290,7 +283,7 @@ def pretrain(output_dir: Path, vae_steps: int, steps: int, batch_size: int, size
     output_dir = Path(output_dir)
     classifier = None
     if classifier_path is not None:
-        from .world_classifier import load_classifier
+        from .classifier import load_classifier
 
         classifier, _ = load_classifier(classifier_path)
     latent = size // 2 ** (len(WORLD_MODEL["vae_channels"]) - 1)
@@ -335,7 +328,7 @@ def pretrain(output_dir: Path, vae_steps: int, steps: int, batch_size: int, size
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dreambooth_moslora.pretrain", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m toyworld.pretrain", description=__doc__.split("\n\n")[0])
     parser.add_argument("--output_dir", type=Path, required=True)
     parser.add_argument("--vae_steps", type=int, default=2000)
     parser.add_argument("--steps", type=int, default=1107, help="UNet + text-encoder steps (the committed model stopped at 1107)")
@@ -355,8 +348,6 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.image_size % 8 or args.image_size < 16:
         parser.error("--image_size must be a multiple of 8, at least 16")
-    from .training import quiet_libraries
-
     quiet_libraries()
     snapshots = [int(s) for s in args.snapshot_steps.split(",") if s.strip()]
     pretrain(args.output_dir, args.vae_steps, args.steps, args.batch_size, args.image_size, args.lr, args.vae_lr,

@@ -14,22 +14,22 @@ from diffusers import StableDiffusionXLPipeline
 from safetensors.torch import load_file
 
 from dreambooth_moslora import AdapterConfig, inject_components, load_adapter
-from dreambooth_moslora.formats import read_safetensors
-from dreambooth_moslora.inference import max_abs_diff, sdxl_forward
-from dreambooth_moslora.tiny_sdxl import save_tiny_sdxl
-from dreambooth_moslora.toy_world import write_subject
+from dreambooth_moslora.safe_files import read_safetensors
+from dreambooth_moslora.sdxl import max_abs_diff, sdxl_forward
+from toyworld.tiny_sdxl import save_tiny_sdxl
+from toyworld.world import write_subject
 from dreambooth_moslora.training import main
 
-from .helpers import denoising_loss
+from tests.helpers import denoising_loss
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 PROMPT = "a sks circle"
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("world")
-    model = save_tiny_sdxl(root / "tiny-sdxl", seed=0)
+    model = save_tiny_sdxl(root / "random-sdxl", seed=0)
     subject = root / "subject"
     write_subject(subject, count=5, size=64)
     return {"model": model, "subject": subject, "root": root}

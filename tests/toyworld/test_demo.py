@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 
 from dreambooth_moslora import FILE_NAMES
-from dreambooth_moslora.demo import main
+from toyworld.demo import main
 
 
 def test_demo_trains_offline_writes_adapters_and_the_subject_appears(tmp_path, capsys):
@@ -39,7 +39,7 @@ def test_demo_bad_setting_is_one_line(tmp_path, capsys):
 def test_class_images_are_kept_and_strays_removed(tmp_path):
     """The demo's class folder: made images with captions are reused (no pipeline needed); anything
     else in it would be counted as a class image by the trainer, so it goes."""
-    from dreambooth_moslora.demo import NUM_CLASS_IMAGES, write_class_images
+    from toyworld.recipe import NUM_CLASS_IMAGES, write_class_images
 
     for i in range(NUM_CLASS_IMAGES):
         Image.new("RGB", (32, 32)).save(tmp_path / f"{i:05d}.png")

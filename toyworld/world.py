@@ -132,12 +132,12 @@ def write_subject(folder, count: int = 5, size: int = 32, seed: int = 0) -> list
     """The subject's instance images as PNGs, each with its caption in a .txt beside it."""
     from pathlib import Path
 
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    from dreambooth_moslora.safe_files import save_image, write_text
+
     paths = []
     for i, scene in enumerate(subject_scenes(count, seed)):
-        path = folder / f"{SUBJECT_TOKEN}_{SUBJECT_CLASS}_{i}.png"
-        render(scene, size).save(path)
-        path.with_suffix(".txt").write_text(scene.caption + "\n")
+        path = Path(folder) / f"{SUBJECT_TOKEN}_{SUBJECT_CLASS}_{i}.png"
+        write_text(path.with_suffix(".txt"), scene.caption + "\n")
+        save_image(render(scene, size), path)  # the image last: an image present always has its caption
         paths.append(path)
     return paths

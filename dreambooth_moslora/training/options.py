@@ -9,14 +9,14 @@ as one line, before any model is loaded.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
 from pathlib import Path
 
-from .adapter import MIXER_INITS, MIXER_MODES
-from .formats import FORMATS
+from ..adapter import MIXER_INITS, MIXER_MODES, AdapterConfig
+from ..formats import FORMATS
+from .loss import LossSettings
 
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 
@@ -28,7 +28,14 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--config", type=Path, help="TOML or YAML file of options (flags override it)")
+    _add_model_and_data_options(p)
+    _add_adapter_options(p)
+    _add_optimisation_options(p)
+    _add_output_options(p)
+    return p
 
+
+def _add_model_and_data_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--pretrained_model_name_or_path", help="hub id or local folder of an SDXL model")
     g.add_argument("--pretrained_vae_model_name_or_path", help="a separate VAE (e.g. an fp16-safe one)")
@@ -53,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dataloader_num_workers", type=int, default=0)
     g.add_argument("--cache_latents", action="store_true")
 
+
+def _add_adapter_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("adapter")
     g.add_argument("--rank", type=int, default=4)
     g.add_argument("--lora_alpha", type=float, help="default: the rank")
@@ -61,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--mixer_init", choices=MIXER_INITS, default="kaiming")
     g.add_argument("--train_text_encoder", action="store_true")
 
+
+def _add_optimisation_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("optimisation")
     g.add_argument("--train_batch_size", type=int, default=4)
     g.add_argument("--num_train_epochs", type=int, default=1)
@@ -92,6 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--allow_tf32", action="store_true")
     g.add_argument("--seed", type=int, default=0)
 
+
+def _add_output_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("output")
     g.add_argument("--output_dir", type=Path, default=Path("moslora-dreambooth-model"))
     g.add_argument("--output_formats", nargs="+", choices=FORMATS, default=list(FORMATS))
@@ -105,7 +118,6 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--report_to", default="tensorboard", help='"tensorboard", "wandb", "all" or "none"')
     g.add_argument("--logging_dir", type=Path, default=Path("logs"))
     g.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)
-    return p
 
 
 def _bool(text: str) -> bool:
@@ -235,5 +247,29 @@ def settings_for_metadata(args: argparse.Namespace) -> dict:
     return {k: (str(v) if isinstance(v, os.PathLike) else v) for k, v in sorted(vars(args).items()) if k != "local_rank"}
 
 
-def dumps(args: argparse.Namespace) -> str:
-    return json.dumps(settings_for_metadata(args), indent=2)
+# ---------------------------------------------------------------- the options as the values each phase takes
+
+
+def adapter_config(args: argparse.Namespace) -> AdapterConfig:
+    return AdapterConfig(rank=args.rank, alpha=args.lora_alpha, mixer=args.mixer, mixer_init=args.mixer_init, dropout=args.lora_dropout)
+
+
+def loss_settings(args: argparse.Namespace) -> LossSettings:
+    return LossSettings(prior_loss_weight=args.prior_loss_weight, snr_gamma=args.snr_gamma, noise_offset=args.noise_offset)
+
+
+def param_groups(args: argparse.Namespace, params: dict[str, list], processes: int) -> list[dict]:
+    """The UNet's adapter at --learning_rate, the text encoders' at --text_encoder_lr (× batch with --scale_lr)."""
+    factor = args.train_batch_size * args.gradient_accumulation_steps * processes if args.scale_lr else 1
+    groups = [{"params": params["unet"], "lr": args.learning_rate * factor, "weight_decay": args.adam_weight_decay}]
+    if "text_encoder" in params:
+        groups.append({"params": params["text_encoder"] + params["text_encoder_2"], "lr": args.text_encoder_lr * factor,
+                       "weight_decay": args.adam_weight_decay_text_encoder})  # fmt: skip
+    return groups
+
+
+def optimizer_options(args: argparse.Namespace) -> dict:
+    """``make_optimizer``'s keyword arguments."""
+    prodigy = dict(beta3=args.prodigy_beta3, decouple=args.prodigy_decouple, use_bias_correction=args.prodigy_use_bias_correction,
+                   safeguard_warmup=args.prodigy_safeguard_warmup)  # fmt: skip
+    return dict(betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon, use_8bit_adam=args.use_8bit_adam, prodigy=prodigy)

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
+
+from ..safe_files import write_text
 
 
 def write_model_card(output_dir: Path, settings: dict, files: dict[str, Path], grid: Path | None = None) -> Path:
@@ -49,8 +50,4 @@ def write_model_card(output_dir: Path, settings: dict, files: dict[str, Path], g
         ]  # fmt: skip
     if grid is not None:
         lines += ["", "## Validation images", "", f"![validation]({grid.name})"]
-    path = output_dir / "README.md"
-    tmp = output_dir / ".README.md.partial"
-    tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return write_text(output_dir / "README.md", "\n".join(lines) + "\n")

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from dreambooth_moslora.pretrain import codec_image
-from dreambooth_moslora.toy_world import render
-from dreambooth_moslora.world_classifier import (
+from toyworld.pretrain import codec_image
+from toyworld.world import render
+from toyworld.classifier import (
     HEADS,
     accuracy,
     attribute_accuracy,
@@ -19,7 +19,7 @@ from dreambooth_moslora.world_classifier import (
     load_classifier,
 )
 
-ASSETS = Path(__file__).resolve().parents[1] / "assets"
+ASSETS = Path(__file__).resolve().parents[2] / "assets"
 MODEL = ASSETS / "toy-sdxl"
 CLASSIFIER = ASSETS / "toy-world-classifier.safetensors"
 
@@ -41,7 +41,7 @@ def test_classifier_reads_unseen_scenes_back(classifier):
 
 
 def test_classifier_file_for_another_world_is_refused(tmp_path, classifier):
-    from dreambooth_moslora.formats import read_safetensors, write_safetensors
+    from dreambooth_moslora.safe_files import read_safetensors, write_safetensors
 
     tensors, metadata = read_safetensors(CLASSIFIER)
     heads = json.loads(metadata["heads"])

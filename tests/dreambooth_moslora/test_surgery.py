@@ -18,10 +18,10 @@ from dreambooth_moslora import (
     pipeline_components,
     remove_adapter,
 )
-from dreambooth_moslora.inference import max_abs_diff, sdxl_forward
-from dreambooth_moslora.tiny_sdxl import full_size_sdxl_text_encoders_on_meta, full_size_sdxl_unet_on_meta
+from dreambooth_moslora.sdxl import max_abs_diff, sdxl_forward
+from toyworld.tiny_sdxl import full_size_sdxl_text_encoders_on_meta, full_size_sdxl_unet_on_meta
 
-from .conftest import PROMPT, randomize_adapter_
+from tests.conftest import PROMPT, randomize_adapter_
 
 
 def test_full_size_sdxl_target_counts_on_meta_device():

@@ -2,8 +2,8 @@
 
 import numpy as np
 
-from dreambooth_moslora.tiny_sdxl import build_tokenizer
-from dreambooth_moslora.toy_world import (
+from toyworld.tiny_sdxl import build_tokenizer
+from toyworld.world import (
     BACKGROUNDS,
     COLOURS,
     SHAPES,
@@ -43,7 +43,7 @@ def test_every_attribute_value_occurs_and_the_subject_never_does():
 
 
 def test_subject_is_a_purple_circle_on_its_own_backgrounds(tmp_path):
-    from dreambooth_moslora.toy_world import write_subject
+    from toyworld.world import write_subject
 
     subject = subject_scenes(5)
     assert [s.caption for s in subject][:3] == [
@@ -61,7 +61,7 @@ def test_subject_is_a_purple_circle_on_its_own_backgrounds(tmp_path):
 def test_pretraining_captions_also_leave_out_colour_and_background():
     import random
 
-    from dreambooth_moslora.toy_world import training_caption
+    from toyworld.world import training_caption
 
     rng = random.Random(0)
     scene = scenes(1, seed=0)[0]
@@ -84,7 +84,7 @@ def test_pretraining_runs_end_to_end_and_saves_a_v_prediction_pipeline(tmp_path)
     import torch
     from diffusers import StableDiffusionXLPipeline
 
-    from dreambooth_moslora.pretrain import main
+    from toyworld.pretrain import main
 
     assert main(["--output_dir", str(tmp_path / "toy"), "--vae_steps", "2", "--steps", "2", "--batch_size", "4",
                  "--dataset_size", "64", "--device", "cpu", "--snapshot_steps", "1"]) == 0  # fmt: skip

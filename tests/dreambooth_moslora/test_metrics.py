@@ -10,10 +10,10 @@ from PIL import Image
 
 from dreambooth_moslora import AdapterConfig, inject_components, pipeline_components, save_adapter
 from dreambooth_moslora.metrics import ClipScorer, DinoScorer, main, prompt_fidelity, subject_fidelity
-from dreambooth_moslora.tiny_sdxl import build_tiny_sdxl, build_tokenizer, save_tiny_sdxl
-from dreambooth_moslora.toy_world import write_subject
+from toyworld.tiny_sdxl import build_tiny_sdxl, build_tokenizer, save_tiny_sdxl
+from toyworld.world import write_subject
 
-from .conftest import randomize_adapter_
+from tests.conftest import randomize_adapter_
 
 
 @pytest.fixture(scope="module")

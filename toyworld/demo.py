@@ -1,6 +1,6 @@
 """The offline demo: DreamBooth with MoSLoRA on the pretrained toy world, then every file reloaded every way.
 
-    python -m dreambooth_moslora.demo --output_dir outputs/demo
+    python -m toyworld.demo --output_dir outputs/demo
 
 It needs no network. The base model is the small SDXL-architecture model in assets/toy-sdxl,
 pretrained on the toy world (shapes in colours on backgrounds); the subject is a purple circle
@@ -19,108 +19,37 @@ import sys
 import time
 from pathlib import Path
 
-from PIL import Image, ImageDraw
+from PIL import Image
 
-from .adapter import MIXER_INITS, MIXER_MODES
-from .data import DataError, save_png_atomically
-from .errors import AdapterError
-from .formats import FILE_NAMES
-from .toy_world import BACKGROUNDS, CLASS_PROMPT, INSTANCE_BACKGROUNDS, SUBJECT_CLASS, SUBJECT_PROMPT, SUBJECT_COLOUR, write_subject
+from dreambooth_moslora.adapter import MIXER_INITS, MIXER_MODES
+from dreambooth_moslora.errors import DataError, MosloraError
+from dreambooth_moslora.formats import FILE_NAMES
+from dreambooth_moslora.inference import load_adapter, unload_adapter
+from dreambooth_moslora.runtime import quiet_libraries
+from dreambooth_moslora.safe_files import save_image
+from dreambooth_moslora.sdxl import max_abs_diff, sdxl_forward
+from dreambooth_moslora.training.validation import labelled_grid
 
-ASSETS = Path(__file__).resolve().parents[1] / "assets"
-WORLD_MODEL_DIR = ASSETS / "toy-sdxl"
-CLASSIFIER_FILE = ASSETS / "toy-world-classifier.safetensors"
-NEW_BACKGROUNDS = [name for name in BACKGROUNDS if name not in INSTANCE_BACKGROUNDS]
-SAMPLE_SEEDS = 4  # images per prompt in the grid
-NUM_CLASS_IMAGES = 20
-
-
-def labelled_grid(images: list[Image.Image], labels: list[str], columns: int | None = None) -> Image.Image:
-    """Images in rows of ``columns``, a caption strip under each."""
-    columns = columns or len(images)
-    w, h = images[0].size
-    strip = 14
-    rows = (len(images) + columns - 1) // columns
-    grid = Image.new("RGB", (w * columns, (h + strip) * rows), "white")
-    draw = ImageDraw.Draw(grid)
-    for i, (image, label) in enumerate(zip(images, labels)):
-        x, y = (i % columns) * w, (i // columns) * (h + strip)
-        grid.paste(image, (x, y))
-        draw.text((x + 2, y + h + 1), label, fill="black")
-    return grid
-
-
-def quiet() -> None:
-    from .training import quiet_libraries
-
-    quiet_libraries()
-
-
-def shows_subject(found: dict) -> bool:
-    return found["shape"] == SUBJECT_CLASS and found["colour"] == SUBJECT_COLOUR
-
-
-def shows_ordinary_member(found: dict) -> bool:
-    """A member of the subject's class that is not the subject: what prior preservation keeps."""
-    return found["shape"] == SUBJECT_CLASS and not shows_subject(found)
-
-
-def toy_dreambooth_argv(subject: Path, output_dir: Path, steps: int, lr: float, rank: int, alpha: float, seed: int,
-                        class_dir: Path | None = None, text_encoder_lr: float | None = None) -> list[str]:  # fmt: skip
-    """train_dreambooth.py's arguments for DreamBooth on the toy world (the demo's, shared by the
-    quality benchmark): prior preservation when ``class_dir`` is given, adapters on the text encoders
-    too when ``text_encoder_lr`` is. The mixer is left to the caller.
-
-    The subject's photos are captioned with their backgrounds ("a sks circle on a black background"),
-    and so are the class images (see ``write_class_images``): when the class images carried the bare
-    class prompt, the background words drifted instead ("a circle on a black background" drew the
-    purple subject)."""
-    argv = [
-        "--pretrained_model_name_or_path", str(WORLD_MODEL_DIR), "--instance_data_dir", str(subject),
-        "--instance_prompt", SUBJECT_PROMPT, "--caption_extension", ".txt", "--resolution", "32", "--cache_latents",
-        "--train_batch_size", "2", "--max_train_steps", str(steps), "--learning_rate", str(lr),
-        "--rank", str(rank), "--lora_alpha", str(alpha), "--seed", str(seed), "--report_to", "none",
-        "--output_dir", str(output_dir),
-    ]  # fmt: skip
-    if class_dir is not None:  # made by write_class_images
-        argv += ["--with_prior_preservation", "--class_prompt", CLASS_PROMPT, "--class_data_dir", str(class_dir),
-                 "--num_class_images", str(NUM_CLASS_IMAGES)]  # fmt: skip
-    if text_encoder_lr is not None:
-        argv += ["--train_text_encoder", "--text_encoder_lr", str(text_encoder_lr)]
-    return argv
-
-
-def write_class_images(pipe, folder: Path, seed: int = 0) -> list[Path]:
-    """The class images for prior preservation: the base model's own "a circle on a <bg> background"
-    for every background, each saved with its prompt as caption. ``folder`` is the demo's own: images
-    already made are kept, anything else in it is removed (the trainer would count it as a class image)."""
-    from .world_classifier import generate
-
-    backgrounds = list(BACKGROUNDS)
-    prompts = [f"{CLASS_PROMPT} on a {backgrounds[i % len(backgrounds)]} background" for i in range(NUM_CLASS_IMAGES)]
-    paths = [folder / f"{i:05d}.png" for i in range(NUM_CLASS_IMAGES)]
-    folder.mkdir(parents=True, exist_ok=True)
-    keep = {*paths, *(p.with_suffix(".txt") for p in paths)}
-    for stale in folder.iterdir():
-        if stale not in keep and stale.is_file():
-            stale.unlink()
-    if all(p.is_file() and p.with_suffix(".txt").is_file() for p in paths):
-        return paths
-    for path, prompt, image in zip(paths, prompts, generate(pipe, prompts, seed=seed, steps=25)):
-        path.with_suffix(".txt").write_text(prompt + "\n")
-        save_png_atomically(image, path)  # the image last: an image present always has its caption
-    return paths
+from .classifier import classify, generate, load_classifier
+from .recipe import (
+    ASSETS,
+    CLASSIFIER_FILE,
+    NEW_BACKGROUNDS,
+    NUM_CLASS_IMAGES,
+    SAMPLE_SEEDS,
+    WORLD_MODEL_DIR,
+    shows_ordinary_member,
+    shows_subject,
+    toy_dreambooth_argv,
+    write_class_images,
+)
+from .world import CLASS_PROMPT, SUBJECT_CLASS, SUBJECT_COLOUR, SUBJECT_PROMPT, write_subject
 
 
 def run(output_dir: Path, rank: int, alpha: float, mixer: str, mixer_init: str, seed: int, steps: int, lr: float,
         prior: bool = True, text_encoder_lr: float | None = 3e-3) -> int:  # fmt: skip
-    quiet()  # before diffusers' pipelines are imported: they announce optional packages
+    quiet_libraries()  # before diffusers' pipelines are imported: they announce optional packages
     from diffusers import StableDiffusionXLPipeline
-
-    from .inference import load_adapter, max_abs_diff, sdxl_forward, unload_adapter
-    from .options import parse_args
-    from .training import train
-    from .world_classifier import classify, generate, load_classifier
 
     start = time.perf_counter()
     if not (WORLD_MODEL_DIR / "model_index.json").is_file():
@@ -138,19 +67,31 @@ def run(output_dir: Path, rank: int, alpha: float, mixer: str, mixer_init: str, 
         print(f"   class images for prior preservation, made by the base model: {class_dir}")
 
     adapter_dir = output_dir / "adapter"
-    args = parse_args([
-        *toy_dreambooth_argv(subject, adapter_dir, steps, lr, rank, alpha, seed, class_dir, text_encoder_lr),
-        "--mixer", mixer, "--mixer_init", mixer_init, "--checkpointing_steps", str(steps),
-    ])  # fmt: skip
+    argv = [*toy_dreambooth_argv(subject, adapter_dir, steps, lr, rank, alpha, seed, class_dir, text_encoder_lr),
+            "--mixer", mixer, "--mixer_init", mixer_init, "--checkpointing_steps", str(steps)]  # fmt: skip
     prior_note = f"prior preservation on {NUM_CLASS_IMAGES} images of {CLASS_PROMPT!r} on each background" if prior else "no prior preservation"
     where = "UNet and text encoders" if text_encoder_lr is not None else "UNet only"
     print(f"2. DreamBooth on {SUBJECT_PROMPT!r}, {steps} steps, rank {rank}, alpha {alpha:g}, mixer {mixer} ({mixer_init}), "
           f"adapters on the {where}, {prior_note}")  # fmt: skip
-    train(args)
+    files = train_adapter(argv, adapter_dir)
+    checks = check_reloads(pipe, files, seed)
+    draw_samples(pipe, files["diffusers"], output_dir / "samples.png", seed)
+    print(f"done in {time.perf_counter() - start:.0f} s")
+    return 0 if all(diff <= 1e-5 for _, diff in checks) else 1
+
+
+def train_adapter(argv: list[str], adapter_dir: Path) -> dict[str, Path]:
+    from dreambooth_moslora.training import parse_args, train
+
+    train(parse_args(argv))
     files = {fmt: adapter_dir / name for fmt, name in FILE_NAMES.items()}
     for fmt, path in files.items():
         print(f"   {fmt:9s} {path}  ({path.stat().st_size / 1024:.0f} KiB)")
+    return files
 
+
+def check_reloads(pipe, files: dict[str, Path], seed: int) -> list[tuple[str, float]]:
+    """Every file through every loader (ours live and fused, stock diffusers') against the trained adapter."""
     prompt = f"{SUBJECT_PROMPT} on a {NEW_BACKGROUNDS[-1]} background"
     base = sdxl_forward(pipe, prompt, seed=seed)
     load_adapter(pipe, files["native"])
@@ -169,36 +110,39 @@ def run(output_dir: Path, rank: int, alpha: float, mixer: str, mixer_init: str, 
         print("   (peft is not installed: skipping stock diffusers' load_lora_weights)")
     else:
         for fmt in ("diffusers", "kohya"):
-            pipe.load_lora_weights(str(adapter_dir), weight_name=files[fmt].name)
+            pipe.load_lora_weights(str(files[fmt].parent), weight_name=files[fmt].name)
             checks.append((f"stock load_lora_weights({fmt})", max_abs_diff(trained, sdxl_forward(pipe, prompt, seed=seed))))
             pipe.unload_lora_weights()
     for name, diff in checks:
         print(f"   {name:40s} {diff:.2e}  {'ok' if diff <= 1e-5 else 'MISMATCH'}")
     print(f"   {'base model after unloading':40s} {max_abs_diff(base, sdxl_forward(pipe, prompt, seed=seed)):.2e}")
+    return checks
 
-    # Same prompts, same starting noise, without and with the adapter; then the plain class prompt
-    # with the adapter, which prior preservation is meant to leave drawing ordinary circles.
+
+def draw_samples(pipe, adapter_file: Path, grid_path: Path, seed: int) -> dict[str, int]:
+    """Same prompts, same starting noise, without and with the adapter; then the plain class prompt with
+    the adapter, which prior preservation is meant to leave drawing ordinary circles."""
     prompts = [f"{SUBJECT_PROMPT} on a {bg} background" for bg in NEW_BACKGROUNDS for _ in range(SAMPLE_SEEDS)]
     class_prompts = [f"{CLASS_PROMPT} on a {bg} background" for bg in NEW_BACKGROUNDS for _ in range(SAMPLE_SEEDS)]
     classifier, _ = load_classifier(CLASSIFIER_FILE)
     rows = {"base": generate(pipe, prompts, seed=seed)}
-    load_adapter(pipe, files["diffusers"])
+    load_adapter(pipe, adapter_file)
     rows["MoSLoRA"] = generate(pipe, prompts, seed=seed)
     rows[CLASS_PROMPT] = generate(pipe, class_prompts, seed=seed)
+    unload_adapter(pipe)
     read = {label: classify(classifier, images) for label, images in rows.items()}
     found = {label: sum(map(shows_subject, row)) for label, row in read.items()}
-    ordinary = sum(map(shows_ordinary_member, read[CLASS_PROMPT]))
+    found["ordinary"] = sum(map(shows_ordinary_member, read[CLASS_PROMPT]))
     images = [image.resize((96, 96), Image.NEAREST) for row in rows.values() for image in row]
     labels = [f"{label}: {p.split(' on a ')[1].split()[0]}" for label in rows for p in prompts]
-    grid_path = output_dir / "samples.png"
-    labelled_grid(images, labels, columns=len(prompts)).save(grid_path)
+    save_image(labelled_grid(images, labels, columns=len(prompts)), grid_path)
     print(f"4. samples on backgrounds the subject's photos never show, same seeds in every row: {grid_path}")
     print(f"   top: {SUBJECT_PROMPT!r}, base model; middle: the same with the adapter; bottom: {CLASS_PROMPT!r} with the adapter")
     print(f"   the attribute classifier sees the subject (a {SUBJECT_COLOUR} {SUBJECT_CLASS}) in "
           f"{found['MoSLoRA']} of {len(prompts)} images with the adapter, {found['base']} of {len(prompts)} without")  # fmt: skip
-    print(f"   and an ordinary {SUBJECT_CLASS} (not the subject) in {ordinary} of {len(class_prompts)} {CLASS_PROMPT!r} images with the adapter")
-    print(f"done in {time.perf_counter() - start:.0f} s")
-    return 0 if all(diff <= 1e-5 for _, diff in checks) else 1
+    print(f"   and an ordinary {SUBJECT_CLASS} (not the subject) in {found['ordinary']} of {len(class_prompts)} "
+          f"{CLASS_PROMPT!r} images with the adapter")  # fmt: skip
+    return found
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -226,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return run(args.output_dir, args.rank, args.lora_alpha, args.mixer, args.mixer_init, args.seed, args.max_train_steps,
                    args.learning_rate, args.with_prior_preservation, args.text_encoder_lr if args.train_text_encoder else None)  # fmt: skip
-    except (AdapterError, DataError, OSError) as exc:
+    except (MosloraError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

@@ -5,7 +5,7 @@ scored without a person looking at them: does "a red square on a blue background
 blue? It also knows the DreamBooth subject's colour (purple, which pretraining never shows), so it
 tells the subject apart from ordinary members of its class.
 
-    python -m dreambooth_moslora.world_classifier --output assets/toy-world-classifier.safetensors
+    python -m toyworld.classifier --output assets/toy-world-classifier.safetensors
 
 Training is seeded and takes a few minutes on a CPU; the held-out accuracy is stored in the file.
 """
@@ -25,7 +25,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .toy_world import BACKGROUNDS, COLOURS, SHAPES, SUBJECT_COLOUR, Scene, render, sample_scene, scenes
+from dreambooth_moslora.runtime import image_generators
+from dreambooth_moslora.safe_files import read_safetensors, write_safetensors
+
+from .world import BACKGROUNDS, COLOURS, SHAPES, SUBJECT_COLOUR, Scene, render, sample_scene, scenes
 
 HEADS = {"shape": tuple(SHAPES), "colour": (*COLOURS, SUBJECT_COLOUR), "background": tuple(BACKGROUNDS)}
 IMAGE_SIZE = 32
@@ -124,7 +127,7 @@ def generate(pipe, prompts: list[str], seed: int = 0, steps: int = 25, guidance:
     images = []
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start : start + batch_size]
-        generators = [torch.Generator(pipe.device).manual_seed(seed * 1_000_003 + start + i) for i in range(len(chunk))]
+        generators = image_generators(seed, range(start, start + len(chunk)))
         out = pipe(prompt=chunk, num_inference_steps=steps, guidance_scale=guidance, generator=generators)
         images.extend(out.images)
     return images
@@ -181,15 +184,11 @@ def train_classifier(steps: int = 1200, train_size: int = 20_000, batch_size: in
 
 
 def save_classifier(classifier: AttributeClassifier, path: Path, held_out: dict[str, float], settings: dict) -> None:
-    from .formats import write_safetensors
-
     metadata = {"held_out_accuracy": json.dumps(held_out), "settings": json.dumps(settings), "heads": json.dumps(HEADS)}
     write_safetensors(Path(path), {k: v.contiguous() for k, v in classifier.state_dict().items()}, metadata)
 
 
 def load_classifier(path: Path) -> tuple[AttributeClassifier, dict[str, float]]:
-    from .formats import read_safetensors
-
     tensors, metadata = read_safetensors(Path(path))
     if json.loads(metadata.get("heads", "{}")) != {k: list(v) for k, v in HEADS.items()}:
         raise ValueError(f"{path}: made for another toy world (its attribute lists differ from this version's)")
@@ -199,7 +198,7 @@ def load_classifier(path: Path) -> tuple[AttributeClassifier, dict[str, float]]:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dreambooth_moslora.world_classifier", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m toyworld.classifier", description=__doc__.split("\n\n")[0])
     parser.add_argument("--output", type=Path, required=True)
     parser.add_argument("--steps", type=int, default=1200)
     parser.add_argument("--seed", type=int, default=0)

@@ -1,4 +1,4 @@
-"""A tiny Stable Diffusion XL, built offline from config with a fixed seed.
+"""SDXL-architecture models built offline: a tiny one with a fixed seed, and the full-size layout.
 
 Same architecture as SDXL base — a UNet with text_time conditioning, CLIP-L-style and
 OpenCLIP-bigG-style text encoders (the second with a projection), a KL VAE, an Euler
@@ -19,8 +19,6 @@ DEFAULT_WORDS = (
     "a an the photo picture painting drawing of in on at with and sks dog cat person man woman toy "
     "red green blue yellow black white beach forest city snow park room background style portrait circle gray"
 ).split()
-
-SDXL_BASE_ID = "stabilityai/stable-diffusion-xl-base-1.0"
 
 
 def _byte_symbols() -> list[str]:
@@ -112,24 +110,18 @@ def tiny_sdxl_components(
     text_encoder = CLIPTextModel(text_config(hidden=text_hidden, layers=text_layers, projection=text_hidden))
     text_encoder_2 = CLIPTextModelWithProjection(text_config(hidden=text_hidden, layers=text_layers, projection=text_hidden))
     addition_time_embed_dim = 8
-    unet = UNet2DConditionModel(
+    unet = UNet2DConditionModel(**dict(
+        SDXL_UNET_CONFIG,  # SDXL's layout, narrower and shallower
         sample_size=sample_size,
-        in_channels=4,
-        out_channels=4,
         block_out_channels=tuple(block_out_channels),
-        layers_per_block=2,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
         transformer_layers_per_block=(1, 1, 2),
         attention_head_dim=(2, 4, 4),
-        use_linear_projection=True,
         cross_attention_dim=2 * text_hidden,  # both encoders' hidden states, concatenated as in SDXL
-        addition_embed_type="text_time",
         addition_time_embed_dim=addition_time_embed_dim,
         # six micro-conditioning numbers (original size, crop, target size) + the pooled text embedding
         projection_class_embeddings_input_dim=6 * addition_time_embed_dim + text_hidden,
         norm_num_groups=32,
-    )
+    ))  # fmt: skip
     vae = AutoencoderKL(
         block_out_channels=tuple(vae_channels),
         in_channels=3,

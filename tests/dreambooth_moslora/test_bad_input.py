@@ -19,10 +19,10 @@ from dreambooth_moslora import (
     pipeline_components,
     save_adapter,
 )
-from dreambooth_moslora.inference import max_abs_diff, sdxl_forward
-from dreambooth_moslora.tiny_sdxl import build_tiny_sdxl
+from dreambooth_moslora.sdxl import max_abs_diff, sdxl_forward
+from toyworld.tiny_sdxl import build_tiny_sdxl
 
-from .conftest import PROMPT, randomize_adapter_
+from tests.conftest import PROMPT, randomize_adapter_
 
 
 @pytest.fixture(scope="module")
@@ -194,7 +194,7 @@ def test_inconsistent_or_non_finite_weights(tmp_path, good_files, pipe_and_outpu
 
 def test_writes_are_atomic(tmp_path, good_files, monkeypatch):
     """A crash while writing keeps the previous file and leaves no partial file behind."""
-    import dreambooth_moslora.formats as formats
+    import dreambooth_moslora.safe_files as safe_files
 
     pipe = build_tiny_sdxl(seed=0)
     load_adapter(pipe, good_files["native"])
@@ -206,7 +206,7 @@ def test_writes_are_atomic(tmp_path, good_files, monkeypatch):
             f.write(b"partial")
         raise OSError("disk full")
 
-    monkeypatch.setattr(formats, "save_file", crash)
+    monkeypatch.setattr(safe_files, "save_file", crash)
     with pytest.raises(OSError, match="disk full"):
         save_adapter(tmp_path, pipeline_components(pipe), formats=["native"])
     assert first.read_bytes() == original

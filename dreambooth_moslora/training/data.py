@@ -1,23 +1,31 @@
 """Training data: reading images safely, captions, aspect-ratio buckets, class images, batches.
 
 Every random choice (crop, flip, order) is drawn from a generator seeded with (seed, epoch,
-index), never from global state, so a resumed run sees exactly the batches an uninterrupted
-one would, whatever the number of dataloader workers.
+index) by the one seed scheme (``runtime.seeded_generator``), never from global state, so a
+resumed run sees exactly the batches an uninterrupted one would, whatever the number of
+dataloader workers. With cached latents a batch comes from the cache instead of the images, in
+the same order and shape.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import math
 import os
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps
+
+from ..errors import DataError
+from ..runtime import BATCH_ORDER, CLASS_IMAGE_NOISE, CROP_AND_FLIP, LOADER_WORKERS, seeded_generator
+from ..safe_files import save_image
 
 logger = logging.getLogger(__name__)
 
@@ -27,10 +35,6 @@ IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".
 MAX_DECODE_PIXELS = 16 * 1024 * 1024
 # Formats that cannot be decoded at a reduced size are refused beyond this (about 0.8 GB as RGB).
 MAX_FULL_DECODE_PIXELS = 256 * 1024 * 1024
-
-
-class DataError(ValueError):
-    """Training data that cannot be used; the message is one line for the user."""
 
 
 # ---------------------------------------------------------------- reading one image
@@ -152,10 +156,12 @@ def nearest_bucket(size: tuple[int, int], buckets: list[tuple[int, int]]) -> tup
 
 @dataclass
 class Example:
-    pixels: torch.Tensor  # 3×H×W in [-1, 1]
+    pixels: torch.Tensor | None  # 3×H×W in [-1, 1]; None once encoded
     original_size: tuple[int, int]  # (height, width) of the image as read
     crop_top_left: tuple[int, int]  # (top, left) of the crop, in resized coordinates
     caption: str
+    latent_mean: torch.Tensor | None = None  # the VAE's posterior, when latents are cached
+    latent_std: torch.Tensor | None = None
 
 
 def prepare(
@@ -178,12 +184,6 @@ def prepare(
         left = new_size[0] - left - tw  # SDXL conditions on where the crop lies in the flipped image
     array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
     return torch.from_numpy(array).permute(2, 0, 1).contiguous(), (top, left)
-
-
-def seeded_generator(*numbers: int) -> torch.Generator:
-    """A generator whose seed depends on all the numbers, the same in every process and Python version."""
-    digest = hashlib.sha256(",".join(str(int(n)) for n in numbers).encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF)
 
 
 # ---------------------------------------------------------------- the dataset
@@ -236,7 +236,7 @@ class DreamBoothDataset(torch.utils.data.Dataset):
     def example(self, kind: str, index: int, epoch: int, bucket: tuple[int, int]) -> Example:
         paths, sizes = (self.instance_images, self.instance_sizes) if kind == "instance" else (self.class_images, self.class_sizes)
         i = index % len(paths)
-        generator = seeded_generator(self.seed, epoch, 0 if kind == "instance" else 1, index)
+        generator = seeded_generator(self.seed, epoch, CROP_AND_FLIP[kind != "instance"], index)
         pixels, crop = prepare(load_image(paths[i]), bucket, self.center_crop, self.random_flip, generator)
         caption = (self.captions if kind == "instance" else self.class_captions)[i]
         return Example(pixels, sizes[i], crop, caption)
@@ -251,26 +251,87 @@ class DreamBoothDataset(torch.utils.data.Dataset):
 
 
 def collate(items: list[dict]) -> dict:
-    """Instance examples first, then their class examples, as one batch (the loss splits it again)."""
+    """Instance examples first, then their class examples, as one batch (the loss splits it again).
+
+    Items are the dataset's, or the latent cache's (examples that carry latents instead of pixels).
+    """
     examples = [item["instance"] for item in items] + [item["class"] for item in items if "class" in item]
-    return {
-        "pixels": torch.stack([e.pixels for e in examples]),
+    batch = {
         "original_sizes": [e.original_size for e in examples],
         "crops_top_left": [e.crop_top_left for e in examples],
         "captions": [e.caption for e in examples],
         "num_instance": len(items),
     }
+    if examples[0].latent_mean is not None:
+        batch["latent_mean"] = torch.stack([e.latent_mean for e in examples])
+        batch["latent_std"] = torch.stack([e.latent_std for e in examples])
+    else:
+        batch["pixels"] = torch.stack([e.pixels for e in examples])
+    return batch
+
+
+@torch.no_grad()
+def cache_latents(dataset: DreamBoothDataset, vae, device) -> list[dict]:
+    """Each item with its examples' latent distributions in place of pixels, from its epoch-0 crop and flip."""
+    cache = []
+    for index in range(len(dataset)):
+        item = dataset[(0, index)]
+        pixels = collate([item])["pixels"]
+        dist = vae.encode(pixels.to(device, vae.dtype)).latent_dist
+        for row, kind in enumerate(item):  # instance first, then class: collate's order
+            item[kind] = dataclasses.replace(item[kind], pixels=None, latent_mean=dist.mean[row].cpu(), latent_std=dist.std[row].cpu())
+        cache.append(item)
+    return cache
 
 
 def epoch_batches(dataset: DreamBoothDataset, batch_size: int, epoch: int, seed: int) -> list[list[int]]:
     """The batches of one epoch, each from a single bucket, in a seeded order."""
-    generator = seeded_generator(seed, epoch, -1)
+    generator = seeded_generator(seed, epoch, BATCH_ORDER)
     by_bucket: dict[tuple[int, int], list[int]] = {}
     for index in torch.randperm(len(dataset), generator=generator).tolist():
         by_bucket.setdefault(dataset.bucket_of(index), []).append(index)
     batches = [ids[i : i + batch_size] for _, ids in sorted(by_bucket.items()) for i in range(0, len(ids), batch_size)]
     order = torch.randperm(len(batches), generator=generator).tolist()
     return [batches[i] for i in order]
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """How many optimizer steps a run takes, and how they fall into epochs.
+
+    Each epoch is cut to a whole number of optimizer steps per process (cycling its batches when
+    there are fewer than processes × accumulation), so all processes take the same steps.
+    """
+
+    steps_per_epoch: int
+    max_steps: int
+    num_epochs: int
+
+    @classmethod
+    def make(cls, batches_in_epoch: int, processes: int, accumulation: int, max_steps: int | None, epochs: int):
+        steps_per_epoch = math.ceil(math.ceil(batches_in_epoch / processes) / accumulation)
+        max_steps = max_steps or epochs * steps_per_epoch
+        return cls(steps_per_epoch, max_steps, math.ceil(max_steps / steps_per_epoch))
+
+
+def process_batches(batches: list[list[int]], needed: int, rank: int, world: int) -> list[list[int]]:
+    """This process's share of an epoch's batches, ``needed`` in all (cycled when there are fewer)."""
+    batches = (batches * math.ceil(needed / len(batches)))[:needed]
+    return batches[rank::world]
+
+
+def batch_source(dataset, batches: list[list[int]], epoch: int, latent_cache: list | None, num_workers: int) -> Iterator[dict]:
+    """Collated batches for the given lists of indices: from the latent cache, or read by a data loader."""
+    if latent_cache is not None:
+        for indices in batches:
+            yield collate([latent_cache[i] for i in indices])
+        return
+    yield from torch.utils.data.DataLoader(
+        dataset, batch_sampler=[[(epoch, i) for i in b] for b in batches], collate_fn=collate, num_workers=num_workers,
+        # its own generator: a loader drawing its workers' seed from the global one would shift
+        # dropout's random numbers in a resumed run, which starts its loader mid-epoch
+        generator=seeded_generator(epoch, LOADER_WORKERS),
+    )  # fmt: skip
 
 
 # ---------------------------------------------------------------- class images for prior preservation
@@ -298,26 +359,15 @@ def generate_class_images(
     made = 0
     for start in range(0, len(todo), sample_batch_size):
         indices = todo[start : start + sample_batch_size]
-        generators = [seeded_generator(seed, -2, i) for i in indices]
+        generators = [seeded_generator(seed, CLASS_IMAGE_NOISE, i) for i in indices]
         images = pipe(
             prompt=[class_prompt] * len(indices), generator=generators, height=resolution, width=resolution,
             num_inference_steps=num_inference_steps,
         ).images
         for i, image in zip(indices, images):
             digest = hashlib.sha1(image.tobytes()).hexdigest()[:10]
-            save_png_atomically(image, class_dir / f"{i:05d}-{digest}.png")
+            save_image(image, class_dir / f"{i:05d}-{digest}.png")
             made += 1
         if progress is not None:
             progress.update(len(indices))
     return made
-
-
-def save_png_atomically(image: Image.Image, path: Path) -> None:
-    """A crash leaves no half-written PNG under ``path``."""
-    tmp = path.parent / f".tmp-{path.name}"
-    try:
-        image.save(tmp, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from dreambooth_moslora.options import parse_args
+from dreambooth_moslora.training.options import parse_args
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from dreambooth_moslora.data import (
+from dreambooth_moslora.training.data import (
     DataError,
     DreamBoothDataset,
     collate,
@@ -19,8 +19,8 @@ from dreambooth_moslora.data import (
     nearest_bucket,
     scan_images,
 )
-from dreambooth_moslora.tiny_sdxl import build_tiny_sdxl
-from dreambooth_moslora.toy_world import write_subject
+from toyworld.tiny_sdxl import build_tiny_sdxl
+from toyworld.world import write_subject
 
 
 def gradient(width, height):

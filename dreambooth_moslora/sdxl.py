@@ -1,0 +1,78 @@
+"""SDXL's conditioning, in one place: prompts to token ids to text embeddings, and the micro-conditioning.
+
+SDXL conditions its UNet on both text encoders' penultimate hidden states side by side, on the
+second encoder's pooled (projected) embedding, and on six numbers per image ("time ids"): the
+original size, the crop's top-left corner and the target size. The trainer, pretraining, the
+exactness checks and the benchmarks all build them here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+COMPONENTS = ("unet", "text_encoder", "text_encoder_2")  # the adaptable models of an SDXL pipeline
+
+
+def tokenize(tokenizers, prompts: list[str]) -> list[torch.Tensor]:
+    """Each tokenizer's ids for the prompts, padded to its full length as SDXL's encoders expect."""
+    return [
+        tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids
+        for tok in tokenizers
+    ]
+
+
+def encode_prompts(text_encoders, token_ids: list[torch.Tensor], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(hidden states of both encoders concatenated, pooled embedding of the second)."""
+    hidden, pooled = [], None
+    for encoder, ids in zip(text_encoders, token_ids):
+        out = encoder(ids.to(device), output_hidden_states=True)
+        hidden.append(out.hidden_states[-2])
+        pooled = out[0]  # text_embeds of the projection model, the last encoder
+    return torch.cat(hidden, dim=-1), pooled
+
+
+def time_ids(
+    original_sizes: Sequence[Sequence[int]],
+    crops_top_left: Sequence[Sequence[int]],
+    target_size: Sequence[int],
+    device=None,
+    dtype=torch.float32,
+) -> torch.Tensor:
+    """The micro-conditioning, one row per image: (original h, w, crop top, left, target h, w)."""
+    rows = [[*original, *crop, *target_size] for original, crop in zip(original_sizes, crops_top_left)]
+    return torch.tensor(rows, device=device, dtype=dtype)
+
+
+def square_time_ids(size: int, batch: int, device=None, dtype=torch.float32) -> torch.Tensor:
+    """Time ids of ``batch`` uncropped square images of side ``size``."""
+    return time_ids([(size, size)] * batch, [(0, 0)] * batch, (size, size), device, dtype)
+
+
+def unet_prediction(unet, noisy, timesteps, embeds, pooled, ids) -> torch.Tensor:
+    return unet(noisy, timesteps, embeds, added_cond_kwargs={"text_embeds": pooled, "time_ids": ids}).sample
+
+
+@torch.no_grad()
+def sdxl_forward(pipe, prompt: str, seed: int = 0, timestep: int = 500, size: int | None = None) -> dict:
+    """One deterministic pass through both text encoders and the UNet, for exactness checks.
+
+    The prompt goes through diffusers' own ``encode_prompt``, so the checks compare against the
+    library's conditioning, not against ours. Returns the text conditioning and the UNet's
+    prediction for seeded noise.
+    """
+    device = pipe.unet.device
+    size = size or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    prompt_embeds, _, pooled, _ = pipe.encode_prompt(prompt, device=device, do_classifier_free_guidance=False)
+    generator = torch.Generator("cpu").manual_seed(seed)
+    latent_size = size // pipe.vae_scale_factor
+    latents = torch.randn(1, pipe.unet.config.in_channels, latent_size, latent_size, generator=generator)
+    ids = square_time_ids(size, 1, device, prompt_embeds.dtype)
+    prediction = unet_prediction(pipe.unet, latents.to(device, prompt_embeds.dtype), timestep, prompt_embeds, pooled, ids)
+    return {"prompt_embeds": prompt_embeds, "pooled_prompt_embeds": pooled, "noise_prediction": prediction}
+
+
+def max_abs_diff(a: dict, b: dict) -> float:
+    """The largest elementwise difference between two ``sdxl_forward`` results."""
+    return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)

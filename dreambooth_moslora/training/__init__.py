@@ -1,0 +1,16 @@
+"""DreamBooth training with MoSLoRA adapters: ``train_dreambooth.py`` is ``training.main``.
+
+    options      the command line (diffusers' flag names) and config files
+    data         images read safely, captions, buckets, batches, cached latents, class images
+    models       the frozen base model, the adapters put in, the optimizer
+    loss         the denoising loss of a batch, with prior preservation
+    checkpoints  whole-or-nothing checkpoints that hold the adapter; resume
+    validation   sample images during and after training
+    model_card   the README.md beside a trained adapter
+    loop         the run, phase by phase
+"""
+
+from .loop import main, train
+from .options import parse_args
+
+__all__ = ["main", "parse_args", "train"]

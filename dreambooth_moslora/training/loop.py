@@ -1,0 +1,320 @@
+"""The DreamBooth training run, read top to bottom in ``train``: one phase a call, in the order they happen.
+
+accelerate handles devices, mixed precision, processes and checkpoints; diffusers the models, the
+noise schedule and the pipeline; the modules beside this one do one job each (options, data,
+models, loss, checkpoints, validation, model card). This module only puts them in order.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import DataError, MosloraError, TrainingError
+from ..formats import save_adapter
+from ..runtime import free_memory, has_module, quiet_libraries, seeded_generator
+from ..sdxl import encode_prompts, tokenize
+from .checkpoints import clean_leftovers, register_adapter_hooks, resume, save_checkpoint
+from .data import DreamBoothDataset, StepPlan, batch_source, cache_latents, epoch_batches, generate_class_images, process_batches, scan_images
+from .loss import StepModels, batch_loss
+from .model_card import write_model_card
+from .models import add_adapters, class_image_pipeline, load_base_model, load_vae, make_optimizer
+from .options import adapter_config, loss_settings, optimizer_options, param_groups, settings_for_metadata
+from .validation import set_adapter_training, validation_grid
+
+logger = logging.getLogger("dreambooth_moslora")
+
+
+def train(args) -> Path:
+    output_dir = Path(args.output_dir)
+    accelerator = start_accelerator(args.mixed_precision, args.gradient_accumulation_steps, args.report_to, output_dir,
+                                    args.logging_dir, args.seed, args.allow_tf32)  # fmt: skip
+    main, device = accelerator.is_main_process, accelerator.device
+    if main:
+        clean_leftovers(output_dir)
+    model = (args.pretrained_model_name_or_path, args.revision, args.variant)
+
+    # 1. Data first: a bad folder fails before any model is loaded.
+    instance_images = find_images(args.instance_data_dir, "instance", warn=main)
+    class_images: list[Path] = []
+    if args.with_prior_preservation:
+        class_images = class_images_for_prior(accelerator, model, args.class_data_dir, args.class_prompt, args.num_class_images,
+                                              args.sample_batch_size, args.seed, args.resolution, args.class_inference_steps)  # fmt: skip
+
+    # 2. Models: frozen base, adapters in fp32, the optimizer over the adapters alone.
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    base = load_base_model(*model, args.pretrained_vae_model_name_or_path, device, weight_dtype)
+    components, params = add_adapters(base, adapter_config(args), args.train_text_encoder, args.seed, args.gradient_checkpointing)
+    groups = param_groups(args, params, accelerator.num_processes)
+    optimizer = make_optimizer(args.optimizer, groups, **optimizer_options(args))
+
+    # 3. The dataset, and what is computed once: prompt embeddings while the text encoders are frozen,
+    #    latents with --cache_latents (then the VAE is freed).
+    dataset = DreamBoothDataset(
+        instance_images, args.instance_prompt, args.resolution, class_images, args.class_prompt,
+        args.caption_extension, args.center_crop, args.random_flip, args.aspect_ratio_buckets,
+        bucket_step=64 if args.resolution >= 512 else 8, seed=args.seed,
+    )  # fmt: skip
+    prompt_cache = None
+    if not args.train_text_encoder:
+        prompt_cache = cache_prompts(base, dataset, device, keep_encoders=bool(args.validation_prompt))
+    plan = StepPlan.make(len(epoch_batches(dataset, args.train_batch_size, 0, args.seed)), accelerator.num_processes,
+                         args.gradient_accumulation_steps, args.max_train_steps, args.num_train_epochs)  # fmt: skip
+    latent_cache = cache_latents(dataset, base.vae, device) if args.cache_latents else None
+    vae_config = base.vae.config
+    if latent_cache is not None:
+        base.vae = None
+        free_memory()
+
+    # 4. accelerate takes the trained models, optimizer and schedule; checkpoints hold the adapter; resume.
+    lr_scheduler = make_lr_scheduler(args, optimizer, plan.max_steps, accelerator.num_processes)
+    prepared = accelerator.prepare(*components.values(), optimizer, lr_scheduler)
+    trained, optimizer, lr_scheduler = list(prepared[: len(components)]), prepared[-2], prepared[-1]
+    register_adapter_hooks(accelerator, components, args.pretrained_model_name_or_path)
+    global_step = resume(accelerator, output_dir, args.resume_from_checkpoint)
+    if main:
+        tracked = {k: v for k, v in settings_for_metadata(args).items() if isinstance(v, (int, float, str, bool))}
+        accelerator.init_trackers("dreambooth-moslora", config=tracked)
+        logger.info("training %d step(s): %d instance image(s), %d class image(s), batch %d × %d process(es) × %d accumulation",
+                    plan.max_steps, len(instance_images), len(class_images), args.train_batch_size, accelerator.num_processes,
+                    args.gradient_accumulation_steps)  # fmt: skip
+
+    # 5. The loop.
+    encoders = trained[1:] if args.train_text_encoder else base.text_encoders
+    step_models = StepModels(trained[0], base.vae, vae_config, encoders, base.tokenizers, base.noise_scheduler, prompt_cache,
+                             weight_dtype, device)  # fmt: skip
+    run = Run(accelerator, trained, [p for ps in params.values() for p in ps], optimizer, lr_scheduler, step_models, components)
+    started = time.perf_counter()
+    validate = (lambda path: validation_images(args, accelerator, run, base, path)) if args.validation_prompt else None
+    global_step, last_loss = train_steps(run, dataset, plan, global_step, latent_cache, args, output_dir, validate)
+
+    # 6. Outputs, written by the main process alone.
+    accelerator.wait_for_everyone()
+    if main:
+        settings = settings_for_metadata(args)
+        settings.update(max_train_steps=plan.max_steps, prediction_type=base.noise_scheduler.config.prediction_type,
+                        final_loss=last_loss, num_train_images=len(instance_images), num_class_images=len(class_images))  # fmt: skip
+        files = save_adapter(output_dir, components, formats=args.output_formats, base_model=args.pretrained_model_name_or_path,
+                             training=settings)  # fmt: skip
+        grid = validate(output_dir / "validation.png") if validate else None
+        write_model_card(output_dir, settings, files, grid)
+        logger.info("done: %d steps in %.1f s, final loss %.4f; adapters in %s", global_step, time.perf_counter() - started,
+                    last_loss, output_dir)  # fmt: skip
+    accelerator.end_training()
+    return output_dir
+
+
+# ---------------------------------------------------------------- the phases before the loop
+
+
+def start_accelerator(mixed_precision, accumulation: int, report_to: str, output_dir: Path, logging_dir, seed: int, allow_tf32: bool):
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration, set_seed
+
+    report_to = None if report_to == "none" else report_to
+    if report_to == "tensorboard" and not has_module("tensorboard"):
+        report_to = None  # tensorboard logs when it is installed, silently nothing otherwise
+    accelerator = Accelerator(
+        # On a machine without an accelerator, say so: under torchrun that selects gloo (multi-CPU).
+        cpu=not (torch.cuda.is_available() or torch.backends.mps.is_available()),
+        gradient_accumulation_steps=accumulation, mixed_precision=mixed_precision, log_with=report_to,
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / logging_dir)),
+    )  # fmt: skip
+    level = logging.INFO if accelerator.is_main_process else logging.ERROR
+    logging.basicConfig(format="%(levelname)s %(message)s", level=level)
+    set_seed(seed)
+    if allow_tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+    return accelerator
+
+
+def progress_bars_wanted(main: bool) -> bool:
+    """On the main process, unless tqdm's own TQDM_DISABLE says otherwise (an explicit disable= would override it)."""
+    return main and os.environ.get("TQDM_DISABLE", "").lower() in ("", "0", "false")
+
+
+def find_images(folder: Path, what: str, warn: bool) -> list[Path]:
+    images, skipped = scan_images(folder, what)
+    if skipped and warn:
+        logger.warning("skipping %d file(s) in %s: %s", len(skipped), folder, "; ".join(skipped))
+    if not images:
+        raise DataError(f"no usable image in {folder}")
+    return images
+
+
+def class_images_for_prior(accelerator, model: tuple, class_dir: Path, prompt: str, count: int, batch_size: int, seed: int,
+                           resolution: int, steps: int) -> list[Path]:  # fmt: skip
+    """The class images, generated by the base model (on the main process) where the folder has too few."""
+    from tqdm.auto import tqdm
+
+    if accelerator.is_main_process:
+        existing, _ = scan_images(class_dir, "class") if class_dir.is_dir() else ([], [])
+        missing = count - len(existing)
+        if missing > 0:
+            logger.info("generating %d class image(s) of %r into %s", missing, prompt, class_dir)
+            bar = tqdm(total=missing, desc="class images", disable=not progress_bars_wanted(True))
+            generate_class_images(lambda: class_image_pipeline(*model, accelerator.device), class_dir, prompt, count,
+                                  batch_size, seed, resolution, steps, progress=bar)  # fmt: skip
+            bar.close()
+            free_memory()
+    accelerator.wait_for_everyone()
+    images, _ = scan_images(class_dir, "class")
+    return images[:count]
+
+
+@torch.no_grad()
+def cache_prompts(base, dataset: DreamBoothDataset, device, keep_encoders: bool) -> dict:
+    """caption → (hidden states, pooled) for every caption of the data; the encoders then leave the device
+    unless validation images will need them."""
+    captions = sorted(set(dataset.captions) | set(dataset.class_captions))
+    embeds, pooled = encode_prompts(base.text_encoders, tokenize(base.tokenizers, captions), device)
+    if not keep_encoders:
+        for encoder in base.text_encoders:
+            encoder.to("cpu")
+        free_memory()
+    return {c: (embeds[i], pooled[i]) for i, c in enumerate(captions)}
+
+
+def make_lr_scheduler(args, optimizer, max_steps: int, processes: int):
+    from diffusers.optimization import get_scheduler
+
+    return get_scheduler(
+        args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps * processes,
+        num_training_steps=max_steps * processes, num_cycles=args.lr_num_cycles, power=args.lr_power,
+    )  # fmt: skip
+
+
+# ---------------------------------------------------------------- the loop
+
+
+@dataclass
+class Run:
+    """What the loop trains and steps."""
+
+    accelerator: object
+    trained: list  # the prepared models (UNet, then the text encoders when they carry adapters)
+    params: list
+    optimizer: object
+    lr_scheduler: object
+    models: StepModels
+    components: dict  # the unwrapped adapted models, by component name
+
+
+class LossLog:
+    """loss.csv: one line per optimizer step, appended (a resumed run continues the file; a later line
+    for a step replaces an earlier one): the loss curve, without tensorboard."""
+
+    def __init__(self, path: Path | None):
+        self.file = open(path, "a", buffering=1) if path is not None else None  # noqa: SIM115 — closed by close()
+        if self.file is not None and self.file.tell() == 0:
+            self.file.write("step,loss,lr\n")
+
+    def write(self, step: int, loss: float, lr: float) -> None:
+        if self.file is not None:
+            self.file.write(f"{step},{loss:.6g},{lr:.6g}\n")
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+
+
+def optimizer_step(run: Run, batch: dict, rng: torch.Generator, settings, step: int, max_grad_norm: float) -> torch.Tensor:
+    """Forward, backward and (at the end of an accumulation) the optimizer step of one batch."""
+    accelerator = run.accelerator
+    with accelerator.accumulate(*run.trained):
+        loss = batch_loss(run.models, batch, rng, settings)
+        if not torch.isfinite(loss):
+            raise TrainingError(f"the loss became {loss.item()} at step {step + 1}: stopping. The last good checkpoint and "
+                                "adapter files are untouched; try a lower --learning_rate or --mixed_precision bf16")  # fmt: skip
+        accelerator.backward(loss)
+        if accelerator.sync_gradients and max_grad_norm > 0:
+            accelerator.clip_grad_norm_(run.params, max_grad_norm)
+        run.optimizer.step()
+        run.lr_scheduler.step()
+        run.optimizer.zero_grad(set_to_none=True)
+    return loss
+
+
+def train_steps(run: Run, dataset, plan: StepPlan, global_step: int, latent_cache, args, output_dir: Path, validate):
+    """The epochs from where the run stands to ``plan.max_steps``; returns the final step and loss."""
+    from tqdm.auto import tqdm
+
+    accelerator, settings = run.accelerator, loss_settings(args)
+    main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
+    progress = tqdm(total=plan.max_steps, initial=global_step, desc="steps", disable=not progress_bars_wanted(main))
+    loss_log = LossLog(output_dir / "loss.csv" if main else None)
+    last_loss = float("nan")
+    set_adapter_training(run.components, True)
+    try:
+        for epoch in range(global_step // plan.steps_per_epoch, plan.num_epochs):
+            batches = epoch_batches(dataset, args.train_batch_size, epoch, args.seed)
+            mine = process_batches(batches, plan.steps_per_epoch * args.gradient_accumulation_steps * world, rank, world)
+            done = (global_step - epoch * plan.steps_per_epoch) * args.gradient_accumulation_steps
+            source = batch_source(dataset, mine[done:], epoch, latent_cache, args.dataloader_num_workers)
+            for batch_number, batch in enumerate(source, start=done):
+                # Every random draw of a batch comes from a generator seeded by its place in the run.
+                rng = seeded_generator(args.seed, epoch, batch_number, rank)
+                loss = optimizer_step(run, batch, rng, settings, global_step, args.max_grad_norm)
+                if not accelerator.sync_gradients:
+                    continue
+                global_step += 1
+                last_loss = accelerator.gather(loss.detach().reshape(1)).mean().item()
+                lr = run.lr_scheduler.get_last_lr()[0]
+                progress.update(1)
+                progress.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}")
+                accelerator.log({"loss": last_loss, "lr": lr}, step=global_step)
+                loss_log.write(global_step, last_loss, lr)
+                if global_step % args.checkpointing_steps == 0 and global_step < plan.max_steps:
+                    save_checkpoint(accelerator, output_dir, global_step, args.checkpoints_total_limit)
+                if global_step >= plan.max_steps:
+                    break
+            if validate and main and (epoch + 1) % args.validation_epochs == 0 and global_step < plan.max_steps:
+                validate(output_dir / f"validation-step{global_step}.png")
+            if global_step >= plan.max_steps:
+                break
+    finally:
+        progress.close()  # before any error message, so that message is the last line
+        loss_log.close()
+    return global_step, last_loss
+
+
+def validation_images(args, accelerator, run: Run, base, path: Path) -> Path:
+    vae = run.models.vae
+    if vae is None:  # freed after caching latents: load it again for the pictures
+        vae = load_vae(args.pretrained_model_name_or_path, args.pretrained_vae_model_name_or_path, args.revision, args.variant)
+        vae.to(accelerator.device)
+    encoders = [accelerator.unwrap_model(e).to(accelerator.device) for e in run.models.text_encoders]
+    parts = dict(vae=vae, text_encoder=encoders[0], text_encoder_2=encoders[1], tokenizer=base.tokenizers[0],
+                 tokenizer_2=base.tokenizers[1], scheduler_config=base.noise_scheduler.config)  # fmt: skip
+    return validation_grid(parts, run.components, args.validation_prompt, args.num_validation_images, args.seed,
+                           args.num_validation_inference_steps, args.resolution, accelerator.device,
+                           accelerator.mixed_precision != "no", path)  # fmt: skip
+
+
+# ---------------------------------------------------------------- the command
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .options import parse_args
+
+    args = parse_args(argv)  # bad options end here, with argparse's one-line message
+    quiet_libraries()
+    if os.environ.get("ACCELERATE_USE_CPU", "").lower() == "true" and os.environ.get("MASTER_ADDR") and not os.environ.get("WORLD_SIZE"):
+        # accelerate launch --cpu --num_processes N sets these, then starts one process unless given an MPI hostfile
+        print("warning: accelerate launch --cpu starts a single process without --mpirun_hostfile; for several CPU "
+              "processes use: torchrun --nproc_per_node N train_dreambooth.py ...", file=sys.stderr)  # fmt: skip
+    try:
+        train(args)
+    except MosloraError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted: the last checkpoint and any adapter files already written are intact", file=sys.stderr)
+        return 130
+    return 0

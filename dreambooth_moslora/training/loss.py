@@ -1,0 +1,98 @@
+"""The DreamBooth loss on one batch: SDXL's denoising loss on the instance examples, plus λ × that
+on the class examples (prior preservation), with min-SNR weighting and noise offset when asked."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..sdxl import encode_prompts, time_ids, tokenize, unet_prediction
+
+
+@dataclass
+class StepModels:
+    """What a training step reads, besides the batch."""
+
+    unet: torch.nn.Module
+    vae: torch.nn.Module | None  # None once latents are cached
+    vae_config: object
+    text_encoders: list
+    tokenizers: list
+    noise_scheduler: object
+    prompt_cache: dict | None  # caption → (hidden states, pooled) while the text encoders are frozen
+    weight_dtype: torch.dtype
+    device: torch.device
+
+
+@dataclass(frozen=True)
+class LossSettings:
+    prior_loss_weight: float = 1.0
+    snr_gamma: float | None = None
+    noise_offset: float = 0.0
+
+
+def batch_latents(m: StepModels, batch: dict, rng: torch.Generator) -> torch.Tensor:
+    """A sample of each example's latent distribution, scaled as the UNet expects."""
+    scale, shift = m.vae_config.scaling_factor, getattr(m.vae_config, "shift_factor", None) or 0.0
+    if "latent_mean" in batch:
+        latents = batch["latent_mean"] + batch["latent_std"] * torch.randn(batch["latent_mean"].shape, generator=rng)
+    else:
+        with torch.no_grad():
+            latents = m.vae.encode(batch["pixels"].to(m.device, m.vae.dtype)).latent_dist.sample(generator=rng)
+    return ((latents - shift) * scale).to(m.device, m.weight_dtype)
+
+
+def batch_conditioning(m: StepModels, batch: dict, latent_shape) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(text hidden states, pooled embedding, time ids) of each example."""
+    if m.prompt_cache is not None:
+        embeds = torch.stack([m.prompt_cache[c][0] for c in batch["captions"]]).to(m.device, m.weight_dtype)
+        pooled = torch.stack([m.prompt_cache[c][1] for c in batch["captions"]]).to(m.device, m.weight_dtype)
+    else:
+        embeds, pooled = encode_prompts(m.text_encoders, tokenize(m.tokenizers, batch["captions"]), m.device)
+    factor = 2 ** (len(m.vae_config.block_out_channels) - 1)
+    target_size = (latent_shape[-2] * factor, latent_shape[-1] * factor)
+    ids = time_ids(batch["original_sizes"], batch["crops_top_left"], target_size, m.device, m.weight_dtype)
+    return embeds, pooled, ids
+
+
+def min_snr_weights(noise_scheduler, timesteps: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:
+    """min-SNR weighting, in the form for the model's target."""
+    from diffusers.training_utils import compute_snr
+
+    snr = compute_snr(noise_scheduler, timesteps)
+    weights = torch.clamp(snr, max=gamma)
+    if prediction_type == "epsilon":
+        return weights / snr
+    if prediction_type == "v_prediction":
+        return weights / (snr + 1)
+    return weights
+
+
+def batch_loss(m: StepModels, batch: dict, rng: torch.Generator, settings: LossSettings) -> torch.Tensor:
+    """The loss of one batch; every random draw comes from ``rng``."""
+    latents = batch_latents(m, batch, rng)
+    noise = torch.randn(latents.shape, generator=rng).to(latents)
+    if settings.noise_offset:
+        noise += settings.noise_offset * torch.randn((*latents.shape[:2], 1, 1), generator=rng).to(noise)
+    steps = m.noise_scheduler.config.num_train_timesteps
+    timesteps = torch.randint(0, steps, (latents.shape[0],), generator=rng).to(m.device)
+    noisy = m.noise_scheduler.add_noise(latents, noise, timesteps)
+    prediction = unet_prediction(m.unet, noisy, timesteps, *batch_conditioning(m, batch, latents.shape))
+
+    prediction_type = m.noise_scheduler.config.prediction_type  # the base model's own target
+    if prediction_type == "epsilon":
+        target = noise
+    elif prediction_type == "v_prediction":
+        target = m.noise_scheduler.get_velocity(latents, noise, timesteps)
+    else:
+        target = latents
+    per_example = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    if settings.snr_gamma is not None:
+        per_example = per_example * min_snr_weights(m.noise_scheduler, timesteps, settings.snr_gamma, prediction_type)
+    n = batch["num_instance"]
+    loss = per_example[:n].mean()
+    if per_example.shape[0] > n:
+        loss = loss + settings.prior_loss_weight * per_example[n:].mean()
+    return loss

@@ -1,0 +1,61 @@
+"""Validation images: the adapter being trained, drawn with fixed seeds so that runs compare."""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw
+
+from ..runtime import image_generators
+from ..safe_files import save_image
+from ..surgery import adapter_layers
+
+
+def labelled_grid(images: list[Image.Image], labels: list[str], columns: int | None = None) -> Image.Image:
+    """Images in rows of ``columns``, a caption strip under each."""
+    columns = columns or len(images)
+    w, h = images[0].size
+    strip = 14
+    rows = (len(images) + columns - 1) // columns
+    grid = Image.new("RGB", (w * columns, (h + strip) * rows), "white")
+    draw = ImageDraw.Draw(grid)
+    for i, (image, label) in enumerate(zip(images, labels)):
+        x, y = (i % columns) * w, (i // columns) * (h + strip)
+        grid.paste(image, (x, y))
+        draw.text((x + 2, y + h + 1), label, fill="black")
+    return grid
+
+
+def set_adapter_training(components: dict, training: bool) -> None:
+    """Train or eval mode for the adapter layers alone (dropout); the frozen models stay as they are."""
+    for model in components.values():
+        for layer in adapter_layers(model).values():
+            layer.train(training)
+
+
+@torch.no_grad()
+def validation_grid(parts: dict, components: dict, prompt: str, count: int, seed: int, steps: int, resolution: int,
+                    device, mixed_precision: bool, path: Path) -> Path:  # fmt: skip
+    """Draws ``count`` images of ``prompt`` with the live adapter into one labelled grid (the same noise each time).
+
+    ``parts`` are the pipeline's other parts: vae, text_encoder(_2), tokenizer(_2), scheduler config.
+    """
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+
+    set_adapter_training(components, False)
+    pipe = StableDiffusionXLPipeline(
+        vae=parts["vae"], text_encoder=parts["text_encoder"], text_encoder_2=parts["text_encoder_2"],
+        tokenizer=parts["tokenizer"], tokenizer_2=parts["tokenizer_2"], unet=components["unet"],
+        scheduler=EulerDiscreteScheduler.from_config(parts["scheduler_config"]),
+    )  # fmt: skip
+    pipe.set_progress_bar_config(disable=True)
+    autocast = torch.autocast(torch.device(device).type) if mixed_precision else nullcontext()
+    images = []
+    with autocast:
+        for generator in image_generators(seed, range(count)):  # image i: the same noise at every validation
+            images.append(pipe(prompt, num_inference_steps=steps, height=resolution, width=resolution, generator=generator).images[0])
+    save_image(labelled_grid(images, [f"seed {seed}, #{i}" for i in range(count)]), path)
+    set_adapter_training(components, True)
+    return path

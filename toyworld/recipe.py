@@ -1,0 +1,76 @@
+"""DreamBooth on the toy world: the settings, data and judgements the demo and the quality benchmark share.
+
+The subject is the purple circle in ``assets/subject``; the base model the pretrained toy world in
+``assets/toy-sdxl``; the attribute classifier in ``assets/toy-world-classifier.safetensors`` reads
+generated images back into shape, colour and background.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from dreambooth_moslora.safe_files import save_image, write_text
+
+from .classifier import generate
+from .world import BACKGROUNDS, CLASS_PROMPT, INSTANCE_BACKGROUNDS, SUBJECT_CLASS, SUBJECT_COLOUR, SUBJECT_PROMPT
+
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
+WORLD_MODEL_DIR = ASSETS / "toy-sdxl"
+CLASSIFIER_FILE = ASSETS / "toy-world-classifier.safetensors"
+NEW_BACKGROUNDS = [name for name in BACKGROUNDS if name not in INSTANCE_BACKGROUNDS]
+SAMPLE_SEEDS = 4  # images per prompt in the grid
+NUM_CLASS_IMAGES = 20
+
+
+def shows_subject(found: dict) -> bool:
+    return found["shape"] == SUBJECT_CLASS and found["colour"] == SUBJECT_COLOUR
+
+
+def shows_ordinary_member(found: dict) -> bool:
+    """A member of the subject's class that is not the subject: what prior preservation keeps."""
+    return found["shape"] == SUBJECT_CLASS and not shows_subject(found)
+
+
+def toy_dreambooth_argv(subject: Path, output_dir: Path, steps: int, lr: float, rank: int, alpha: float, seed: int,
+                        class_dir: Path | None = None, text_encoder_lr: float | None = None) -> list[str]:  # fmt: skip
+    """train_dreambooth.py's arguments for DreamBooth on the toy world (the demo's, shared by the
+    quality benchmark): prior preservation when ``class_dir`` is given, adapters on the text encoders
+    too when ``text_encoder_lr`` is. The mixer is left to the caller.
+
+    The subject's photos are captioned with their backgrounds ("a sks circle on a black background"),
+    and so are the class images (see ``write_class_images``): when the class images carried the bare
+    class prompt, the background words drifted instead ("a circle on a black background" drew the
+    purple subject)."""
+    argv = [
+        "--pretrained_model_name_or_path", str(WORLD_MODEL_DIR), "--instance_data_dir", str(subject),
+        "--instance_prompt", SUBJECT_PROMPT, "--caption_extension", ".txt", "--resolution", "32", "--cache_latents",
+        "--train_batch_size", "2", "--max_train_steps", str(steps), "--learning_rate", str(lr),
+        "--rank", str(rank), "--lora_alpha", str(alpha), "--seed", str(seed), "--report_to", "none",
+        "--output_dir", str(output_dir),
+    ]  # fmt: skip
+    if class_dir is not None:  # made by write_class_images
+        argv += ["--with_prior_preservation", "--class_prompt", CLASS_PROMPT, "--class_data_dir", str(class_dir),
+                 "--num_class_images", str(NUM_CLASS_IMAGES)]  # fmt: skip
+    if text_encoder_lr is not None:
+        argv += ["--train_text_encoder", "--text_encoder_lr", str(text_encoder_lr)]
+    return argv
+
+
+def write_class_images(pipe, folder: Path, seed: int = 0) -> list[Path]:
+    """The class images for prior preservation: the base model's own "a circle on a <bg> background"
+    for every background, each saved with its prompt as caption. ``folder`` is the demo's own: images
+    already made are kept, anything else in it is removed (the trainer would count it as a class image)."""
+    backgrounds = list(BACKGROUNDS)
+    prompts = [f"{CLASS_PROMPT} on a {backgrounds[i % len(backgrounds)]} background" for i in range(NUM_CLASS_IMAGES)]
+    paths = [folder / f"{i:05d}.png" for i in range(NUM_CLASS_IMAGES)]
+    folder.mkdir(parents=True, exist_ok=True)
+    keep = {*paths, *(p.with_suffix(".txt") for p in paths)}
+    for stale in folder.iterdir():
+        if stale not in keep and stale.is_file():
+            stale.unlink()
+    if all(p.is_file() and p.with_suffix(".txt").is_file() for p in paths):
+        return paths
+    for path, prompt, image in zip(paths, prompts, generate(pipe, prompts, seed=seed, steps=25)):
+        write_text(path.with_suffix(".txt"), prompt + "\n")
+        save_image(image, path)  # the image last: an image present always has its caption
+    return paths

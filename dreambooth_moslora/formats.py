@@ -216,6 +216,19 @@ def _layer(path, name, parts, alpha: float | None) -> LayerWeights:
     return LayerWeights(down.float(), up.float(), float(alpha), None if mixer is None else mixer.float())
 
 
+def _metadata_object(path, metadata: dict[str, str], key: str) -> dict:
+    """A metadata entry that must hold a JSON object when present ({} when absent); anything else is refused."""
+    if key not in metadata:
+        return {}
+    try:
+        value = json.loads(metadata[key])
+    except (json.JSONDecodeError, RecursionError):
+        value = None
+    if not isinstance(value, dict):
+        raise AdapterFileError(f"{path}: its {key} metadata is not a JSON object")
+    return value
+
+
 def _by_component(path, groups, components, alpha_of) -> dict[str, dict[str, LayerWeights]]:
     """``component.path`` layer names (native and diffusers files) resolved to module paths."""
     layers: dict[str, dict[str, LayerWeights]] = {}
@@ -259,8 +272,10 @@ class NativeFormat:
 
     def read(self, path, tensors, metadata, components):
         try:
-            config = AdapterConfig(**read_json_field(metadata, "adapter_config"))
-        except (TypeError, ValueError, AdapterError) as exc:
+            config = AdapterConfig(**_metadata_object(path, metadata, "adapter_config"))
+        except (TypeError, ValueError) as exc:
+            if isinstance(exc, AdapterFileError):
+                raise
             raise AdapterFileError(f"{path}: bad adapter_config metadata ({str(exc).splitlines()[0][:120]})") from None
         groups = _group(path, tensors, self.suffixes)
         for name, parts in groups.items():
@@ -302,7 +317,7 @@ class DiffusersFormat:
     @staticmethod
     def _alphas(path, metadata: dict[str, str]) -> dict[str, float]:
         """Per-component lora_alpha from diffusers' own metadata (files saved with an alpha ≠ rank)."""
-        config = read_json_field(metadata, "lora_adapter_metadata")
+        config = _metadata_object(path, metadata, "lora_adapter_metadata")
         alphas = {}
         for component in COMPONENTS:
             value = config.get(f"{component}.lora_alpha")
@@ -468,7 +483,7 @@ def summarize(path: str | os.PathLike) -> dict | None:
     if fmt is None:
         return None
     ranks = [e["shape"][0] for k, e in header.items() if k.endswith(("moslora_A", "lora_A.weight", "lora_down.weight")) and e["shape"]]
-    config = read_json_field(metadata, "adapter_config") or read_json_field(metadata, "dreambooth_moslora").get("adapter_config", {})
+    config = _metadata_object(path, metadata, "adapter_config") or read_json_field(metadata, "dreambooth_moslora").get("adapter_config", {})
     config = config if isinstance(config, dict) else {}
     training = read_json_field(metadata, "training")
     alpha = config.get("alpha") or metadata.get("ss_network_alpha")

@@ -44,7 +44,8 @@ def remove_path(path: Path) -> None:
     path = Path(path)
     if path.is_dir() and not path.is_symlink():
         doomed = temporary_sibling(path, DELETING_SUFFIX)
-        shutil.rmtree(doomed, ignore_errors=True)
+        if doomed.exists():  # an earlier delete was killed midway
+            shutil.rmtree(doomed, ignore_errors=True)
         os.replace(path, doomed)
         shutil.rmtree(doomed, ignore_errors=True)
     else:

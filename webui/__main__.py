@@ -10,7 +10,10 @@ from pathlib import Path
 def parse(argv=None):
     p = argparse.ArgumentParser(prog="python -m webui", description="Generate the trained subject from saved adapters.")
     p.add_argument("--adapters", type=Path, default=Path("outputs"), help="the folder of trained adapters")
-    p.add_argument("--base_model", help="hub id or folder; default: the one recorded in the chosen adapter")
+    p.add_argument("--base_model", help="hub id or folder; default: the one an adapter records, when it is allowed")
+    p.add_argument("--models_dir", type=Path, help="base models requests may choose: the diffusers folders directly in it")
+    p.add_argument("--time_limit", type=float, default=300.0, help="seconds a request may run before it is cut off")
+    p.add_argument("--max_upload", default="10mb", help="the largest file a client may upload")
     p.add_argument("--demo", action="store_true", help="offline: the toy world's model (python -m toyworld.demo trains on it)")
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--listen", action="store_true", help="serve on all interfaces, not only this machine")
@@ -48,7 +51,7 @@ def main(argv=None) -> int:
         args.adapters.mkdir(parents=True)
     try:
         engine = Engine(args.adapters, base_model=args.base_model, demo_model=demo_model(args.adapters) if args.demo else None,
-                        output_dir=args.output_dir)  # fmt: skip
+                        output_dir=args.output_dir, models_dir=args.models_dir, time_limit=args.time_limit)  # fmt: skip
     except RequestError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -56,7 +59,7 @@ def main(argv=None) -> int:
     page.queue(max_size=args.queue_size, default_concurrency_limit=1)
     page.launch(
         server_name="0.0.0.0" if args.listen else "127.0.0.1", server_port=args.port, share=args.share,
-        allowed_paths=[str(engine.output_dir)], show_error=True,
+        allowed_paths=[str(engine.output_dir)], show_error=True, max_file_size=args.max_upload,
     )  # fmt: skip
     return 0
 

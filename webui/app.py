@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import logging
+
 import gradio as gr
 
 from .engine import MAX_IMAGES, MAX_SIDE, MIN_SIDE, SCHEDULERS, Engine, Request, RequestError
+
+logger = logging.getLogger("webui")
 
 
 def build(engine: Engine, default_size: int = 1024) -> gr.Blocks:
@@ -37,19 +41,27 @@ def build(engine: Engine, default_size: int = 1024) -> gr.Blocks:
             steps = f", {i['steps']} steps" if i.get("steps") else ""
             lines.append(f"- `{entry.id}`: {trained}rank {i.get('rank')}, α {i.get('alpha')}, mixer {i.get('mixer')}{steps}")
         details = "**Selected:**\n" + "\n".join(lines)
-        return (gr.update(value=prompt) if prompt else gr.update()), details, gr.update(placeholder=base or "hub id or folder")
+        return (gr.update(value=prompt) if prompt else gr.update()), details, gr.update(placeholder=base_hint(base))
+
+    def base_hint(recorded=None) -> str:
+        offered = ", ".join(engine.base_models()) or "the server's default"
+        return f"empty: the server's choice ({offered})" + (f"; the adapter records {recorded}" if recorded else "")
 
     def generate(base, selected, prompt, negative, steps, guidance, seed, randomize, width, height, count, scheduler, scale,
                  compare, progress=gr.Progress()):  # fmt: skip
+        # Values go to the engine as the client sent them: it checks and converts every one.
         request = Request(
-            prompt=prompt, negative_prompt=negative, adapters=list(selected or []), compare=bool(compare),
-            base_model=base or None, steps=int(steps), guidance=float(guidance), seed=-1 if randomize else int(seed),
-            width=int(width), height=int(height), num_images=int(count), scheduler=scheduler, scale=float(scale),
+            prompt=prompt, negative_prompt=negative or "", adapters=list(selected or []) if isinstance(selected, list) else selected,
+            compare=bool(compare), base_model=base or None, steps=steps, guidance=guidance, seed=-1 if randomize else seed,
+            width=width, height=height, num_images=count, scheduler=scheduler, scale=scale,
         )  # fmt: skip
         try:
             results = engine.generate(request, progress=progress)
         except RequestError as exc:
-            raise gr.Error(str(exc)) from None
+            raise gr.Error(str(exc), print_exception=False) from None  # a refusal, not a fault: no traceback in the log
+        except Exception as exc:  # a bug or an exhausted machine: one line for the page, the server goes on
+            logger.exception("generation failed")
+            raise gr.Error(f"generation failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}") from None
         seeds = sorted({r.parameters["seed"] for r in results})
         status = f"{len(results)} image(s) from {results[0].parameters['base_model']}, seed(s) {', '.join(map(str, seeds))}"
         return [(str(r.path), r.label) for r in results], status, seeds[0]
@@ -66,7 +78,7 @@ def build(engine: Engine, default_size: int = 1024) -> gr.Blocks:
                     compare = gr.Checkbox(label="Compare: base model beside each adapter", value=False, elem_id="compare")
                 unreadable = gr.Markdown(note)
                 details = gr.Markdown("")
-                base = gr.Textbox(label="Base model", placeholder="from the adapter's metadata", elem_id="base")
+                base = gr.Textbox(label="Base model", placeholder=base_hint(), elem_id="base")
                 prompt = gr.Textbox(label="Prompt", lines=2, elem_id="prompt")
                 negative = gr.Textbox(label="Negative prompt", lines=1)
                 with gr.Row():

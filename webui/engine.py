@@ -6,13 +6,17 @@ Only files under the configured folder can be loaded, whatever name a request se
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
+import math
 import hashlib
 import json
 import os
 import random
+import re
 import tempfile
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,6 +32,14 @@ from dreambooth_moslora.safe_files import save_image, sha256_of
 SCHEDULERS = ("Euler", "Euler a", "DPM++ 2M", "DDIM")
 MIN_SIDE, MAX_SIDE = 32, 2048  # 32: the toy world the offline demo uses
 MAX_IMAGES = 4
+MAX_COMPARE = 4  # adapters beside the base model in one compare request
+MAX_SEED = 2**63 - 1
+DEFAULT_TIME_LIMIT = 300.0  # seconds a request may run before it is cut off
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+class TimeLimit(Exception):
+    """Raised inside the denoising loop when a request has run too long."""
 
 
 @dataclass
@@ -55,7 +67,7 @@ def describe(path: Path, root: Path) -> AdapterEntry | None:
     entry = AdapterEntry(path.relative_to(root).as_posix(), path)
     try:
         summary = summarize(path)
-    except AdapterFileError as exc:
+    except (AdapterFileError, OSError) as exc:
         entry.error = str(exc).split(": ", 1)[-1]
         return entry
     if summary is None:
@@ -75,13 +87,51 @@ def discover(root: Path) -> list[AdapterEntry]:
         relative = path.relative_to(root).parts
         if any(part.startswith(("checkpoint-", ".")) for part in relative[:-1]) or path.name.startswith("."):
             continue
-        if not path.resolve().is_relative_to(root):
-            entries.append(AdapterEntry(path.relative_to(root).as_posix(), path, error="links outside the adapters folder"))
+        problem = _link_problem(path, root)
+        if problem:
+            entries.append(AdapterEntry(path.relative_to(root).as_posix(), path, error=problem))
             continue
         entry = describe(path, root)
         if entry is not None:
             entries.append(entry)
     return entries
+
+
+def _link_problem(path: Path, root: Path) -> str | None:
+    """Why a path cannot be used as it links (outside the folder, in a loop, to nothing), or None."""
+    try:
+        target = path.resolve(strict=True)
+    except RuntimeError:  # Python before 3.13 reports a symlink loop this way
+        return "a symbolic link loop"
+    except OSError as exc:
+        return "a symbolic link loop" if exc.errno == 40 else "a link to nothing"
+    if not target.is_relative_to(root):
+        return "links outside the adapters folder"
+    return None
+
+
+def _number(value, message: str, low: float, high: float, whole: bool = False):
+    """A finite number in [low, high] (a whole one when asked), from whatever a client sent; else RequestError(message)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise RequestError(message)
+    try:
+        number = float(value) if not isinstance(value, int) else value
+    except ValueError:
+        raise RequestError(message) from None
+    if isinstance(number, float):
+        if not math.isfinite(number) or (whole and not number.is_integer()):
+            raise RequestError(message)
+        number = int(number) if whole else number
+    if not low <= number <= high:
+        raise RequestError(message)
+    return number
+
+
+def _same_folder(a: str, b: str) -> bool:
+    try:
+        return Path(a).is_dir() and Path(b).is_dir() and Path(a).resolve() == Path(b).resolve()
+    except (OSError, RuntimeError):
+        return False
 
 
 def file_hash(path: Path) -> str:
@@ -113,13 +163,19 @@ class Result:
 
 
 class Engine:
+    """Base models come only from an allowed list: the operator's ``base_model``, the ``demo_model``,
+    folders directly under ``models_dir``, and hub ids while the hub can be reached."""
+
     def __init__(self, adapters_dir: str | os.PathLike, base_model: str | None = None, demo_model: str | None = None,
-                 device: str | None = None, output_dir: str | os.PathLike | None = None):  # fmt: skip
+                 device: str | None = None, output_dir: str | os.PathLike | None = None,
+                 models_dir: str | os.PathLike | None = None, time_limit: float = DEFAULT_TIME_LIMIT):  # fmt: skip
         self.root = Path(adapters_dir).resolve()
         if not self.root.is_dir():
             raise RequestError(f"adapters folder {adapters_dir} does not exist")
         self.default_base = base_model
         self.demo_model = demo_model  # used when no other base model is given or found
+        self.models_dir = Path(models_dir).resolve() if models_dir else None
+        self.time_limit = float(time_limit)
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.dtype = torch.float16 if self.device == "cuda" else torch.float32
         self.output_dir = Path(output_dir or tempfile.mkdtemp(prefix="moslora-webui-"))
@@ -161,30 +217,59 @@ class Engine:
 
     # ---- the pipeline
 
+    def allowed_base(self, name: str) -> str | None:
+        """``name`` as a loadable model id when it is on the allowed list, else None."""
+        name = name.strip()
+        for fixed in (self.default_base, self.demo_model):
+            if fixed and (name == fixed or _same_folder(name, fixed)):
+                return fixed
+        if self.models_dir is not None and name and "\0" not in name:
+            candidate = (self.models_dir / name).resolve()
+            if candidate.parent == self.models_dir and (candidate / "model_index.json").is_file():
+                return str(candidate)
+        hub_reachable = os.environ.get("HF_HUB_OFFLINE", "").lower() not in ("1", "true", "yes", "on")
+        if hub_reachable and HUB_ID.fullmatch(name) and not Path(name).exists():
+            return name
+        return None
+
+    def base_models(self) -> list[str]:
+        """The base models a request may name (hub ids aside)."""
+        listed = [m for m in (self.default_base, self.demo_model) if m]
+        if self.models_dir is not None and self.models_dir.is_dir():
+            listed += sorted(p.name for p in self.models_dir.iterdir() if (p / "model_index.json").is_file())
+        return listed
+
     def base_for(self, request: Request, entries: list[AdapterEntry]) -> str:
-        """The base model: the request's, else the first adapter's recorded base (when it can be found), else the default."""
-        if request.base_model and request.base_model.strip():
-            return request.base_model.strip()
-        for entry in entries:
-            recorded = entry.info.get("base_model")
-            if recorded and (Path(recorded).is_dir() or not self.demo_model):
-                return recorded
+        """The request's base model (from the allowed list), else the operator's, else the first adapter's
+        recorded base when it is allowed, else the demo model. Adapter metadata never overrides the operator."""
+        if request.base_model and str(request.base_model).strip():
+            allowed = self.allowed_base(str(request.base_model))
+            if allowed is None:
+                raise RequestError(f"base model {str(request.base_model).strip()[:200]!r} is not one this server offers: "
+                                   f"choose from {', '.join(self.base_models()) or 'the default'}")  # fmt: skip
+            return allowed
         if self.default_base:
             return self.default_base
+        for entry in entries:
+            recorded = entry.info.get("base_model")
+            if isinstance(recorded, str) and recorded and (allowed := self.allowed_base(recorded)):
+                return allowed
         if self.demo_model:
             return self.demo_model
-        raise RequestError("no base model: give one, or pick an adapter that records its base model")
+        raise RequestError("no base model: start the server with --base_model, or pick an adapter that records an allowed one")
 
     def pipeline(self, model_id: str):
         """The pipeline for a base model, kept between requests: switching adapters or scale does not reload it."""
         if self._pipe_id != model_id:
             from diffusers import StableDiffusionXLPipeline
 
-            self._pipe = None  # free the old one first
+            # free the old one first, and forget it: after a failed load no request may find a half-set pipeline
+            self._pipe, self._pipe_id, self._loaded = None, None, None
             try:
                 pipe = StableDiffusionXLPipeline.from_pretrained(model_id, torch_dtype=self.dtype)
             except Exception as exc:  # a hub id while offline, a wrong folder …
-                raise RequestError(f"cannot load base model {model_id!r}: {str(exc).splitlines()[0][:200]}") from None
+                first_line = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+                raise RequestError(f"cannot load base model {model_id!r}: {first_line}") from None
             pipe.to(self.device)
             pipe.set_progress_bar_config(disable=True)
             self._pipe, self._pipe_id, self._loaded = pipe, model_id, None
@@ -218,61 +303,74 @@ class Engine:
     # ---- generation
 
     def check(self, r: Request) -> Request:
-        if not r.prompt or not r.prompt.strip():
+        """The request with every field checked and of its proper type; RequestError names the first bad one."""
+        if not isinstance(r.prompt, str) or not r.prompt.strip():
             raise RequestError("the prompt is empty")
-        if not 1 <= int(r.steps) <= 150:
-            raise RequestError("steps must be between 1 and 150")
-        if not 0 <= float(r.guidance) <= 30:
-            raise RequestError("guidance must be between 0 and 30")
-        for side in (r.width, r.height):
-            if not MIN_SIDE <= int(side) <= MAX_SIDE or int(side) % 8:
-                raise RequestError(f"width and height must be multiples of 8 between {MIN_SIDE} and {MAX_SIDE}")
-        if not 1 <= int(r.num_images) <= MAX_IMAGES:
-            raise RequestError(f"between 1 and {MAX_IMAGES} images")
-        if not 0 <= float(r.scale) <= 1.5:
-            raise RequestError("the adapter scale must be between 0 and 1.5")
+        if not isinstance(r.adapters, (list, tuple)) or not all(isinstance(a, str) for a in r.adapters):
+            raise RequestError("adapters must be a list of adapter names")
         if len(r.adapters) > 1 and not r.compare:
             raise RequestError("several adapters at once only in compare mode")
+        if len(r.adapters) > MAX_COMPARE:
+            raise RequestError(f"at most {MAX_COMPARE} adapters in one comparison")
         if r.scheduler not in SCHEDULERS:
-            raise RequestError(f"unknown scheduler {r.scheduler!r}: choose one of {', '.join(SCHEDULERS)}")
-        return r
+            raise RequestError(f"unknown scheduler {str(r.scheduler)[:40]!r}: choose one of {', '.join(SCHEDULERS)}")
+        sides = f"width and height must be multiples of 8 between {MIN_SIDE} and {MAX_SIDE}"
+        width, height = (_number(v, sides, MIN_SIDE, MAX_SIDE, whole=True) for v in (r.width, r.height))
+        if width % 8 or height % 8:
+            raise RequestError(sides)
+        return dataclasses.replace(
+            r, prompt=r.prompt, negative_prompt=r.negative_prompt if isinstance(r.negative_prompt, str) else "",
+            adapters=list(r.adapters), compare=bool(r.compare), width=width, height=height,
+            steps=_number(r.steps, "steps must be between 1 and 150", 1, 150, whole=True),
+            guidance=_number(r.guidance, "guidance must be between 0 and 30", 0, 30),
+            seed=_number(r.seed, f"the seed must be -1 (random) or between 0 and {MAX_SEED}", -1, MAX_SEED, whole=True),
+            num_images=_number(r.num_images, f"between 1 and {MAX_IMAGES} images", 1, MAX_IMAGES, whole=True),
+            scale=_number(r.scale, "the adapter scale must be between 0 and 1.5", 0, 1.5),
+        )  # fmt: skip
 
     def generate(self, r: Request, progress=None) -> list[Result]:
         """Renders the request; in compare mode the base model first, then each adapter, with the same seeds."""
-        self.check(r)
+        r = self.check(r)
         entries = [self.entry(a) for a in r.adapters]  # refuses a bad name before any work
-        paths = [e.path for e in entries]
-        seed = random.randrange(2**31) if int(r.seed) < 0 else int(r.seed)
+        seed = random.randrange(2**31) if r.seed < 0 else r.seed
         variants: list[AdapterEntry | None] = ([None] if r.compare or not entries else []) + entries
         results: list[Result] = []
-        total = len(variants) * int(r.steps) * int(r.num_images)
-        done = 0
+        total, started = len(variants) * r.steps * r.num_images, time.monotonic()
         with self.lock:
             model_id = self.base_for(r, entries)
             pipe = self.pipeline(model_id)
             self._use_scheduler(pipe, r.scheduler)
             try:
-                for variant, path in zip(variants, [None] * (len(variants) - len(paths)) + paths):
-                    self._use_adapter(pipe, path, float(r.scale))
-                    for i in range(int(r.num_images)):
-
-                        def on_step(pipeline, step, timestep, kwargs):
-                            if progress is not None:
-                                progress((done + step + 1) / total, desc=variant.id if variant else "base model")
-                            return kwargs
-
+                for variant in variants:
+                    self._use_adapter(pipe, variant.path if variant else None, r.scale)
+                    for i in range(r.num_images):
+                        done = len(results) * r.steps
+                        on_step = self._step_callback(progress, done, total, variant.id if variant else "base model", started)
                         image = pipe(
-                            prompt=r.prompt, negative_prompt=r.negative_prompt or None, num_inference_steps=int(r.steps),
-                            guidance_scale=float(r.guidance), width=int(r.width), height=int(r.height),
+                            prompt=r.prompt, negative_prompt=r.negative_prompt or None, num_inference_steps=r.steps,
+                            guidance_scale=r.guidance, width=r.width, height=r.height,
                             generator=torch.Generator("cpu").manual_seed(seed + i), callback_on_step_end=on_step,
                         ).images[0]  # fmt: skip
-                        done += int(r.steps)
-                        results.append(self._save(image, r, model_id, seed + i, variant, path))
+                        results.append(self._save(image, r, model_id, seed + i, variant))
+            except TimeLimit:
+                raise RequestError(f"the request ran longer than {self.time_limit:g} s and was cut off: "
+                                   "ask for fewer steps, images or pixels") from None  # fmt: skip
             finally:
                 self._use_adapter(pipe, None, 1.0)  # the base model again between requests
         return results
 
-    def _save(self, image: Image.Image, r: Request, model_id: str, seed: int, variant, path) -> Result:
+    def _step_callback(self, progress, done: int, total: int, label: str, started: float):
+        def on_step(pipeline, step, timestep, kwargs):
+            if progress is not None:
+                progress((done + step + 1) / total, desc=label)
+            if time.monotonic() - started > self.time_limit:
+                raise TimeLimit
+            return kwargs
+
+        return on_step
+
+    def _save(self, image: Image.Image, r: Request, model_id: str, seed: int, variant: AdapterEntry | None) -> Result:
+        path = variant.path if variant else None
         parameters = {
             "prompt": r.prompt, "negative_prompt": r.negative_prompt, "seed": seed, "steps": int(r.steps),
             "guidance": float(r.guidance), "width": int(r.width), "height": int(r.height), "scheduler": r.scheduler,

@@ -26,10 +26,10 @@ def checkpoint_step(path: Path) -> int | None:
     return int(number) if number.isdigit() else None
 
 
-def checkpoint_dirs(output_dir: Path) -> list[Path]:
-    """The complete checkpoints of a run, oldest first."""
+def checkpoint_dirs(output_dir: Path, complete: bool = True) -> list[Path]:
+    """The checkpoints of a run, oldest first: the complete ones (holding the adapter), or the incomplete ones."""
     found = [p for p in Path(output_dir).glob("checkpoint-*") if p.is_dir() and checkpoint_step(p) is not None]
-    return sorted(found, key=checkpoint_step)
+    return sorted((p for p in found if (p / NATIVE_FILE).is_file() == complete), key=checkpoint_step)
 
 
 def clean_leftovers(output_dir: Path) -> list[str]:
@@ -89,6 +89,10 @@ def resume(accelerator, output_dir: Path, resume_from: str | None) -> int:
     if not resume_from:
         return 0
     if resume_from == "latest":
+        incomplete = checkpoint_dirs(output_dir, complete=False)
+        if incomplete:
+            logger.warning("ignoring %d incomplete checkpoint folder(s) (no %s in them): %s", len(incomplete), NATIVE_FILE,
+                           ", ".join(p.name for p in incomplete))  # fmt: skip
         found = checkpoint_dirs(output_dir)
         if not found:
             logger.info("no checkpoint in %s: starting a new run", output_dir)

@@ -220,3 +220,106 @@ def test_unknown_format_and_nothing_to_save(tmp_path, tiny_pipe):
     with pytest.raises(AdapterError, match="unknown output format 'ckpt'"):
         save_adapter(tmp_path, pipeline_components(tiny_pipe), formats=["native", "ckpt"])
     assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------- hostile files (issue 15): one line, nothing changed
+
+
+def _nested_header_file(path, depth: int = 100_000):
+    raw = b'{"x": ' + b"[" * depth + b"]" * depth + b"}"
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw)
+    return path
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda p: _header_file(p, {"unet.a.lora_A.weight": {"dtype": ["F32"], "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 4),
+         "malformed safetensors entry"),
+        (lambda p: _header_file(p, {"unet.a.lora_A.weight": {"dtype": {"F32": 1}, "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 4),
+         "malformed safetensors entry"),
+        (_nested_header_file, "not JSON"),
+    ],
+    ids=["dtype-list", "dtype-dict", "deeply-nested"],
+)  # fmt: skip
+def test_headers_of_the_wrong_type_or_depth(tmp_path, pipe_and_outputs, make, message):
+    bad = make(tmp_path / "bad.safetensors")
+    pipe, before = pipe_and_outputs
+    with pytest.raises(AdapterFileError, match=message) as excinfo:
+        load_adapter(pipe, bad)
+    assert "\n" not in str(excinfo.value) and str(bad) in str(excinfo.value)
+    assert_unchanged(pipe, before)
+
+
+def _kohya_with(good_files, tmp_path, change) -> "os.PathLike":
+    tensors = load_file(good_files["kohya"])
+    change(tensors)
+    path = tmp_path / "changed.safetensors"
+    save_file(tensors, path)
+    return path
+
+
+def _first(tensors, suffix):
+    return next(k for k in tensors if k.endswith(suffix))
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda t: t.__setitem__(_first(t, ".alpha"), torch.zeros(0)), "malformed alpha"),
+        (lambda t: t.__setitem__(_first(t, ".alpha"), torch.tensor(-2.0)), "positive"),
+        (lambda t: t.__setitem__(_first(t, ".lora_down.weight"), t[_first(t, ".lora_down.weight")].to(torch.float8_e4m3fn)),
+         "float16, bfloat16, float32 or float64 expected"),
+        (lambda t: t.__setitem__(_first(t, ".lora_up.weight"), t[_first(t, ".lora_up.weight")].to(torch.int32)),
+         "expected"),
+    ],
+    ids=["alpha-empty", "alpha-negative", "float8", "integers"],
+)  # fmt: skip
+def test_kohya_tensors_of_the_wrong_kind(tmp_path, good_files, pipe_and_outputs, change, message):
+    bad = _kohya_with(good_files, tmp_path, change)
+    pipe, before = pipe_and_outputs
+    with pytest.raises(AdapterFileError, match=message) as excinfo:
+        load_adapter(pipe, bad)
+    assert "\n" not in str(excinfo.value)
+    assert_unchanged(pipe, before)
+
+
+@pytest.mark.parametrize(
+    "metadata, message",
+    [
+        ('[1, 2]', "not a JSON object"),
+        ("abc", "not a JSON object"),
+        ('{"unet.lora_alpha": "abc"}', "bad lora_alpha"),
+        ('{"unet.lora_alpha": -1}', "bad lora_alpha"),
+    ],
+)
+def test_diffusers_metadata_of_the_wrong_type(tmp_path, good_files, pipe_and_outputs, metadata, message):
+    tensors = load_file(good_files["diffusers"])
+    bad = tmp_path / "meta.safetensors"
+    save_file(tensors, bad, metadata={"lora_adapter_metadata": metadata})
+    pipe, before = pipe_and_outputs
+    with pytest.raises(AdapterFileError, match=message):
+        load_adapter(pipe, bad)
+    assert_unchanged(pipe, before)
+
+
+@pytest.mark.parametrize("config", ['["rank", 4]', '{"rank": "4"}', '{"rank": 4, "alpha": [1]}', '{"shape": 1}'])
+def test_native_adapter_config_of_the_wrong_type(tmp_path, good_files, pipe_and_outputs, config):
+    tensors = load_file(good_files["native"])
+    bad = tmp_path / "native.safetensors"
+    save_file(tensors, bad, metadata={"format": "dreambooth-moslora", "adapter_config": config})
+    pipe, before = pipe_and_outputs
+    with pytest.raises(AdapterFileError, match="adapter_config"):
+        load_adapter(pipe, bad)
+    assert_unchanged(pipe, before)
+
+
+def test_an_adapter_file_without_layers_is_refused_and_keeps_the_loaded_one(tmp_path, good_files):
+    pipe = build_tiny_sdxl(seed=0)
+    load_adapter(pipe, good_files["native"])
+    with_adapter = sdxl_forward(pipe, PROMPT)
+    empty = tmp_path / "empty.safetensors"
+    save_file({}, empty, metadata={"format": "dreambooth-moslora", "adapter_config": '{"rank": 4}'})
+    with pytest.raises(AdapterFileError, match="holds no adapter layers"):
+        load_adapter(pipe, empty)
+    assert max_abs_diff(with_adapter, sdxl_forward(pipe, PROMPT)) == 0.0

@@ -5,6 +5,7 @@ import json
 import os
 import shutil
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -50,6 +51,14 @@ def world(tmp_path_factory):
     secret = root / "secret.safetensors"
     shutil.copy(adapters / "run_b" / "moslora_adapter.safetensors", secret)
     (adapters / "link.safetensors").symlink_to(secret)  # points outside the folder
+    # hostile files: the server must list them as unreadable and keep serving
+    raw = json.dumps({"unet.a.lora_A.weight": {"dtype": ["F32"], "shape": [1], "data_offsets": [0, 4]}}).encode()
+    (adapters / "dtype_list_lora.safetensors").write_bytes(struct.pack("<Q", len(raw)) + raw + b"\0" * 4)
+    deep = b'{"x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    (adapters / "deep_lora.safetensors").write_bytes(struct.pack("<Q", len(deep)) + deep)
+    (adapters / "loop_a.safetensors").symlink_to(adapters / "loop_b.safetensors")
+    (adapters / "loop_b.safetensors").symlink_to(adapters / "loop_a.safetensors")
+    (adapters / "self.safetensors").symlink_to(adapters / "self.safetensors")
     return {"root": root, "model": model, "adapters": adapters}
 
 
@@ -67,7 +76,8 @@ def test_adapter_list_with_metadata_and_unreadable_files(engine):
     assert set(entries) == {
         "run_a/moslora_adapter.safetensors", "run_a/pytorch_lora_weights.safetensors",
         "run_a/pytorch_lora_weights_kohya.safetensors", "run_b/moslora_adapter.safetensors",
-        "broken_lora.safetensors", "link.safetensors",
+        "broken_lora.safetensors", "link.safetensors", "dtype_list_lora.safetensors", "deep_lora.safetensors",
+        "loop_a.safetensors", "loop_b.safetensors", "self.safetensors",
     }  # fmt: skip
     native = entries["run_a/moslora_adapter.safetensors"]
     assert native.format == "native" and native.error is None
@@ -78,6 +88,9 @@ def test_adapter_list_with_metadata_and_unreadable_files(engine):
     assert "not a safetensors file" in entries["broken_lora.safetensors"].error
     assert entries["link.safetensors"].error == "links outside the adapters folder"
     assert "unreadable" in entries["broken_lora.safetensors"].label
+    assert "malformed safetensors entry" in entries["dtype_list_lora.safetensors"].error
+    assert "not JSON" in entries["deep_lora.safetensors"].error
+    assert {entries[f"{n}.safetensors"].error for n in ("loop_a", "loop_b", "self")} == {"a symbolic link loop"}
 
 
 @pytest.mark.parametrize(
@@ -136,13 +149,74 @@ def test_swapping_adapters_leaves_no_trace(engine):
         (dict(adapters=["run_a/moslora_adapter.safetensors", "run_b/moslora_adapter.safetensors"]), "compare mode"),
         (dict(scheduler="Heun"), "unknown scheduler"),
         (dict(adapters=["broken_lora.safetensors"]), "cannot be used"),
-        (dict(base_model="no/such-model-anywhere"), "cannot load base model"),
+        (dict(base_model="no/such-model-anywhere"), "not one this server offers"),  # a hub id while offline
     ],
 )
 def test_bad_requests_are_refused_with_a_message(engine, change, message):
     request = Request(**{**dict(prompt="a photo", **SMALL), **change})
     with pytest.raises(RequestError, match=message):
         engine.generate(request)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(width=float("nan")), "multiples of 8"),
+        (dict(steps=float("nan")), "steps"),
+        (dict(steps="12; rm -rf /"), "steps"),
+        (dict(guidance=float("inf")), "guidance"),
+        (dict(seed=2**70), "seed"),
+        (dict(seed=-5), "seed"),
+        (dict(num_images=True), "images"),
+        (dict(scale="abc"), "scale"),
+        (dict(prompt=None), "prompt is empty"),
+        (dict(adapters="run_a/moslora_adapter.safetensors"), "list of adapter names"),
+        (dict(compare=True, adapters=["run_a/moslora_adapter.safetensors"] * 5), "at most 4 adapters"),
+        (dict(base_model="../outside/model"), "not one this server offers"),
+    ],
+    ids=["nan-width", "nan-steps", "text-steps", "inf-guidance", "seed-2**70", "seed-negative", "bool-count",
+         "text-scale", "no-prompt", "adapters-not-a-list", "compare-30", "base-outside"],
+)  # fmt: skip
+def test_hostile_numbers_and_fields_are_refused_with_one_line(engine, change, message):
+    request = Request(**{**dict(prompt="a photo", **SMALL), **change})
+    with pytest.raises(RequestError, match=message) as excinfo:
+        engine.generate(request)
+    assert "\n" not in str(excinfo.value)
+
+
+def test_a_failed_base_model_load_leaves_the_engine_working(world):
+    models = world["root"] / "models"
+    (models / "broken").mkdir(parents=True, exist_ok=True)
+    (models / "broken" / "model_index.json").write_text("{}")
+    engine = Engine(world["adapters"], demo_model=str(world["model"]), output_dir=world["root"] / "images-2", models_dir=models)
+    first = engine.generate(Request(prompt="a photo", **SMALL))
+    with pytest.raises(RequestError, match="cannot load base model"):
+        engine.generate(Request(prompt="a photo", base_model="broken", **SMALL))
+    again = engine.generate(Request(prompt="a photo", **SMALL))  # the demo model loads again
+    assert np.array_equal(pixels(first[0]), pixels(again[0]))
+    assert engine.base_models() == [str(world["model"]), "broken"]
+
+
+def test_adapter_metadata_never_overrides_the_operators_base_model(world, tmp_path):
+    other = save_tiny_sdxl(tmp_path / "other-sdxl", seed=5)  # a real model an adapter records as its base
+    adapters = tmp_path / "adapters"
+    pipe = build_tiny_sdxl(seed=0)
+    inject_components(pipeline_components(pipe), AdapterConfig(rank=4))
+    save_adapter(adapters / "run", pipeline_components(pipe), formats=["native"], base_model=str(other))
+    engine = Engine(adapters, base_model=str(world["model"]), output_dir=tmp_path / "images")
+    result = engine.generate(Request(prompt="a photo", adapters=["run/moslora_adapter.safetensors"], **SMALL))
+    assert result[0].parameters["base_model"] == str(world["model"])
+    with pytest.raises(RequestError, match="not one this server offers"):
+        engine.generate(Request(prompt="a photo", base_model=str(other), **SMALL))
+
+
+def test_a_request_that_runs_too_long_is_cut_off_and_the_next_one_works(world):
+    engine = Engine(world["adapters"], demo_model=str(world["model"]), output_dir=world["root"] / "images-3", time_limit=0.0)
+    with pytest.raises(RequestError, match="cut off"):
+        engine.generate(Request(prompt="a photo", adapters=["run_a/moslora_adapter.safetensors"], **SMALL))
+    assert engine._loaded is None  # the adapter was taken out again
+    engine.time_limit = 600.0
+    assert len(engine.generate(Request(prompt="a photo", **SMALL))) == 1
 
 
 # ---------------------------------------------------------------- the real server
@@ -254,3 +328,22 @@ def test_in_a_real_browser(server, world):
     if keep:
         shutil.copy(shot, keep)
     assert Image.open(shot).size[0] == 1400
+
+
+def test_uploads_are_capped_and_hostile_requests_leave_the_server_serving(server):
+    import httpx
+    from gradio_client import Client
+
+    big = httpx.post(server["url"] + "gradio_api/upload", files={"files": ("big.png", b"\0" * (11 * 2**20), "image/png")},
+                     timeout=60)  # fmt: skip
+    assert big.status_code == 413, big.text[:200]
+    client = Client(server["url"], verbose=False)
+    with pytest.raises(Exception, match="seed"):
+        client.predict("", [], "a photo", "", 3, 5.0, 2**70, False, 64, 64, 1, "Euler", 1.0, False, api_name="/generate")
+    with pytest.raises(Exception, match="not one this server offers"):
+        client.predict("../outside/model", [], "a photo", "", 3, 5.0, 1, False, 64, 64, 1, "Euler", 1.0, False,
+                       api_name="/generate")  # fmt: skip
+    gallery, status, seed = client.predict("", [], "a photo", "", 3, 5.0, 1, False, 64, 64, 1, "Euler", 1.0, False,
+                                           api_name="/generate")  # fmt: skip
+    assert len(gallery) == 1 and server["process"].poll() is None
+    assert "Traceback" not in server["log"].read_text()

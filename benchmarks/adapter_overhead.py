@@ -26,8 +26,7 @@ import torch
 from diffusers.utils import logging as diffusers_logging
 
 from dreambooth_moslora import UNET_TARGETS, AdapterConfig, inject_adapter
-from dreambooth_moslora.sdxl import square_time_ids
-from toyworld.tiny_sdxl import SDXL_UNET_CONFIG
+from dreambooth_moslora.sdxl import SDXL_UNET_CONFIG, square_time_ids
 
 # SDXL's block layout (3 levels, 1/2/10 transformer layers, text_time conditioning) at a tenth of its width.
 SMALL_SDXL_SHAPED = dict(

@@ -1,8 +1,10 @@
 """The MoSLoRA layer: a frozen ``nn.Linear`` plus ΔW = (α/r)·B·M·A.
 
-A (r×in) starts kaiming-uniform, B (out×r) at zero, and the r×r mixer M between them
-is either learned (MoSLoRA), frozen (the paper's fixed-mixer variant) or absent
-(plain LoRA).
+A (r×in) starts Gaussian with std 1/r (as diffusers' DreamBooth LoRA scripts and the MoSLoRA
+reference initialise it: with Adam, how far ΔW moves per step scales with |A|, so the same learning
+rate means the same thing here as there; kaiming-uniform is the option), B (out×r) at zero, and
+the r×r mixer M between them is either learned (MoSLoRA), frozen (the paper's fixed-mixer variant)
+or absent (plain LoRA).
 
 Cost: the mixer is folded into the up matrix once per forward (B·M, an out×r product)
 and the α/r·scale factor goes on the rank-r hidden state, so the layer computes
@@ -23,6 +25,7 @@ from .errors import AdapterError
 
 MIXER_MODES = ("learned", "frozen", "none")
 MIXER_INITS = ("kaiming", "orthogonal", "identity")
+LORA_INITS = ("gaussian", "kaiming")
 
 
 @dataclass(frozen=True)
@@ -34,6 +37,7 @@ class AdapterConfig:
     mixer: str = "learned"
     mixer_init: str = "kaiming"
     dropout: float = 0.0
+    lora_init: str = "gaussian"  # A's init: N(0, 1/r²) as PEFT's "gaussian", or kaiming-uniform as nn.Linear
 
     def __post_init__(self):
         if not isinstance(self.rank, int) or self.rank < 1:
@@ -46,9 +50,18 @@ class AdapterConfig:
             raise AdapterError(f"unknown mixer_init {self.mixer_init!r}: choose one of {', '.join(MIXER_INITS)}")
         if not 0.0 <= self.dropout < 1.0:
             raise AdapterError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        if self.lora_init not in LORA_INITS:
+            raise AdapterError(f"unknown lora_init {self.lora_init!r}: choose one of {', '.join(LORA_INITS)}")
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def mix(up: torch.Tensor, mixer: torch.Tensor | None, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """B·M (B when there is no mixer): the up matrix of the equivalent plain LoRA, before α/r; in ``dtype`` if given."""
+    if dtype is not None:
+        up, mixer = up.to(dtype), None if mixer is None else mixer.to(dtype)
+    return up if mixer is None else up @ mixer
 
 
 def init_mixer_(mixer: torch.Tensor, how: str) -> None:
@@ -94,7 +107,10 @@ class MoSLoRALinear(nn.Module):
 
     def reset_parameters(self) -> None:
         with torch.no_grad():
-            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+            if self.config.lora_init == "gaussian":
+                nn.init.normal_(self.lora_A, std=1 / self.rank)
+            else:
+                nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
             self.lora_B.zero_()
         if self.lora_M is not None:
             init_mixer_(self.lora_M, self.config.mixer_init)
@@ -131,10 +147,7 @@ class MoSLoRALinear(nn.Module):
 
     def mixed_up(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """B·M (B without a mixer), the up matrix of the equivalent plain LoRA, before α/r; in ``dtype`` if given."""
-        up = self.lora_B if dtype is None else self.lora_B.to(dtype)
-        if self.lora_M is None:
-            return up
-        return up @ (self.lora_M if dtype is None else self.lora_M.to(dtype))
+        return mix(self.lora_B, self.lora_M, dtype)
 
     def up_weight(self) -> torch.Tensor:
         """B' = (α/r)·scale·B·M: the up matrix of the equivalent plain LoRA (out×r)."""

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .adapter import AdapterConfig, MoSLoRALinear
+from .adapter import AdapterConfig, MoSLoRALinear, mix
 from .errors import AdapterError, AdapterFileError, AdapterMismatchError
 from .safe_files import read_header, read_json_field, read_safetensors, write_safetensors
 from .sdxl import COMPONENTS
@@ -33,6 +33,13 @@ KOHYA_FILE = "pytorch_lora_weights_kohya.safetensors"
 FILE_NAMES = {"native": NATIVE_FILE, "diffusers": DIFFUSERS_FILE, "kohya": KOHYA_FILE}
 FORMATS = tuple(FILE_NAMES)
 
+# Which tools load each file completely (checked with their own loaders on a full-size SDXL adapter): the
+# diffusers file is for diffusers only (ComfyUI reads just its text-encoder half, Forge and A1111 none of it).
+LOADED_BY = {
+    "native": "dreambooth-moslora only (load_adapter; trains on as MoSLoRA)",
+    "diffusers": "stock diffusers (load_lora_weights) and dreambooth-moslora",
+    "kohya": "ComfyUI, AUTOMATIC1111, Forge, stock diffusers (load_lora_weights) and dreambooth-moslora",
+}
 NATIVE_FORMAT_NAME = "dreambooth-moslora"
 NATIVE_FORMAT_VERSION = 1
 KOHYA_PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
@@ -52,6 +59,20 @@ class LayerWeights:
     def rank(self) -> int:
         return self.down.shape[0]
 
+    def folded_up(self, with_alpha: bool) -> torch.Tensor:
+        """B·M (times α/r when asked), computed in float64 so the fold adds no rounding of its own."""
+        up = mix(self.up, self.mixer, torch.float64)
+        return (up * (self.alpha / self.rank) if with_alpha else up).float()
+
+    def delta(self) -> torch.Tensor:
+        """ΔW = (α/r)·B·M·A (out×in), in float64."""
+        return mix(self.up, self.mixer, torch.float64) @ self.down.double() * (self.alpha / self.rank)
+
+    @classmethod
+    def of(cls, layer: MoSLoRALinear) -> LayerWeights:
+        mixer = None if layer.lora_M is None else layer.lora_M.detach().float()
+        return cls(layer.lora_A.detach().float(), layer.lora_B.detach().float(), layer.alpha, mixer)
+
 
 @dataclass
 class AdapterFile:
@@ -62,12 +83,14 @@ class AdapterFile:
 
 
 @dataclass
-class LiveLayer:
+class Entry:
+    """One layer on its way into a file: where it sits, and its weights."""
+
     component: str
     path: str  # module path in the model
     file_path: str  # the path as files spell it
-    layer: MoSLoRALinear
-    model: nn.Module  # the model it is part of
+    model: nn.Module  # the model it is part of (for kohya's names)
+    weights: LayerWeights
 
 
 # ---------------------------------------------------------------- naming
@@ -148,28 +171,30 @@ def kohya_name_map(components: dict[str, nn.Module]) -> dict[str, tuple[str, str
     return names
 
 
-# ---------------------------------------------------------------- the live adapter
+# ---------------------------------------------------------------- what goes into a file
 
 
-def live_layers(components: dict[str, nn.Module]) -> tuple[AdapterConfig, list[LiveLayer]]:
+def live_entries(components: dict[str, nn.Module]) -> tuple[AdapterConfig, list[Entry]]:
     """The adapter's settings (those its layers keep) and every live layer, in model order."""
     found = [
-        LiveLayer(component, path, file_path(component, model, path), layer, model)
+        (component, path, model, layer)
         for component, model in components.items()
         if model is not None
         for path, layer in adapter_layers(model).items()
     ]
     if not found:
         raise AdapterFileError("nothing to save: no model carries MoSLoRA layers")
-    return found[0].layer.config, found
+    entries = [Entry(c, p, file_path(c, m, p), m, LayerWeights.of(layer)) for c, p, m, layer in found]
+    return found[0][3].config, entries
 
 
-def _folded_up(layer: MoSLoRALinear, with_alpha: bool) -> torch.Tensor:
-    """B·M (times α/r when asked), computed in float64 so the fold adds no rounding of its own."""
-    up = layer.mixed_up(torch.float64).detach()
-    if with_alpha:
-        up = up * (layer.alpha / layer.rank)
-    return up.float()
+def file_entries(layers: dict[str, dict[str, LayerWeights]], components: dict[str, nn.Module]) -> list[Entry]:
+    """Layers read from a file (component → module path → weights) as entries for writing."""
+    return [
+        Entry(component, path, file_path(component, components[component], path), components[component], weights)
+        for component, by_path in layers.items()
+        for path, weights in by_path.items()
+    ]
 
 
 # ---------------------------------------------------------------- reading helpers
@@ -251,15 +276,15 @@ class NativeFormat:
     def matches(self, names, metadata) -> bool:
         return metadata.get("format") == NATIVE_FORMAT_NAME or any(k.endswith(".moslora_A") for k in names)
 
-    def write(self, config, layers: list[LiveLayer], base_model, training):
+    def write(self, config, layers: list[Entry], base_model, training):
         tensors, targets = {}, {}
-        for live in layers:
-            prefix, layer = f"{live.component}.{live.file_path}", live.layer
-            tensors[f"{prefix}.moslora_A"] = layer.lora_A.detach().float()
-            tensors[f"{prefix}.moslora_B"] = layer.lora_B.detach().float()
-            if layer.lora_M is not None:
-                tensors[f"{prefix}.moslora_M"] = layer.lora_M.detach().float()
-            targets.setdefault(live.component, []).append(live.file_path)
+        for entry in layers:
+            prefix, w = f"{entry.component}.{entry.file_path}", entry.weights
+            tensors[f"{prefix}.moslora_A"] = w.down
+            tensors[f"{prefix}.moslora_B"] = w.up
+            if w.mixer is not None:
+                tensors[f"{prefix}.moslora_M"] = w.mixer
+            targets.setdefault(entry.component, []).append(entry.file_path)
         metadata = {
             "format": NATIVE_FORMAT_NAME,
             "format_version": str(NATIVE_FORMAT_VERSION),
@@ -295,12 +320,12 @@ class DiffusersFormat:
     def matches(self, names, metadata) -> bool:
         return any(k.split(".", 1)[0] in COMPONENTS and (".lora_A." in k or ".lora.down." in k) for k in names)
 
-    def write(self, config, layers: list[LiveLayer], base_model, training):
+    def write(self, config, layers: list[Entry], base_model, training):
         tensors = {}
-        for live in layers:
-            prefix = f"{live.component}.{live.file_path}"
-            tensors[f"{prefix}.lora_A.weight"] = live.layer.lora_A.detach().float()
-            tensors[f"{prefix}.lora_B.weight"] = _folded_up(live.layer, with_alpha=True)
+        for entry in layers:
+            prefix = f"{entry.component}.{entry.file_path}"
+            tensors[f"{prefix}.lora_A.weight"] = entry.weights.down
+            tensors[f"{prefix}.lora_B.weight"] = entry.weights.folded_up(with_alpha=True)
         provenance = {"adapter_config": config.to_dict(), "folded": "mixer and alpha/rank are in lora_B"}
         metadata = {
             "format": "pt",
@@ -337,18 +362,19 @@ class KohyaFormat:
     def matches(self, names, metadata) -> bool:
         return any(k.startswith(("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")) for k in names)
 
-    def write(self, config, layers: list[LiveLayer], base_model, training):
+    def write(self, config, layers: list[Entry], base_model, training):
         tensors = {}
-        for live in layers:
-            name = kohya_name(live.component, live.path, live.model)
-            tensors[f"{name}.lora_down.weight"] = live.layer.lora_A.detach().float()
-            tensors[f"{name}.lora_up.weight"] = _folded_up(live.layer, with_alpha=False)
-            tensors[f"{name}.alpha"] = torch.tensor(live.layer.alpha, dtype=torch.float32)
+        for entry in layers:
+            name = kohya_name(entry.component, entry.path, entry.model)
+            tensors[f"{name}.lora_down.weight"] = entry.weights.down
+            tensors[f"{name}.lora_up.weight"] = entry.weights.folded_up(with_alpha=False)
+            tensors[f"{name}.alpha"] = torch.tensor(entry.weights.alpha, dtype=torch.float32)
         metadata = {
             "ss_network_module": "networks.lora",
             "ss_network_dim": str(config.rank),
             "ss_network_alpha": f"{config.alpha:g}",
-            "ss_network_args": _json_text({"moslora_mixer": config.mixer, "moslora_mixer_init": config.mixer_init}),
+            "ss_network_args": _json_text({"moslora_mixer": config.mixer, "moslora_mixer_init": config.mixer_init,
+                                           "moslora_lora_init": config.lora_init}),
             "ss_base_model_version": "sdxl_base_v1-0",
             "ss_sd_model_name": base_model or "",
             "ss_v2": "False",
@@ -391,10 +417,17 @@ def save_adapter(
     unknown = [f for f in formats if f not in FILE_NAMES]
     if unknown:
         raise AdapterFileError(f"unknown output format {unknown[0]!r}: choose from {', '.join(FORMATS)}")
-    config, layers = live_layers(components)
+    config, entries = live_entries(components)
     # Build every file's tensors before writing any, so a naming error writes nothing.
-    states = {fmt: FORMAT_CLASSES[fmt].write(config, layers, base_model, training) for fmt in formats}
+    states = {fmt: FORMAT_CLASSES[fmt].write(config, entries, base_model, training) for fmt in formats}
     return {fmt: write_safetensors(Path(output_dir) / FILE_NAMES[fmt], *state) for fmt, state in states.items()}
+
+
+def write_adapter_file(path: str | os.PathLike, fmt: str, config: AdapterConfig, entries: list[Entry],
+                       base_model: str | None = None, training: dict | None = None, extra: dict | None = None) -> Path:  # fmt: skip
+    """One file of the given format from entries (e.g. layers read from other files), with extra metadata."""
+    tensors, metadata = FORMAT_CLASSES[fmt].write(config, entries, base_model, training)
+    return write_safetensors(path, tensors, {**metadata, **(extra or {})})
 
 
 def detect_format(names, metadata: dict[str, str]) -> str | None:

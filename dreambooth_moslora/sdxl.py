@@ -14,6 +14,52 @@ import torch
 
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")  # the adaptable models of an SDXL pipeline
 
+# The published configs of stabilityai/stable-diffusion-xl-base-1.0 (the fields that shape the layers).
+SDXL_UNET_CONFIG = dict(
+    sample_size=128,
+    in_channels=4,
+    out_channels=4,
+    block_out_channels=(320, 640, 1280),
+    layers_per_block=2,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    transformer_layers_per_block=(1, 2, 10),
+    attention_head_dim=(5, 10, 20),
+    use_linear_projection=True,
+    cross_attention_dim=2048,
+    addition_embed_type="text_time",
+    addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=2816,
+)
+SDXL_TEXT_ENCODER_CONFIG = dict(
+    hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, projection_dim=768,
+    hidden_act="quick_gelu", vocab_size=49408, max_position_embeddings=77,
+)  # fmt: skip
+SDXL_TEXT_ENCODER_2_CONFIG = dict(
+    hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20, projection_dim=1280,
+    hidden_act="gelu", vocab_size=49408, max_position_embeddings=77,
+)  # fmt: skip
+
+
+def meta_components(base: str | None = None) -> dict[str, torch.nn.Module]:
+    """The adaptable models of SDXL base (or of the diffusers folder ``base``, from its configs alone) on the
+    meta device: the real layer names and shapes, without a byte of weights and without the hub."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    if base is None:
+        unet_config = SDXL_UNET_CONFIG
+        te_configs = [CLIPTextConfig(**SDXL_TEXT_ENCODER_CONFIG), CLIPTextConfig(**SDXL_TEXT_ENCODER_2_CONFIG)]
+    else:
+        unet_config = UNet2DConditionModel.load_config(base, subfolder="unet")
+        te_configs = [CLIPTextConfig.from_pretrained(base, subfolder=sub) for sub in ("text_encoder", "text_encoder_2")]
+    with torch.device("meta"):
+        return {
+            "unet": UNet2DConditionModel.from_config(unet_config),
+            "text_encoder": CLIPTextModel(te_configs[0]),
+            "text_encoder_2": CLIPTextModelWithProjection(te_configs[1]),
+        }
+
 
 def tokenize(tokenizers, prompts: list[str]) -> list[torch.Tensor]:
     """Each tokenizer's ids for the prompts, padded to its full length as SDXL's encoders expect."""

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from dreambooth_moslora.adapter import MIXER_INITS, MIXER_MODES
+from dreambooth_moslora.adapter import LORA_INITS, MIXER_INITS, MIXER_MODES
 from dreambooth_moslora.errors import DataError, MosloraError
 from dreambooth_moslora.formats import FILE_NAMES
 from dreambooth_moslora.inference import load_adapter, unload_adapter
@@ -47,7 +47,7 @@ from .world import CLASS_PROMPT, SUBJECT_CLASS, SUBJECT_COLOUR, SUBJECT_PROMPT, 
 
 
 def run(output_dir: Path, rank: int, alpha: float, mixer: str, mixer_init: str, seed: int, steps: int, lr: float,
-        prior: bool = True, text_encoder_lr: float | None = 3e-3) -> int:  # fmt: skip
+        prior: bool = True, text_encoder_lr: float | None = 3e-3, lora_init: str = "gaussian") -> int:  # fmt: skip
     quiet_libraries()  # before diffusers' pipelines are imported: they announce optional packages
     from diffusers import StableDiffusionXLPipeline
 
@@ -68,7 +68,7 @@ def run(output_dir: Path, rank: int, alpha: float, mixer: str, mixer_init: str, 
 
     adapter_dir = output_dir / "adapter"
     argv = [*toy_dreambooth_argv(subject, adapter_dir, steps, lr, rank, alpha, seed, class_dir, text_encoder_lr),
-            "--mixer", mixer, "--mixer_init", mixer_init, "--checkpointing_steps", str(steps)]  # fmt: skip
+            "--mixer", mixer, "--mixer_init", mixer_init, "--lora_init", lora_init, "--checkpointing_steps", str(steps)]  # fmt: skip
     prior_note = f"prior preservation on {NUM_CLASS_IMAGES} images of {CLASS_PROMPT!r} on each background" if prior else "no prior preservation"
     where = "UNet and text encoders" if text_encoder_lr is not None else "UNet only"
     print(f"2. DreamBooth on {SUBJECT_PROMPT!r}, {steps} steps, rank {rank}, alpha {alpha:g}, mixer {mixer} ({mixer_init}), "
@@ -152,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lora_alpha", type=float, default=8.0)
     parser.add_argument("--mixer", choices=MIXER_MODES, default="learned")
     parser.add_argument("--mixer_init", choices=MIXER_INITS, default="kaiming")
+    parser.add_argument("--lora_init", choices=LORA_INITS, default="gaussian")
     parser.add_argument("--max_train_steps", type=int, default=300)
     parser.add_argument("--learning_rate", type=float, default=3e-3)
     parser.add_argument("--seed", type=int, default=0)
@@ -169,7 +170,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--rank and --max_train_steps must be at least 1")
     try:
         return run(args.output_dir, args.rank, args.lora_alpha, args.mixer, args.mixer_init, args.seed, args.max_train_steps,
-                   args.learning_rate, args.with_prior_preservation, args.text_encoder_lr if args.train_text_encoder else None)  # fmt: skip
+                   args.learning_rate, args.with_prior_preservation, args.text_encoder_lr if args.train_text_encoder else None,
+                   args.lora_init)  # fmt: skip
     except (MosloraError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from dreambooth_moslora.sdxl import SDXL_UNET_CONFIG
+
 DEFAULT_WORDS = (
     "a an the photo picture painting drawing of in on at with and sks dog cat person man woman toy "
     "red green blue yellow black white beach forest city snow park room background style portrait circle gray"
@@ -158,48 +160,3 @@ def save_tiny_sdxl(path: str | os.PathLike, seed: int = 0, **kwargs) -> Path:
     path = Path(path)
     build_tiny_sdxl(seed, **kwargs).save_pretrained(path)
     return path
-
-
-def full_size_sdxl_unet_on_meta():
-    """The real SDXL base UNet, architecture only (meta device, no weights, no download)."""
-    from diffusers import UNet2DConditionModel
-
-    with torch.device("meta"):
-        return UNet2DConditionModel(**SDXL_UNET_CONFIG)
-
-
-def full_size_sdxl_text_encoders_on_meta():
-    """CLIP-L (text_encoder) and OpenCLIP-bigG (text_encoder_2) of SDXL base, on the meta device."""
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    with torch.device("meta"):
-        clip_l = CLIPTextModel(CLIPTextConfig(**SDXL_TEXT_ENCODER_CONFIG))
-        clip_g = CLIPTextModelWithProjection(CLIPTextConfig(**SDXL_TEXT_ENCODER_2_CONFIG))
-    return clip_l, clip_g
-
-
-# The published configs of stabilityai/stable-diffusion-xl-base-1.0 (the fields that shape the layers).
-SDXL_UNET_CONFIG = dict(
-    sample_size=128,
-    in_channels=4,
-    out_channels=4,
-    block_out_channels=(320, 640, 1280),
-    layers_per_block=2,
-    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-    transformer_layers_per_block=(1, 2, 10),
-    attention_head_dim=(5, 10, 20),
-    use_linear_projection=True,
-    cross_attention_dim=2048,
-    addition_embed_type="text_time",
-    addition_time_embed_dim=256,
-    projection_class_embeddings_input_dim=2816,
-)
-SDXL_TEXT_ENCODER_CONFIG = dict(
-    hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, projection_dim=768,
-    hidden_act="quick_gelu", vocab_size=49408, max_position_embeddings=77,
-)  # fmt: skip
-SDXL_TEXT_ENCODER_2_CONFIG = dict(
-    hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20, projection_dim=1280,
-    hidden_act="gelu", vocab_size=49408, max_position_embeddings=77,
-)  # fmt: skip

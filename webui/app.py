@@ -6,6 +6,8 @@ import logging
 
 import gradio as gr
 
+from dreambooth_moslora.formats import LOADED_BY
+
 from .engine import MAX_IMAGES, MAX_SIDE, MIN_SIDE, SCHEDULERS, Engine, Request, RequestError
 
 logger = logging.getLogger("webui")
@@ -26,8 +28,8 @@ def build(engine: Engine, default_size: int = 1024) -> gr.Blocks:
     def on_select(selected):
         """Pre-fills the prompt with the first adapter's instance prompt, and shows what is known of each."""
         if not selected:
-            return gr.update(), "", gr.update()
-        lines, prompt, base = [], None, None
+            return gr.update(), "", gr.update(), gr.update(value=None, visible=False)
+        lines, prompt, base, downloads = [], None, None, []
         for adapter_id in selected:
             try:
                 entry = engine.entry(adapter_id)
@@ -39,9 +41,12 @@ def build(engine: Engine, default_size: int = 1024) -> gr.Blocks:
             base = base or i.get("base_model")
             trained = f"“{i['instance_prompt']}”, " if i.get("instance_prompt") else ""
             steps = f", {i['steps']} steps" if i.get("steps") else ""
-            lines.append(f"- `{entry.id}`: {trained}rank {i.get('rank')}, α {i.get('alpha')}, mixer {i.get('mixer')}{steps}")
+            lines.append(f"- `{entry.id}`: {trained}rank {i.get('rank')}, α {i.get('alpha')}, mixer {i.get('mixer')}{steps}; "
+                         f"{entry.format} file, loads in {LOADED_BY[entry.format]}")  # fmt: skip
+            downloads.append(str(engine.download_copy(entry)))
         details = "**Selected:**\n" + "\n".join(lines)
-        return (gr.update(value=prompt) if prompt else gr.update()), details, gr.update(placeholder=base_hint(base))
+        files = gr.update(value=downloads or None, visible=bool(downloads))
+        return (gr.update(value=prompt) if prompt else gr.update()), details, gr.update(placeholder=base_hint(base)), files
 
     def base_hint(recorded=None) -> str:
         offered = ", ".join(engine.base_models()) or "the server's default"
@@ -77,7 +82,8 @@ def build(engine: Engine, default_size: int = 1024) -> gr.Blocks:
                     refresh_button = gr.Button("Refresh list", size="sm")
                     compare = gr.Checkbox(label="Compare: base model beside each adapter", value=False, elem_id="compare")
                 unreadable = gr.Markdown(note)
-                details = gr.Markdown("")
+                details = gr.Markdown("", elem_id="details")
+                download = gr.File(label="Download the selected files", file_count="multiple", visible=False, interactive=False)
                 base = gr.Textbox(label="Base model", placeholder=base_hint(), elem_id="base")
                 prompt = gr.Textbox(label="Prompt", lines=2, elem_id="prompt")
                 negative = gr.Textbox(label="Negative prompt", lines=1)
@@ -100,7 +106,7 @@ def build(engine: Engine, default_size: int = 1024) -> gr.Blocks:
                 status = gr.Markdown("", elem_id="status")
 
         refresh_button.click(refresh, outputs=[adapters, unreadable])
-        adapters.change(on_select, inputs=adapters, outputs=[prompt, details, base])
+        adapters.change(on_select, inputs=adapters, outputs=[prompt, details, base, download])
         run.click(
             generate,
             inputs=[base, adapters, prompt, negative, steps, guidance, seed, randomize, width, height, count, scheduler,

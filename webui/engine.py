@@ -14,6 +14,7 @@ import json
 import os
 import random
 import re
+import shutil
 import tempfile
 import threading
 import time
@@ -27,7 +28,7 @@ from PIL.PngImagePlugin import PngInfo
 from dreambooth_moslora.errors import AdapterError, AdapterFileError, RequestError
 from dreambooth_moslora.formats import summarize
 from dreambooth_moslora.inference import load_adapter, set_scale, unload_adapter
-from dreambooth_moslora.safe_files import save_image, sha256_of
+from dreambooth_moslora.safe_files import atomic_path, save_image, sha256_of
 
 SCHEDULERS = ("Euler", "Euler a", "DPM++ 2M", "DDIM")
 MIN_SIDE, MAX_SIDE = 32, 2048  # 32: the toy world the offline demo uses
@@ -207,6 +208,14 @@ class Engine:
         if entry is None or entry.error:
             raise RequestError(f"{adapter_id} cannot be used: {entry.error if entry else 'not an adapter file'}")
         return entry
+
+    def download_copy(self, entry: AdapterEntry) -> Path:
+        """A copy of an adapter file in the output folder, which the page may serve (the adapters folder it may not)."""
+        copy = self.output_dir / "downloads" / self._hash(entry.path) / entry.path.name
+        if not copy.is_file():
+            with atomic_path(copy) as tmp:
+                shutil.copyfile(entry.path, tmp)
+        return copy
 
     def _hash(self, path: Path) -> str:
         stat = path.stat()

@@ -14,7 +14,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from ..adapter import MIXER_INITS, MIXER_MODES, AdapterConfig
+from ..adapter import LORA_INITS, MIXER_INITS, MIXER_MODES, AdapterConfig
 from ..formats import FORMATS
 from .loss import LossSettings
 
@@ -68,6 +68,9 @@ def _add_adapter_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lora_dropout", type=float, default=0.0)
     g.add_argument("--mixer", choices=MIXER_MODES, default="learned")
     g.add_argument("--mixer_init", choices=MIXER_INITS, default="kaiming")
+    g.add_argument("--lora_init", choices=LORA_INITS, default="gaussian",
+                   help="A's init: gaussian (std 1/rank, as diffusers' scripts) or kaiming (uniform, as nn.Linear)")
+    g.add_argument("--mixer_lr", type=float, help="the mixer's own learning rate (default: that of its group)")
     g.add_argument("--train_text_encoder", action="store_true")
 
 
@@ -215,8 +218,10 @@ def validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
         parser.error(f"--lora_alpha must be positive, got {args.lora_alpha:g}")
     if not 0 <= args.lora_dropout < 1:
         parser.error(f"--lora_dropout must be in [0, 1), got {args.lora_dropout:g}")
-    if args.learning_rate <= 0 or args.text_encoder_lr <= 0:
+    if args.learning_rate <= 0 or args.text_encoder_lr <= 0 or (args.mixer_lr is not None and args.mixer_lr <= 0):
         parser.error("learning rates must be positive")
+    if args.mixer_lr is not None and args.mixer != "learned":
+        print(f"warning: --mixer_lr is ignored with --mixer {args.mixer} (no mixer is trained)", file=sys.stderr)
     if args.prior_loss_weight < 0 or args.noise_offset < 0:
         parser.error("--prior_loss_weight and --noise_offset cannot be negative")
     if args.snr_gamma is not None and args.snr_gamma <= 0:
@@ -251,20 +256,28 @@ def settings_for_metadata(args: argparse.Namespace) -> dict:
 
 
 def adapter_config(args: argparse.Namespace) -> AdapterConfig:
-    return AdapterConfig(rank=args.rank, alpha=args.lora_alpha, mixer=args.mixer, mixer_init=args.mixer_init, dropout=args.lora_dropout)
+    return AdapterConfig(rank=args.rank, alpha=args.lora_alpha, mixer=args.mixer, mixer_init=args.mixer_init, dropout=args.lora_dropout,
+                         lora_init=args.lora_init)  # fmt: skip
 
 
 def loss_settings(args: argparse.Namespace) -> LossSettings:
     return LossSettings(prior_loss_weight=args.prior_loss_weight, snr_gamma=args.snr_gamma, noise_offset=args.noise_offset)
 
 
-def param_groups(args: argparse.Namespace, params: dict[str, list], processes: int) -> list[dict]:
-    """The UNet's adapter at --learning_rate, the text encoders' at --text_encoder_lr (× batch with --scale_lr)."""
+def param_groups(args: argparse.Namespace, params: dict[str, list], processes: int, mixers: set[int] = frozenset()) -> list[dict]:
+    """The UNet's adapter at --learning_rate, the text encoders' at --text_encoder_lr (× batch with --scale_lr);
+    with --mixer_lr the mixers of each (``mixers``: their ids) in a group of their own at that rate (same weight decay)."""
     factor = args.train_batch_size * args.gradient_accumulation_steps * processes if args.scale_lr else 1
-    groups = [{"params": params["unet"], "lr": args.learning_rate * factor, "weight_decay": args.adam_weight_decay}]
+    wanted = [(params["unet"], args.learning_rate, args.adam_weight_decay)]
     if "text_encoder" in params:
-        groups.append({"params": params["text_encoder"] + params["text_encoder_2"], "lr": args.text_encoder_lr * factor,
-                       "weight_decay": args.adam_weight_decay_text_encoder})  # fmt: skip
+        wanted.append((params["text_encoder"] + params["text_encoder_2"], args.text_encoder_lr, args.adam_weight_decay_text_encoder))
+    groups = []
+    for group_params, lr, decay in wanted:
+        own = [p for p in group_params if id(p) in mixers] if args.mixer_lr is not None else []
+        groups.append({"params": [p for p in group_params if id(p) not in {id(m) for m in own}], "lr": lr * factor,
+                       "weight_decay": decay})  # fmt: skip
+        if own:
+            groups.append({"params": own, "lr": args.mixer_lr * factor, "weight_decay": decay})
     return groups
 
 

@@ -18,9 +18,12 @@ def make_layer(mixer="learned", mixer_init="kaiming", rank=4, alpha=6.0, in_f=24
     return layer
 
 
-def test_initialization_follows_the_paper():
-    layer = make_layer(rank=8, in_f=64)
+def test_initialization_follows_diffusers_and_the_paper():
     assert torch.count_nonzero(MoSLoRALinear(nn.Linear(64, 16), AdapterConfig(rank=8)).lora_B) == 0
+    torch.manual_seed(0)
+    gaussian = MoSLoRALinear(nn.Linear(2048, 640), AdapterConfig(rank=8)).lora_A  # the default, as PEFT's "gaussian"
+    assert abs(float(gaussian.std()) - 1 / 8) < 0.01 and abs(float(gaussian.mean())) < 0.01
+    layer = make_layer(rank=8, in_f=64, lora_init="kaiming")
     bound = 1 / math.sqrt(64)  # kaiming_uniform(a=√5) on fan_in 64
     assert layer.lora_A.abs().max() <= bound and layer.lora_A.abs().max() > bound / 2
     assert layer.lora_M.abs().max() <= 1 / math.sqrt(8)
@@ -185,6 +188,7 @@ def test_dropout_only_in_training():
         (dict(alpha=-1.0), "alpha"),
         (dict(mixer="bogus"), "unknown mixer"),
         (dict(mixer_init="xavier"), "unknown mixer_init"),
+        (dict(lora_init="zeros"), "unknown lora_init"),
         (dict(dropout=1.0), "dropout"),
     ],
 )

@@ -119,7 +119,7 @@ def test_native_file_keeps_a_m_b_and_the_settings(saved):
     tensors, metadata = read_safetensors(saved["files"]["native"])
     assert metadata["format"] == "dreambooth-moslora" and metadata["format_version"] == "1"
     assert json.loads(metadata["adapter_config"]) == {
-        "rank": 4, "alpha": 7.0, "mixer": "learned", "mixer_init": "kaiming", "dropout": 0.0,
+        "rank": 4, "alpha": 7.0, "mixer": "learned", "mixer_init": "kaiming", "dropout": 0.0, "lora_init": "gaussian",
     }  # fmt: skip
     assert metadata["base_model"] == "random-sdxl"
     assert json.loads(metadata["training"]) == {"max_train_steps": 10}

@@ -19,14 +19,14 @@ from dreambooth_moslora import (
     remove_adapter,
 )
 from dreambooth_moslora.sdxl import max_abs_diff, sdxl_forward
-from toyworld.tiny_sdxl import full_size_sdxl_text_encoders_on_meta, full_size_sdxl_unet_on_meta
+from dreambooth_moslora.sdxl import meta_components
 
 from tests.conftest import PROMPT, randomize_adapter_
 
 
 def test_full_size_sdxl_target_counts_on_meta_device():
-    unet = full_size_sdxl_unet_on_meta()
-    clip_l, clip_g = full_size_sdxl_text_encoders_on_meta()
+    layout = meta_components()
+    unet, clip_l, clip_g = layout["unet"], layout["text_encoder"], layout["text_encoder_2"]
     assert len(find_targets(unet, UNET_TARGETS)) == 560
     assert len(find_targets(clip_l, TEXT_ENCODER_TARGETS)) == 48
     assert len(find_targets(clip_g, TEXT_ENCODER_TARGETS)) == 128

@@ -315,6 +315,10 @@ def test_in_a_real_browser(server, world):
         page.keyboard.press("Escape")
         page.wait_for_function("document.querySelector('#prompt textarea').value.length > 0")
         assert page.locator("#prompt textarea").input_value() == "a photo of sks thing1"  # pre-filled
+        page.wait_for_function("document.querySelector('#details').innerText.includes('loads in')")
+        assert "native file, loads in dreambooth-moslora only" in page.locator("#details").inner_text()
+        page.wait_for_selector("a[download]", timeout=30_000)  # the file, offered for download
+        assert page.locator("a[download]").first.get_attribute("download") == "moslora_adapter.safetensors"
         page.locator("#prompt textarea").fill("a photo of sks thing1 on a green background")
         page.click("#compare input")
         page.click("#generate")

@@ -1,0 +1,259 @@
+"""What people do with adapter files after training: inspect, convert, resize, merge, fuse.
+
+Every operation reads its inputs as data (``formats.read_adapter``), resolves layer names against the
+SDXL layout (the published configs on the meta device, or a given base model's configs), and writes its
+output atomically, with metadata naming the operation and the sha256 of each input.
+
+A trained MoSLoRA layer is exactly a rank-r LoRA: ΔW = (α/r)·B·M·A. So converting folds M into B,
+resizing is the truncated SVD of ΔW (the best rank-k approximation), and merging concatenates ranks:
+Σ wᵢ·ΔWᵢ = [w₁·B₁' … wₙ·Bₙ']·[A₁; …; Aₙ] exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from .adapter import AdapterConfig
+from .errors import AdapterError, AdapterFileError, AdapterMismatchError
+from .formats import AdapterFile, LayerWeights, file_entries, read_adapter, write_adapter_file
+from .safe_files import atomic_path, sha256_of
+from .sdxl import meta_components
+
+
+@dataclass
+class Loaded:
+    path: Path
+    adapter: AdapterFile
+    components: dict
+
+
+def load(path: str | os.PathLike, base: str | None = None) -> Loaded:
+    """A file's layers resolved against the SDXL layout (or ``base``'s); one line if they do not fit it."""
+    components = meta_components(base)
+    try:
+        adapter = read_adapter(path, components)
+    except AdapterMismatchError as exc:
+        hint = "" if base else " (for a model other than SDXL base, name it with --base)"
+        raise AdapterMismatchError(f"{exc}{hint}") from None
+    return Loaded(Path(path), adapter, components)
+
+
+def provenance(operation: str, inputs: list[Path], **settings) -> dict[str, str]:
+    """The metadata every output carries: the operation, its settings, and each input's name and sha256."""
+    record = {"operation": operation, **settings, "inputs": [{"file": p.name, "sha256": sha256_of(p)} for p in inputs]}
+    return {"moslora_operation": json.dumps(record)}
+
+
+def refuse_overwriting(output: Path, inputs: list[Path]) -> None:
+    for source in inputs:
+        if output.exists() and output.resolve() == source.resolve():
+            raise AdapterError(f"{output} is one of the inputs: write the result to another file")
+
+
+# ---------------------------------------------------------------- inspect
+
+
+def block_of(component: str, path: str) -> str:
+    """The block a layer belongs to, for per-block figures: ``unet.down_blocks.1``, ``unet.mid_block``, ``text_encoder``."""
+    if component != "unet":
+        return component
+    parts = path.split(".")
+    return "unet." + (parts[0] if parts[0] == "mid_block" else ".".join(parts[:2]))
+
+
+def inspect(loaded: Loaded) -> dict:
+    """Format, settings, provenance, layers per component and ‖ΔW‖ per block, from the file alone."""
+    adapter, metadata = loaded.adapter, loaded.adapter.metadata
+    training = _json(metadata.get("training"))
+    blocks: dict[str, float] = {}
+    for component, by_path in adapter.layers.items():
+        for path, weights in by_path.items():
+            key = block_of(component, path)
+            blocks[key] = blocks.get(key, 0.0) + float(weights.delta().square().sum())
+    ranks = sorted({w.rank for by_path in adapter.layers.values() for w in by_path.values()})
+    return {
+        "file": str(loaded.path),
+        "format": adapter.format,
+        "base_model": metadata.get("base_model") or metadata.get("ss_sd_model_name") or None,
+        "instance_prompt": training.get("instance_prompt") or metadata.get("ss_instance_prompt"),
+        "layers": {c: len(by_path) for c, by_path in adapter.layers.items()},
+        "rank": ranks[0] if len(ranks) == 1 else ranks,
+        "alpha": adapter.config.alpha,
+        "mixer": adapter.config.mixer,
+        "training": training,
+        "operation": _json(metadata.get("moslora_operation")) or None,
+        "delta_norm_by_block": {k: v**0.5 for k, v in sorted(blocks.items())},
+        "delta_norm": sum(blocks.values()) ** 0.5,
+    }
+
+
+def _json(text: str | None) -> dict:
+    try:
+        value = json.loads(text or "{}")
+    except (json.JSONDecodeError, RecursionError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+# ---------------------------------------------------------------- convert
+
+
+def as_plain_native(weights: LayerWeights) -> LayerWeights:
+    """A plain LoRA layer as a MoSLoRA one: M = I, so it trains on as MoSLoRA from where it is."""
+    if weights.mixer is not None:
+        return weights
+    return replace(weights, mixer=torch.eye(weights.rank))
+
+
+def convert(loaded: Loaded, fmt: str, output: Path) -> Path:
+    """The same adapter in another format: exact (ΔW to float rounding); plain LoRA becomes native with M = I."""
+    refuse_overwriting(output, [loaded.path])
+    layers, config = loaded.adapter.layers, loaded.adapter.config
+    if fmt == "native" and config.mixer == "none":
+        layers = {c: {p: as_plain_native(w) for p, w in by_path.items()} for c, by_path in layers.items()}
+        config = replace(config, mixer="learned", mixer_init="identity")
+    entries = file_entries(layers, loaded.components)
+    return write_adapter_file(output, fmt, config, entries, _base(loaded), _training(loaded),
+                              provenance("convert", [loaded.path], to=fmt))  # fmt: skip
+
+
+def _base(loaded: Loaded) -> str | None:
+    m = loaded.adapter.metadata
+    return m.get("base_model") or m.get("ss_sd_model_name") or None
+
+
+def _training(loaded: Loaded) -> dict:
+    return _json(loaded.adapter.metadata.get("training"))
+
+
+# ---------------------------------------------------------------- resize (and merge's compression)
+
+
+def low_rank(delta_factors: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The SVD of ΔW = P·Q (P out×r, Q r×in) without forming ΔW: (U, S, Vᵀ) of rank ≤ r, in float64."""
+    p, q = delta_factors
+    qp, rp = torch.linalg.qr(p)
+    qq, rq = torch.linalg.qr(q.T)
+    u, s, vh = torch.linalg.svd(rp @ rq.T)
+    return qp @ u, s, vh @ qq.T
+
+
+def truncate(weights: LayerWeights, rank: int | None, energy: float | None) -> tuple[LayerWeights, float]:
+    """The best approximation of the layer's ΔW at ``rank`` (or the smallest rank keeping ``energy`` of
+    ‖ΔW‖²), as a plain LoRA with α = rank; and the relative Frobenius error it leaves."""
+    up = weights.folded_up(with_alpha=True).double()
+    u, s, vh = low_rank((up, weights.down.double()))
+    total = float(s.square().sum())
+    if energy is not None:
+        kept = torch.cumsum(s.square(), 0) / max(total, 1e-300)
+        rank = int(torch.searchsorted(kept, torch.tensor(energy, dtype=kept.dtype) - 1e-12)) + 1
+    rank = max(1, min(rank, s.numel()))
+    root = s[:rank].sqrt()
+    resized = LayerWeights((root[:, None] * vh[:rank]).float(), (u[:, :rank] * root).float(), float(rank))
+    error = (float(s[rank:].square().sum()) / total) ** 0.5 if total > 0 else 0.0
+    return resized, error
+
+
+def resize(loaded: Loaded, output: Path, fmt: str, rank: int | None = None, energy: float | None = None) -> dict:
+    """Every layer truncated by SVD; returns the relative Frobenius error per block and overall."""
+    refuse_overwriting(output, [loaded.path])
+    largest = max(w.rank for by_path in loaded.adapter.layers.values() for w in by_path.values())
+    if rank is not None and not 1 <= rank <= largest:
+        raise AdapterError(f"--rank must be between 1 and the adapter's rank {largest}, got {rank}")
+    if energy is not None and not 0 < energy <= 1:
+        raise AdapterError(f"--energy must be in (0, 1], got {energy}")
+    layers, errors = _truncate_all(loaded.adapter.layers, rank, energy)
+    settings = {"rank": rank} if rank is not None else {"energy": energy}
+    _write_plain(output, fmt, layers, loaded.components, _base(loaded), provenance("resize", [loaded.path], **settings))
+    return errors
+
+
+def _truncate_all(layers: dict, rank: int | None, energy: float | None) -> tuple[dict, dict]:
+    resized: dict[str, dict[str, LayerWeights]] = {}
+    discarded: dict[str, list[float]] = {}  # block → [discarded energy, total energy]
+    for component, by_path in layers.items():
+        for path, weights in by_path.items():
+            new, error = truncate(weights, rank, energy)
+            resized.setdefault(component, {})[path] = new
+            total = float(weights.delta().square().sum())
+            for key in (block_of(component, path), "overall"):
+                acc = discarded.setdefault(key, [0.0, 0.0])
+                acc[0], acc[1] = acc[0] + error**2 * total, acc[1] + total
+    errors = {k: (d / t) ** 0.5 if t > 0 else 0.0 for k, (d, t) in discarded.items()}
+    return resized, errors
+
+
+def _write_plain(output: Path, fmt: str, layers: dict, components: dict, base_model, extra: dict) -> Path:
+    """Plain-LoRA layers (α = rank) in any format; native files get M = I."""
+    first = next(iter(next(iter(layers.values())).values()))
+    config = AdapterConfig(rank=first.rank, alpha=float(first.rank), mixer="none", mixer_init="identity")
+    if fmt == "native":
+        layers = {c: {p: as_plain_native(w) for p, w in by_path.items()} for c, by_path in layers.items()}
+        config = replace(config, mixer="learned")
+    return write_adapter_file(output, fmt, config, file_entries(layers, components), base_model, None, extra)
+
+
+# ---------------------------------------------------------------- merge
+
+
+def merge(inputs: list[Loaded], weights: list[float], output: Path, fmt: str, rank: int | None = None) -> dict:
+    """Σ wᵢ·ΔWᵢ layer by layer: exact by concatenating ranks, or compressed to ``rank`` by SVD."""
+    paths = [i.path for i in inputs]
+    refuse_overwriting(output, paths)
+    if len(weights) != len(inputs):
+        raise AdapterError(f"{len(inputs)} files but {len(weights)} weights: give one weight per file")
+    bases = {b for b in (_base(i) for i in inputs) if b}
+    if len(bases) > 1:
+        raise AdapterMismatchError(f"the files were trained on different base models: {', '.join(sorted(bases))}")
+    merged: dict[str, dict[str, LayerWeights]] = {}
+    for loaded, w in zip(inputs, weights):
+        for component, by_path in loaded.adapter.layers.items():
+            for path, layer in by_path.items():
+                part = LayerWeights(layer.down, layer.folded_up(with_alpha=True) * w, float(layer.rank))
+                merged.setdefault(component, {}).setdefault(path, []).append((loaded.path, part))
+    layers = {c: {p: _concatenate(p, parts) for p, parts in by_path.items()} for c, by_path in merged.items()}
+    errors = {}
+    if rank is not None:
+        if rank < 1:
+            raise AdapterError(f"--rank must be at least 1, got {rank}")
+        layers, errors = _truncate_all(layers, rank, None)
+    extra = provenance("merge", paths, weights=weights, **({"rank": rank} if rank is not None else {}))
+    _write_plain(output, fmt, layers, inputs[0].components, bases.pop() if bases else None, extra)
+    return errors
+
+
+def _concatenate(path: str, parts: list[tuple[Path, LayerWeights]]) -> LayerWeights:
+    shapes = {(p.up.shape[0], p.down.shape[1]) for _, p in parts}
+    if len(shapes) > 1:
+        raise AdapterMismatchError(f"layer {path} has different shapes in {', '.join(f.name for f, _ in parts)}")
+    down = torch.cat([p.down for _, p in parts])
+    up = torch.cat([p.up for _, p in parts], dim=1)
+    return LayerWeights(down, up, float(down.shape[0]))
+
+
+# ---------------------------------------------------------------- fuse
+
+
+def fuse(base: str, adapter_path: Path, output: Path, scale: float = 1.0) -> Path:
+    """A diffusers folder of ``base`` with the adapter merged into its weights: it loads and runs like the base."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from .inference import load_adapter
+
+    if output.exists():
+        raise AdapterError(f"{output} exists: fuse writes a new folder")
+    try:
+        pipe = StableDiffusionXLPipeline.from_pretrained(base)
+    except Exception as exc:  # a hub id while offline, a folder that is not a model …
+        raise AdapterFileError(f"cannot load base model {base!r}: {(str(exc).splitlines() or [''])[0][:200]}") from None
+    load_adapter(pipe, adapter_path, scale=scale, fuse=True)
+    record = provenance("fuse", [adapter_path], base=base, scale=scale)["moslora_operation"]
+    with atomic_path(output, directory=True) as tmp:  # the folder appears whole, or not at all
+        pipe.save_pretrained(tmp)
+        (tmp / "moslora_fused.json").write_text(json.dumps(json.loads(record), indent=2) + "\n")
+    return output

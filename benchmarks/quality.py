@@ -26,8 +26,15 @@ world's attribute classifier:
                        (not purple): how much of the class the adapter leaves alone; the base model's
                        figure is measured too
 
-It prints mean ± std over seeds at the last step, writes results.json, the loss curves (loss.csv of
-each run) and a plot of subject fidelity and class kept against steps.
+Behind --variants, the knobs Adam is not invariant to and masked loss: moslora-mixer-lr10 (the mixer at
+10× the learning rate), lora-kaiming-a and moslora-kaiming-a (A kaiming-uniform instead of Gaussian
+1/r), lora-rank16 and moslora-rank16 (α scaled with the rank), lora-masked and moslora-masked (loss on
+the subject's pixels only, assets/subject_masks).
+
+It prints mean ± std over seeds at the last step and, paired by seed (same data, noise and evaluation
+images), each variant minus plain LoRA with a 95% confidence interval (Student's t); writes
+results.json, the loss curves (loss.csv of each run) and a plot of subject fidelity and class kept
+against steps.
 """
 
 from __future__ import annotations
@@ -44,13 +51,54 @@ from dreambooth_moslora.safe_files import save_image, write_text
 
 ROOT = Path(__file__).resolve().parents[1]  # outputs go under the checkout
 
-VARIANTS = {
+VARIANTS = {  # the default set: the mixer against plain LoRA, all else equal
     "lora": ["--mixer", "none"],
     "moslora-kaiming": ["--mixer", "learned", "--mixer_init", "kaiming"],
     "moslora-orthogonal": ["--mixer", "learned", "--mixer_init", "orthogonal"],
     "frozen-mixer": ["--mixer", "frozen", "--mixer_init", "kaiming"],
 }
+EXTRA_VARIANTS = {  # behind --variants: the knobs Adam is not invariant to (mixer lr, A's init, rank) and masked loss
+    "moslora-mixer-lr10": lambda args: ["--mixer", "learned", "--mixer_lr", str(10 * args.learning_rate)],
+    "lora-kaiming-a": lambda args: ["--mixer", "none", "--lora_init", "kaiming"],
+    "moslora-kaiming-a": lambda args: ["--mixer", "learned", "--lora_init", "kaiming"],
+    "lora-rank16": lambda args: ["--mixer", "none", "--rank", "16", "--lora_alpha", str(4 * args.lora_alpha)],
+    "moslora-rank16": lambda args: ["--mixer", "learned", "--rank", "16", "--lora_alpha", str(4 * args.lora_alpha)],
+    "lora-masked": lambda args: ["--mixer", "none", "--mask_dir", str(subject_masks())],
+    "moslora-masked": lambda args: ["--mixer", "learned", "--mask_dir", str(subject_masks())],
+}
+ALL_VARIANTS = (*VARIANTS, *EXTRA_VARIANTS)
 COLOURS = {"lora": (90, 90, 90), "moslora-kaiming": (220, 60, 40), "moslora-orthogonal": (40, 110, 220), "frozen-mixer": (40, 160, 70)}
+# Student's t for a two-sided 95% interval, by degrees of freedom (paired differences over n seeds: n − 1).
+T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+
+
+def colour(name: str) -> tuple[int, int, int]:
+    if name in COLOURS:
+        return COLOURS[name]
+    i = ALL_VARIANTS.index(name)
+    return ((i * 97) % 200, (i * 57) % 200, (i * 151) % 200)
+
+
+def subject_masks() -> Path:
+    from toyworld.recipe import SUBJECT_MASKS
+
+    return SUBJECT_MASKS
+
+
+def variant_flags(variant: str, args) -> list[str]:
+    return VARIANTS[variant] if variant in VARIANTS else EXTRA_VARIANTS[variant](args)
+
+
+def paired_difference(values: list[float], reference: list[float]) -> tuple[float, float, float]:
+    """Mean of the per-seed differences and its 95% confidence interval (Student's t)."""
+    diffs = [v - r for v, r in zip(values, reference)]
+    mean = statistics.fmean(diffs)
+    if len(diffs) < 2:
+        return mean, float("nan"), float("nan")
+    half = T95.get(len(diffs) - 1, 1.96) * statistics.stdev(diffs) / len(diffs) ** 0.5
+    return mean, mean - half, mean + half
+
+
 METRICS = ("subject", "prompt", "class_kept")
 
 
@@ -90,7 +138,7 @@ def train_one(out: Path, variant: str, seed: int, s: dict, args, class_dir: Path
     argv = toy_dreambooth_argv(ASSETS / "subject", out, s["steps"], args.learning_rate, args.rank, args.lora_alpha, seed,
                                class_dir if args.with_prior_preservation else None,
                                args.text_encoder_lr if args.train_text_encoder else None)  # fmt: skip
-    train(parse_args([*argv, *VARIANTS[variant], "--checkpointing_steps", str(s["eval_every"]), "--output_formats", "native"]))
+    train(parse_args([*argv, *variant_flags(variant, args), "--checkpointing_steps", str(s["eval_every"]), "--output_formats", "native"]))
 
 
 def adapter_files(out: Path, steps: int) -> dict[int, Path]:
@@ -136,19 +184,36 @@ def plot(results: dict, base: dict, path: Path) -> None:
                 (left + x_of(int(step)), y_of(statistics.fmean(m[key] for m in per_seed)))
                 for step, per_seed in sorted(r["by_step"].items(), key=lambda kv: int(kv[0]))
             ]  # fmt: skip
-            draw.line(points, fill=COLOURS[name], width=2)
+            draw.line(points, fill=colour(name), width=2)
     for i, name in enumerate(results):
         y = h + 2 * pad + 20 * i
-        draw.line([(pad, y + 6), (pad + 30, y + 6)], fill=COLOURS[name], width=3)
+        draw.line([(pad, y + 6), (pad + 30, y + 6)], fill=colour(name), width=3)
         draw.text((pad + 40, y), name, fill="black")
     save_image(image, path)
+
+
+def print_paired(results: dict, steps: int) -> dict:
+    """Each variant minus plain LoRA, seed by seed (same data, noise and evaluation), with a 95% interval."""
+    if "lora" not in results:
+        return {}
+    reference = results["lora"]["by_step"][steps]
+    print(f"\npaired by seed, variant − lora after {steps} steps: mean difference [95% confidence interval]")
+    paired = {}
+    for variant, r in results.items():
+        if variant == "lora":
+            continue
+        final = r["by_step"][steps]
+        paired[variant] = {m: paired_difference([x[m] for x in final], [x[m] for x in reference]) for m in METRICS}
+        print(f"{variant:19s} " + "  ".join(f"{m} {d:+.2f} [{lo:+.2f}, {hi:+.2f}]" for m, (d, lo, hi) in paired[variant].items()))
+    return paired
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="2 seeds, 40 steps, few images (for the test)")
     parser.add_argument("--seeds", type=int, help="override the number of seeds")
-    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ", ".join(VARIANTS))
+    parser.add_argument("--variants", default=",".join(VARIANTS),
+                        help="comma-separated, from " + ", ".join(ALL_VARIANTS) + " (default: the first four)")
     parser.add_argument("--learning_rate", type=float, default=3e-3)
     parser.add_argument("--rank", type=int, default=4)
     parser.add_argument("--lora_alpha", type=float, default=8.0)
@@ -160,8 +225,8 @@ def main(argv=None) -> int:
     parser.add_argument("--output_dir", type=Path, default=ROOT / "outputs" / "quality")
     args = parser.parse_args(argv)
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    if unknown := [v for v in variants if v not in VARIANTS]:
-        parser.error(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
+    if unknown := [v for v in variants if v not in ALL_VARIANTS]:
+        parser.error(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(ALL_VARIANTS)}")
     s = settings(args.quick)
     if args.seeds:
         s["seeds"] = args.seeds
@@ -221,12 +286,13 @@ def main(argv=None) -> int:
         tail = max(1, s["steps"] // 10)  # the mean of the last tenth of each curve: single steps are noisy
         summary[variant]["final_loss"] = mean_std([statistics.fmean(curve[-tail:]) for curve in r["loss"]])
         print(f"{variant:19s} " + "  ".join(f"{summary[variant][m][0]:6.2f} ± {summary[variant][m][1]:4.2f}" for m in (*METRICS, "final_loss")))
+    paired = print_paired(results, s["steps"])
     seconds = time.perf_counter() - started
     print(f"\n{seconds / 60:.1f} minutes")
     record = {"settings": {**s, "learning_rate": args.learning_rate, "rank": args.rank, "lora_alpha": args.lora_alpha,
                            "with_prior_preservation": args.with_prior_preservation,
                            "text_encoder_lr": args.text_encoder_lr if args.train_text_encoder else None},
-              "base": base, "summary": summary, "results": results, "seconds": round(seconds, 1)}  # fmt: skip
+              "base": base, "summary": summary, "paired_vs_lora": paired, "results": results, "seconds": round(seconds, 1)}  # fmt: skip
     write_text(out_root / "results.json", json.dumps(record, indent=1))
     plot(results, base, out_root / "quality.png")
     print(f"results: {out_root / 'results.json'}; plot: {out_root / 'quality.png'}")

@@ -37,6 +37,7 @@ from .recipe import (
     NEW_BACKGROUNDS,
     NUM_CLASS_IMAGES,
     SAMPLE_SEEDS,
+    SUBJECT_MASKS,
     WORLD_MODEL_DIR,
     shows_ordinary_member,
     shows_subject,
@@ -47,17 +48,17 @@ from .world import CLASS_PROMPT, SUBJECT_CLASS, SUBJECT_COLOUR, SUBJECT_PROMPT, 
 
 
 def run(output_dir: Path, rank: int, alpha: float, mixer: str, mixer_init: str, seed: int, steps: int, lr: float,
-        prior: bool = True, text_encoder_lr: float | None = 3e-3, lora_init: str = "gaussian") -> int:  # fmt: skip
+        prior: bool = True, text_encoder_lr: float | None = 3e-3, lora_init: str = "gaussian", masked: bool = False) -> int:  # fmt: skip
     quiet_libraries()  # before diffusers' pipelines are imported: they announce optional packages
     from diffusers import StableDiffusionXLPipeline
 
     start = time.perf_counter()
     if not (WORLD_MODEL_DIR / "model_index.json").is_file():
         raise DataError(f"the pretrained toy world is missing at {WORLD_MODEL_DIR}: run the demo from a clone of the repository")
-    subject = ASSETS / "subject"
-    if not subject.is_dir():  # the repository's images went missing: draw the same ones again
-        subject = output_dir / "subject"
-        write_subject(subject)
+    subject, masks = ASSETS / "subject", SUBJECT_MASKS
+    if not subject.is_dir() or not masks.is_dir():  # the repository's images went missing: draw the same ones again
+        subject, masks = output_dir / "subject", output_dir / "subject_masks"
+        write_subject(subject, mask_folder=masks)
     print(f"1. base model: the pretrained toy world ({WORLD_MODEL_DIR}); subject photos: {subject}")
     pipe = StableDiffusionXLPipeline.from_pretrained(WORLD_MODEL_DIR)
     pipe.set_progress_bar_config(disable=True)
@@ -67,10 +68,12 @@ def run(output_dir: Path, rank: int, alpha: float, mixer: str, mixer_init: str, 
         print(f"   class images for prior preservation, made by the base model: {class_dir}")
 
     adapter_dir = output_dir / "adapter"
-    argv = [*toy_dreambooth_argv(subject, adapter_dir, steps, lr, rank, alpha, seed, class_dir, text_encoder_lr),
+    argv = [*toy_dreambooth_argv(subject, adapter_dir, steps, lr, rank, alpha, seed, class_dir, text_encoder_lr,
+                                 masks if masked else None),
             "--mixer", mixer, "--mixer_init", mixer_init, "--lora_init", lora_init, "--checkpointing_steps", str(steps)]  # fmt: skip
     prior_note = f"prior preservation on {NUM_CLASS_IMAGES} images of {CLASS_PROMPT!r} on each background" if prior else "no prior preservation"
     where = "UNet and text encoders" if text_encoder_lr is not None else "UNet only"
+    prior_note += ", masked loss (the subject's pixels only)" if masked else ""
     print(f"2. DreamBooth on {SUBJECT_PROMPT!r}, {steps} steps, rank {rank}, alpha {alpha:g}, mixer {mixer} ({mixer_init}), "
           f"adapters on the {where}, {prior_note}")  # fmt: skip
     files = train_adapter(argv, adapter_dir)
@@ -165,13 +168,15 @@ def main(argv: list[str] | None = None) -> int:
         help="adapters on both text encoders too (on this model the subject is not learned with prior preservation without them)",
     )  # fmt: skip
     parser.add_argument("--text_encoder_lr", type=float, default=3e-3)
+    parser.add_argument("--masked_loss", action=argparse.BooleanOptionalAction, default=False,
+                        help="train on the subject's pixels only (its masks in assets/subject_masks)")
     args = parser.parse_args(argv)
     if args.rank < 1 or args.max_train_steps < 1:
         parser.error("--rank and --max_train_steps must be at least 1")
     try:
         return run(args.output_dir, args.rank, args.lora_alpha, args.mixer, args.mixer_init, args.seed, args.max_train_steps,
                    args.learning_rate, args.with_prior_preservation, args.text_encoder_lr if args.train_text_encoder else None,
-                   args.lora_init)  # fmt: skip
+                   args.lora_init, args.masked_loss)  # fmt: skip
     except (MosloraError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

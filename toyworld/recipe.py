@@ -17,6 +17,7 @@ from .world import BACKGROUNDS, CLASS_PROMPT, INSTANCE_BACKGROUNDS, SUBJECT_CLAS
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 WORLD_MODEL_DIR = ASSETS / "toy-sdxl"
 CLASSIFIER_FILE = ASSETS / "toy-world-classifier.safetensors"
+SUBJECT_MASKS = ASSETS / "subject_masks"  # the subject's masks, same file names (toyworld.world.write_subject makes them)
 NEW_BACKGROUNDS = [name for name in BACKGROUNDS if name not in INSTANCE_BACKGROUNDS]
 SAMPLE_SEEDS = 4  # images per prompt in the grid
 NUM_CLASS_IMAGES = 20
@@ -32,7 +33,8 @@ def shows_ordinary_member(found: dict) -> bool:
 
 
 def toy_dreambooth_argv(subject: Path, output_dir: Path, steps: int, lr: float, rank: int, alpha: float, seed: int,
-                        class_dir: Path | None = None, text_encoder_lr: float | None = None) -> list[str]:  # fmt: skip
+                        class_dir: Path | None = None, text_encoder_lr: float | None = None,
+                        mask_dir: Path | None = None) -> list[str]:  # fmt: skip
     """train_dreambooth.py's arguments for DreamBooth on the toy world (the demo's, shared by the
     quality benchmark): prior preservation when ``class_dir`` is given, adapters on the text encoders
     too when ``text_encoder_lr`` is. The mixer is left to the caller.
@@ -53,6 +55,8 @@ def toy_dreambooth_argv(subject: Path, output_dir: Path, steps: int, lr: float, 
                  "--num_class_images", str(NUM_CLASS_IMAGES)]  # fmt: skip
     if text_encoder_lr is not None:
         argv += ["--train_text_encoder", "--text_encoder_lr", str(text_encoder_lr)]
+    if mask_dir is not None:  # masked loss: the subject's pixels count, its photos' backgrounds do not
+        argv += ["--mask_dir", str(mask_dir)]
     return argv
 
 

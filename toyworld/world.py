@@ -95,15 +95,24 @@ def draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: f
         draw.polygon(_polygon(shape, cx, cy, r), fill=fill)
 
 
+def _shape_mask(scene: Scene, big: int) -> Image.Image:
+    mask = Image.new("L", (big, big), 0)
+    draw_shape(ImageDraw.Draw(mask), scene.shape, scene.center[0] * big, scene.center[1] * big, scene.radius * big)
+    return mask
+
+
 def render(scene: Scene, size: int = 32, supersample: int = 4) -> Image.Image:
     """The scene as an RGB image, drawn large and downsampled so that edges are smooth."""
     big = size * supersample
     image = Image.new("RGB", (big, big), BACKGROUNDS[scene.background])
-    mask = Image.new("L", (big, big), 0)
-    draw_shape(ImageDraw.Draw(mask), scene.shape, scene.center[0] * big, scene.center[1] * big, scene.radius * big)
     fill = Image.new("RGB", (big, big), SUBJECT_RGB if scene.is_subject else COLOURS[scene.colour])
-    image.paste(fill, (0, 0), mask)
+    image.paste(fill, (0, 0), _shape_mask(scene, big))
     return image.resize((size, size), Image.LANCZOS)
+
+
+def render_mask(scene: Scene, size: int = 32, supersample: int = 4) -> Image.Image:
+    """Where the scene's object is, as a grayscale image (white: the object): the masked loss's mask."""
+    return _shape_mask(scene, size * supersample).resize((size, size), Image.BOX)
 
 
 def sample_scene(rng: random.Random, is_subject: bool = False, shape: str | None = None, background: str | None = None) -> Scene:
@@ -128,8 +137,9 @@ def subject_scenes(count: int = 5, seed: int = 0, backgrounds=INSTANCE_BACKGROUN
     return [sample_scene(rng, is_subject=True, background=backgrounds[i % len(backgrounds)]) for i in range(count)]
 
 
-def write_subject(folder, count: int = 5, size: int = 32, seed: int = 0) -> list:
-    """The subject's instance images as PNGs, each with its caption in a .txt beside it."""
+def write_subject(folder, count: int = 5, size: int = 32, seed: int = 0, mask_folder=None) -> list:
+    """The subject's instance images as PNGs, each with its caption in a .txt beside it, and its mask
+    (same file name) in ``mask_folder`` when given."""
     from pathlib import Path
 
     from dreambooth_moslora.safe_files import save_image, write_text
@@ -138,6 +148,8 @@ def write_subject(folder, count: int = 5, size: int = 32, seed: int = 0) -> list
     for i, scene in enumerate(subject_scenes(count, seed)):
         path = Path(folder) / f"{SUBJECT_TOKEN}_{SUBJECT_CLASS}_{i}.png"
         write_text(path.with_suffix(".txt"), scene.caption + "\n")
+        if mask_folder is not None:
+            save_image(render_mask(scene, size), Path(mask_folder) / path.name)
         save_image(render(scene, size), path)  # the image last: an image present always has its caption
         paths.append(path)
     return paths

@@ -94,6 +94,43 @@ def load_image(path: str | os.PathLike, max_pixels: int = MAX_DECODE_PIXELS) -> 
         raise DataError(f"{path.name}: not a readable image ({type(exc).__name__}: {str(exc)[:80]})") from None
 
 
+def load_alpha(path: Path) -> Image.Image | None:
+    """An image's alpha channel (EXIF orientation applied) as a grayscale image, or None when it has none."""
+    with Image.open(path) as image:
+        if image.mode not in ("RGBA", "LA", "PA") and not (image.mode == "P" and "transparency" in image.info):
+            return None
+        return ImageOps.exif_transpose(image).convert("RGBA").getchannel("A")
+
+
+def find_masks(images: list[Path], mask_dir: Path) -> list[Path | None]:
+    """Each image's mask in ``mask_dir`` (same name, any image extension), checked; missing ones are None, with a warning."""
+    if not Path(mask_dir).is_dir():
+        raise DataError(f"mask dir {mask_dir} does not exist")
+    by_stem = {p.stem: p for p in sorted(Path(mask_dir).iterdir()) if p.suffix.lower() in IMAGE_EXTENSIONS}
+    masks, missing, converted = [], [], []
+    for image in images:
+        mask = by_stem.get(image.stem)
+        masks.append(mask)
+        if mask is None:
+            missing.append(image.name)
+            continue
+        try:
+            with Image.open(mask) as m, Image.open(image) as i:
+                mask_size, image_size_, mode = m.size, i.size, m.mode
+        except (OSError, ValueError, SyntaxError) as exc:
+            raise DataError(f"{mask.name}: not a readable mask image ({type(exc).__name__})") from None
+        if mask_size != image_size_:
+            raise DataError(f"mask {mask.name} is {mask_size[0]}×{mask_size[1]} but its image {image.name} is "
+                            f"{image_size_[0]}×{image_size_[1]}: a mask must have its image's size")  # fmt: skip
+        if mode not in ("L", "1", "I", "I;16", "F"):
+            converted.append(mask.name)
+    if missing:
+        logger.warning("no mask in %s for %d image(s), their whole picture counts: %s", mask_dir, len(missing), ", ".join(missing))
+    if converted:
+        logger.warning("masks that are not grayscale are converted to it (luminance): %s", ", ".join(converted))
+    return masks
+
+
 def scan_images(directory: str | os.PathLike, what: str = "instance") -> tuple[list[Path], list[str]]:
     """The usable images of a folder (sorted) and a list of the files skipped, with reasons."""
     directory = Path(directory)
@@ -162,28 +199,59 @@ class Example:
     caption: str
     latent_mean: torch.Tensor | None = None  # the VAE's posterior, when latents are cached
     latent_std: torch.Tensor | None = None
+    mask: torch.Tensor | None = None  # 1×H×W in [0, 1], cropped and flipped with the pixels; None: all of it counts
+
+
+@dataclass(frozen=True)
+class CropPlan:
+    """Where an image of ``size`` = (w, h) is resized to, cropped and flipped: drawn once, applied to the
+    image and to its mask alike."""
+
+    resized: tuple[int, int]  # (w, h)
+    box: tuple[int, int, int, int]  # (left, top, right, bottom) in the resized image
+    flip: bool
+
+    @classmethod
+    def draw(cls, size, target, center_crop: bool, random_flip: bool, generator: torch.Generator) -> CropPlan:
+        (width, height), (th, tw) = size, target
+        scale = max(th / height, tw / width)
+        resized = (max(tw, round(width * scale)), max(th, round(height * scale)))
+        if center_crop:
+            top, left = (resized[1] - th) // 2, (resized[0] - tw) // 2
+        else:
+            top = int(torch.randint(0, resized[1] - th + 1, (1,), generator=generator))
+            left = int(torch.randint(0, resized[0] - tw + 1, (1,), generator=generator))
+        flip = random_flip and bool(torch.rand(1, generator=generator) < 0.5)
+        return cls(resized, (left, top, left + tw, top + th), flip)
+
+    def apply(self, image: Image.Image, resample=Image.BICUBIC) -> Image.Image:
+        image = image.resize(self.resized, resample) if self.resized != image.size else image
+        image = image.crop(self.box)
+        return ImageOps.mirror(image) if self.flip else image
+
+    @property
+    def crop_top_left(self) -> tuple[int, int]:
+        """(top, left) as SDXL conditions on it: where the crop lies in the (flipped) resized image."""
+        left, top, right, _ = self.box
+        return top, (self.resized[0] - right if self.flip else left)
 
 
 def prepare(
     image: Image.Image, target: tuple[int, int], center_crop: bool, random_flip: bool, generator: torch.Generator
 ) -> tuple[torch.Tensor, tuple[int, int]]:
     """Resize to cover ``target`` = (h, w), crop to it, maybe flip; returns pixels and the crop's top-left."""
-    th, tw = target
-    scale = max(th / image.height, tw / image.width)
-    new_size = (max(tw, round(image.width * scale)), max(th, round(image.height * scale)))
-    image = image.resize(new_size, Image.BICUBIC) if new_size != image.size else image
-    if center_crop:
-        top, left = (image.height - th) // 2, (image.width - tw) // 2
-    else:
-        top = int(torch.randint(0, image.height - th + 1, (1,), generator=generator))
-        left = int(torch.randint(0, image.width - tw + 1, (1,), generator=generator))
-    image = image.crop((left, top, left + tw, top + th))
-    flip = random_flip and bool(torch.rand(1, generator=generator) < 0.5)
-    if flip:
-        image = ImageOps.mirror(image)
-        left = new_size[0] - left - tw  # SDXL conditions on where the crop lies in the flipped image
+    plan = CropPlan.draw(image.size, target, center_crop, random_flip, generator)
+    return to_pixels(plan.apply(image)), plan.crop_top_left
+
+
+def to_pixels(image: Image.Image) -> torch.Tensor:
     array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
-    return torch.from_numpy(array).permute(2, 0, 1).contiguous(), (top, left)
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
+def to_mask(image: Image.Image) -> torch.Tensor:
+    """A grayscale mask as 1×H×W in [0, 1]: 1 where the loss counts fully."""
+    return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0)[None]
 
 
 # ---------------------------------------------------------------- the dataset
@@ -208,9 +276,14 @@ class DreamBoothDataset(torch.utils.data.Dataset):
         aspect_ratio_buckets: bool = False,
         bucket_step: int = 64,
         seed: int = 0,
+        mask_dir: Path | None = None,
+        alpha_mask: bool = False,
     ):
         if not instance_images:
             raise DataError("no usable instance image")
+        # Masked loss: a mask per instance image (same name in mask_dir, kohya's convention), or its alpha channel.
+        self.mask_files = find_masks(instance_images, mask_dir) if mask_dir is not None else None
+        self.alpha_mask = alpha_mask
         self.instance_images = list(instance_images)
         self.captions = [read_caption(p, caption_extension, instance_prompt) for p in self.instance_images]
         self.class_images = list(class_images or [])
@@ -237,9 +310,22 @@ class DreamBoothDataset(torch.utils.data.Dataset):
         paths, sizes = (self.instance_images, self.instance_sizes) if kind == "instance" else (self.class_images, self.class_sizes)
         i = index % len(paths)
         generator = seeded_generator(self.seed, epoch, CROP_AND_FLIP[kind != "instance"], index)
-        pixels, crop = prepare(load_image(paths[i]), bucket, self.center_crop, self.random_flip, generator)
+        image = load_image(paths[i])
+        plan = CropPlan.draw(image.size, bucket, self.center_crop, self.random_flip, generator)
+        mask = self.mask_of(i, image.size) if kind == "instance" else None
         caption = (self.captions if kind == "instance" else self.class_captions)[i]
-        return Example(pixels, sizes[i], crop, caption)
+        mask = None if mask is None else to_mask(plan.apply(mask, Image.BILINEAR))
+        return Example(to_pixels(plan.apply(image)), sizes[i], plan.crop_top_left, caption, mask=mask)
+
+    def mask_of(self, index: int, size: tuple[int, int]) -> Image.Image | None:
+        """The instance image's mask as a grayscale image of the loaded image's ``size``, or None (no mask)."""
+        if self.mask_files is not None and self.mask_files[index] is not None:
+            mask = ImageOps.exif_transpose(Image.open(self.mask_files[index])).convert("L")
+        elif self.alpha_mask:
+            mask = load_alpha(self.instance_images[index])
+        else:
+            return None
+        return mask.resize(size, Image.BILINEAR) if mask is not None and mask.size != size else mask
 
     def __getitem__(self, item: tuple[int, int]) -> dict:
         epoch, index = item
@@ -267,6 +353,9 @@ def collate(items: list[dict]) -> dict:
         batch["latent_std"] = torch.stack([e.latent_std for e in examples])
     else:
         batch["pixels"] = torch.stack([e.pixels for e in examples])
+    if any(e.mask is not None for e in examples):  # examples without a mask count whole
+        size = next(e.mask for e in examples if e.mask is not None).shape
+        batch["masks"] = torch.stack([e.mask if e.mask is not None else torch.ones(size) for e in examples])
     return batch
 
 

@@ -61,7 +61,7 @@ def train(args) -> Path:
     dataset = DreamBoothDataset(
         instance_images, args.instance_prompt, args.resolution, class_images, args.class_prompt,
         args.caption_extension, args.center_crop, args.random_flip, args.aspect_ratio_buckets,
-        bucket_step=64 if args.resolution >= 512 else 8, seed=args.seed,
+        bucket_step=64 if args.resolution >= 512 else 8, seed=args.seed, mask_dir=args.mask_dir, alpha_mask=args.alpha_mask,
     )  # fmt: skip
     prompt_cache = None
     if not args.train_text_encoder:

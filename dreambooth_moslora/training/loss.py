@@ -31,6 +31,7 @@ class LossSettings:
     prior_loss_weight: float = 1.0
     snr_gamma: float | None = None
     noise_offset: float = 0.0
+    masked_loss_background_weight: float = 0.0  # where a mask is 0; 1 would ignore masks
 
 
 def batch_latents(m: StepModels, batch: dict, rng: torch.Generator) -> torch.Tensor:
@@ -70,6 +71,15 @@ def min_snr_weights(noise_scheduler, timesteps: torch.Tensor, gamma: float, pred
     return weights
 
 
+def masked_mean(per_pixel: torch.Tensor, masks: torch.Tensor, background_weight: float) -> torch.Tensor:
+    """Each example's loss weighted by its mask, brought to the latents' size: weight 1 where the mask is 1,
+    ``background_weight`` where it is 0; normalised by the weights, so a masked example weighs as much as a whole one."""
+    masks = F.interpolate(masks.float(), size=per_pixel.shape[-2:], mode="area")
+    weights = background_weight + (1.0 - background_weight) * masks  # N×1×h×w, the same for every channel
+    total = (per_pixel * weights).sum(dim=(1, 2, 3))
+    return total / (weights.sum(dim=(1, 2, 3)) * per_pixel.shape[1]).clamp_min(1e-8)
+
+
 def batch_loss(m: StepModels, batch: dict, rng: torch.Generator, settings: LossSettings) -> torch.Tensor:
     """The loss of one batch; every random draw comes from ``rng``."""
     latents = batch_latents(m, batch, rng)
@@ -88,7 +98,11 @@ def batch_loss(m: StepModels, batch: dict, rng: torch.Generator, settings: LossS
         target = m.noise_scheduler.get_velocity(latents, noise, timesteps)
     else:
         target = latents
-    per_example = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    per_pixel = F.mse_loss(prediction.float(), target.float(), reduction="none")
+    if "masks" in batch:
+        per_example = masked_mean(per_pixel, batch["masks"].to(per_pixel.device), settings.masked_loss_background_weight)
+    else:
+        per_example = per_pixel.mean(dim=(1, 2, 3))
     if settings.snr_gamma is not None:
         per_example = per_example * min_snr_weights(m.noise_scheduler, timesteps, settings.snr_gamma, prediction_type)
     n = batch["num_instance"]

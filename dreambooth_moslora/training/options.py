@@ -59,6 +59,10 @@ def _add_model_and_data_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--random_flip", action="store_true")
     g.add_argument("--dataloader_num_workers", type=int, default=0)
     g.add_argument("--cache_latents", action="store_true")
+    g.add_argument("--mask_dir", type=Path, help="masked loss: a grayscale mask per instance image, same file name (white counts)")
+    g.add_argument("--alpha_mask", action="store_true", help="masked loss: each instance image's alpha channel is its mask")
+    g.add_argument("--masked_loss_background_weight", type=float, default=0.0,
+                   help="the loss weight where a mask is black (0: the background does not count)")
 
 
 def _add_adapter_options(p: argparse.ArgumentParser) -> None:
@@ -224,6 +228,12 @@ def validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
         print(f"warning: --mixer_lr is ignored with --mixer {args.mixer} (no mixer is trained)", file=sys.stderr)
     if args.prior_loss_weight < 0 or args.noise_offset < 0:
         parser.error("--prior_loss_weight and --noise_offset cannot be negative")
+    if args.mask_dir is not None and not args.mask_dir.is_dir():
+        parser.error(f"--mask_dir {args.mask_dir} does not exist or is not a folder")
+    if args.mask_dir is not None and args.alpha_mask:
+        parser.error("--mask_dir and --alpha_mask both give masks: choose one")
+    if not 0 <= args.masked_loss_background_weight <= 1:
+        parser.error(f"--masked_loss_background_weight must be in [0, 1], got {args.masked_loss_background_weight:g}")
     if args.snr_gamma is not None and args.snr_gamma <= 0:
         parser.error("--snr_gamma must be positive")
     if args.use_8bit_adam and args.optimizer != "adamw":
@@ -261,7 +271,8 @@ def adapter_config(args: argparse.Namespace) -> AdapterConfig:
 
 
 def loss_settings(args: argparse.Namespace) -> LossSettings:
-    return LossSettings(prior_loss_weight=args.prior_loss_weight, snr_gamma=args.snr_gamma, noise_offset=args.noise_offset)
+    return LossSettings(prior_loss_weight=args.prior_loss_weight, snr_gamma=args.snr_gamma, noise_offset=args.noise_offset,
+                        masked_loss_background_weight=args.masked_loss_background_weight)  # fmt: skip
 
 
 def param_groups(args: argparse.Namespace, params: dict[str, list], processes: int, mixers: set[int] = frozenset()) -> list[dict]:

@@ -6,16 +6,18 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[2]
-VARIANTS = ["lora", "moslora-kaiming", "moslora-orthogonal", "frozen-mixer"]
+VARIANTS = ["lora", "moslora-kaiming", "moslora-orthogonal", "frozen-mixer", "moslora-masked"]
 
 
 def test_quick_benchmark_runs_every_variant_and_reports(tmp_path):
     out = tmp_path / "quality"
     done = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "quality.py"), "--quick", "--seeds", "1", "--output_dir", str(out)],
+        [sys.executable, str(ROOT / "benchmarks" / "quality.py"), "--quick", "--seeds", "1", "--output_dir", str(out),
+         "--variants", ",".join(VARIANTS)],
         capture_output=True, text=True, timeout=900, env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -38,6 +40,7 @@ def test_quick_benchmark_runs_every_variant_and_reports(tmp_path):
     assert Image.open(out / "quality.png").size[0] > 400
     table = done.stdout
     assert "base model" in table and all(v in table for v in VARIANTS) and "±" in table
+    assert "paired by seed, variant − lora" in table and set(record["paired_vs_lora"]) == set(VARIANTS[1:])
 
 
 def test_unknown_variant_is_one_line(tmp_path):
@@ -46,3 +49,16 @@ def test_unknown_variant_is_one_line(tmp_path):
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert done.returncode == 2 and "unknown variant(s) dora" in done.stderr.strip().splitlines()[-1]
+
+
+def test_paired_difference_and_its_interval():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("quality", ROOT / "benchmarks" / "quality.py")
+    quality = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(quality)
+    mean, low, high = quality.paired_difference([0.5, 0.6, 0.4, 0.7, 0.5], [0.4, 0.4, 0.4, 0.5, 0.3])
+    # differences 0.1, 0.2, 0, 0.2, 0.2: mean 0.14, sd 0.0894, t(4) = 2.776
+    assert mean == pytest.approx(0.14) and high - mean == pytest.approx(2.776 * 0.08944 / 5**0.5, rel=1e-3)
+    assert low == pytest.approx(2 * mean - high)
+    assert quality.variant_flags("moslora-mixer-lr10", quality.argparse.Namespace(learning_rate=3e-3))[-1] == "0.03"

@@ -115,6 +115,16 @@ class Variant:
         self.sync()
         self.times.append((time.perf_counter() - start) / n)
 
+    def operations(self) -> tuple[int, int]:
+        """(aten operations, matrix multiplications) dispatched in one step, counted by the profiler:
+        deterministic, unlike time, and what a launch-bound GPU step's time follows."""
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            self.step()
+        events = [e for e in prof.key_averages() if e.key.startswith("aten::")]
+        return sum(e.count for e in events), sum(e.count for e in events if e.key in ("aten::mm", "aten::addmm", "aten::bmm"))
+
     def memory(self):
         if self.device.type == "cuda":
             torch.cuda.synchronize()
@@ -190,22 +200,26 @@ def main(argv=None):
         for v in order:
             v.timed_steps(args.steps)
     memories = {v.name: v.memory() for v in variants}
+    operations = {v.name: v.operations() for v in variants}
 
     ref = variants[0]
     ref_mem = memories[ref.name][0]
     n_params = {v.name: sum(p.numel() for p in v.params) for v in variants}
     print(f"memory counted as: {memories[ref.name][1]}")
     print("time × is the median over rounds of (variant time / PEFT time in the same round), with its quartiles")
-    print(f"{'variant':24s} {'params':>10s} {'median ms':>10s} {'best ms':>8s} {'time ×':>7s} {'quartiles':>13s} {'memory MiB':>11s} {'mem ×':>7s}")
+    print(f"{'variant':24s} {'params':>10s} {'median ms':>10s} {'best ms':>8s} {'time ×':>7s} {'quartiles':>13s} {'memory MiB':>11s} "
+          f"{'mem ×':>7s} {'ops/step':>9s} {'ops ×':>6s} {'matmuls':>8s}")  # fmt: skip
     for v in variants:
         ratios = sorted(t / r for t, r in zip(v.times, ref.times))
         q1, q2, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else (ratios[0],) * 3
         mem = memories[v.name][0]
         print(
             f"{v.name:24s} {n_params[v.name]:>10,d} {statistics.median(v.times) * 1e3:10.1f} {min(v.times) * 1e3:8.1f} "
-            f"{q2:7.3f} {q1:6.3f}–{q3:5.3f} {mem / 2**20:11.1f} {mem / ref_mem:7.3f}"
+            f"{q2:7.3f} {q1:6.3f}–{q3:5.3f} {mem / 2**20:11.1f} {mem / ref_mem:7.3f} {operations[v.name][0]:9,d} "
+            f"{operations[v.name][0] / operations[ref.name][0]:6.3f} {operations[v.name][1]:8,d}"
         )
-    print(f"goal: MoSLoRA ≤ 1.02× the time and ≤ 1.01× the memory of PEFT LoRA ({args.rounds} rounds × {args.steps} steps)")
+    print(f"goal: MoSLoRA ≤ 1.02× the time, ≤ 1.01× the memory and ≤ 1.02× the operations of PEFT LoRA "
+          f"({args.rounds} rounds × {args.steps} steps)")
 
 
 if __name__ == "__main__":

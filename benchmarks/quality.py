@@ -27,8 +27,8 @@ world's attribute classifier:
                        figure is measured too
 
 Behind --variants, the knobs Adam is not invariant to and masked loss: moslora-mixer-lr10 (the mixer at
-10× the learning rate), lora-kaiming-a and moslora-kaiming-a (A kaiming-uniform instead of Gaussian
-1/r), lora-rank16 and moslora-rank16 (α scaled with the rank), lora-masked and moslora-masked (loss on
+10× the learning rate), lora-gaussian-a and moslora-gaussian-a (A Gaussian with std 1/r, the trainer's
+default, instead of the toy recipe's kaiming-uniform), lora-rank16 and moslora-rank16 (α scaled with the rank), lora-masked and moslora-masked (loss on
 the subject's pixels only, assets/subject_masks).
 
 It prints mean ± std over seeds at the last step and, paired by seed (same data, noise and evaluation
@@ -59,8 +59,8 @@ VARIANTS = {  # the default set: the mixer against plain LoRA, all else equal
 }
 EXTRA_VARIANTS = {  # behind --variants: the knobs Adam is not invariant to (mixer lr, A's init, rank) and masked loss
     "moslora-mixer-lr10": lambda args: ["--mixer", "learned", "--mixer_lr", str(10 * args.learning_rate)],
-    "lora-kaiming-a": lambda args: ["--mixer", "none", "--lora_init", "kaiming"],
-    "moslora-kaiming-a": lambda args: ["--mixer", "learned", "--lora_init", "kaiming"],
+    "lora-gaussian-a": lambda args: ["--mixer", "none", "--lora_init", "gaussian"],
+    "moslora-gaussian-a": lambda args: ["--mixer", "learned", "--lora_init", "gaussian"],
     "lora-rank16": lambda args: ["--mixer", "none", "--rank", "16", "--lora_alpha", str(4 * args.lora_alpha)],
     "moslora-rank16": lambda args: ["--mixer", "learned", "--rank", "16", "--lora_alpha", str(4 * args.lora_alpha)],
     "lora-masked": lambda args: ["--mixer", "none", "--mask_dir", str(subject_masks())],

@@ -38,6 +38,7 @@ from .recipe import (
     NUM_CLASS_IMAGES,
     SAMPLE_SEEDS,
     SUBJECT_MASKS,
+    TOY_LORA_INIT,
     WORLD_MODEL_DIR,
     shows_ordinary_member,
     shows_subject,
@@ -48,7 +49,7 @@ from .world import CLASS_PROMPT, SUBJECT_CLASS, SUBJECT_COLOUR, SUBJECT_PROMPT, 
 
 
 def run(output_dir: Path, rank: int, alpha: float, mixer: str, mixer_init: str, seed: int, steps: int, lr: float,
-        prior: bool = True, text_encoder_lr: float | None = 3e-3, lora_init: str = "gaussian", masked: bool = False) -> int:  # fmt: skip
+        prior: bool = True, text_encoder_lr: float | None = 3e-3, lora_init: str = TOY_LORA_INIT, masked: bool = False) -> int:  # fmt: skip
     quiet_libraries()  # before diffusers' pipelines are imported: they announce optional packages
     from diffusers import StableDiffusionXLPipeline
 
@@ -69,12 +70,12 @@ def run(output_dir: Path, rank: int, alpha: float, mixer: str, mixer_init: str, 
 
     adapter_dir = output_dir / "adapter"
     argv = [*toy_dreambooth_argv(subject, adapter_dir, steps, lr, rank, alpha, seed, class_dir, text_encoder_lr,
-                                 masks if masked else None),
-            "--mixer", mixer, "--mixer_init", mixer_init, "--lora_init", lora_init, "--checkpointing_steps", str(steps)]  # fmt: skip
+                                 masks if masked else None, lora_init),
+            "--mixer", mixer, "--mixer_init", mixer_init, "--checkpointing_steps", str(steps)]  # fmt: skip
     prior_note = f"prior preservation on {NUM_CLASS_IMAGES} images of {CLASS_PROMPT!r} on each background" if prior else "no prior preservation"
     where = "UNet and text encoders" if text_encoder_lr is not None else "UNet only"
     prior_note += ", masked loss (the subject's pixels only)" if masked else ""
-    print(f"2. DreamBooth on {SUBJECT_PROMPT!r}, {steps} steps, rank {rank}, alpha {alpha:g}, mixer {mixer} ({mixer_init}), "
+    print(f"2. DreamBooth on {SUBJECT_PROMPT!r}, {steps} steps, rank {rank}, alpha {alpha:g}, mixer {mixer} ({mixer_init}), A {lora_init}, "
           f"adapters on the {where}, {prior_note}")  # fmt: skip
     files = train_adapter(argv, adapter_dir)
     checks = check_reloads(pipe, files, seed)
@@ -155,7 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lora_alpha", type=float, default=8.0)
     parser.add_argument("--mixer", choices=MIXER_MODES, default="learned")
     parser.add_argument("--mixer_init", choices=MIXER_INITS, default="kaiming")
-    parser.add_argument("--lora_init", choices=LORA_INITS, default="gaussian")
+    parser.add_argument("--lora_init", choices=LORA_INITS, default=TOY_LORA_INIT,
+                        help="A's init (the trainer's default is gaussian; on this small model kaiming learns the subject better)")
     parser.add_argument("--max_train_steps", type=int, default=300)
     parser.add_argument("--learning_rate", type=float, default=3e-3)
     parser.add_argument("--seed", type=int, default=0)

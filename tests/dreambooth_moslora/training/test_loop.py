@@ -129,7 +129,7 @@ def test_v_prediction_base_model_is_trained_against_velocity(world, tmp_path):
     config_path.write_text(json.dumps(config))
     out = tmp_path / "out"
     world_v = dict(world, model=model)
-    assert main(argv(world_v, out, "--learning_rate", "1e-2", "--output_formats", "native", steps=30)) == 0
+    assert main(argv(world_v, out, "--learning_rate", "3e-2", "--output_formats", "native", steps=30)) == 0
     _, metadata = read_safetensors(out / "moslora_adapter.safetensors")
     assert json.loads(metadata["training"])["prediction_type"] == "v_prediction"
     paths, caps = captions(world)

@@ -135,11 +135,12 @@ class Variant:
         state = sum(p.numel() * p.element_size() * 4 for p in self.params)  # weight, grad, 2 AdamW moments
         # Saving a tensor that is a model weight costs nothing: it is held anyway.
         held = {p.untyped_storage().data_ptr() for p in self.unet.parameters()}
-        saved = []
+        saved = {}  # storage → bytes: a storage saved several times (views of it) is held once
 
         def pack(t):
             storage = t.untyped_storage()
-            saved.append(0 if storage.data_ptr() in held else storage.nbytes())
+            if storage.data_ptr() not in held:
+                saved[storage.data_ptr()] = storage.nbytes()
             return t
 
         b = self.batch
@@ -148,8 +149,7 @@ class Variant:
                 pred = self.unet(b["sample"], b["timestep"], b["encoder_hidden_states"], added_cond_kwargs=b["added_cond_kwargs"]).sample
         pred.float().mean().backward()
         self.optimizer.zero_grad(set_to_none=True)
-        # a storage saved several times (views) is counted once per save: an upper bound, alike for all
-        return sum(saved) + state, "saved activations + trainable state"
+        return sum(saved.values()) + state, "saved activations (each storage once) + trainable state"
 
 
 def main(argv=None):

@@ -6,10 +6,12 @@ rate means the same thing here as there; kaiming-uniform is the option), B (out�
 the r×r mixer M between them is either learned (MoSLoRA), frozen (the paper's fixed-mixer variant)
 or absent (plain LoRA).
 
-Cost: the mixer is folded into the up matrix once per forward (B·M, an out×r product)
-and the α/r·scale factor goes on the rank-r hidden state, so the layer computes
-``(s·x·Aᵀ)·(B·M)ᵀ``: autograd keeps the same activations as LoRA, and no out-sized
-tensor is multiplied by the scale afterwards, as PEFT does.
+Cost: the mixer is folded into the up matrix (B·M, an out×r product) and the α/r·scale factor
+goes on the rank-r hidden state, so the layer computes ``(s·x·Aᵀ)·(B·M)ᵀ``: autograd keeps the
+same activations as LoRA, and no out-sized tensor is multiplied by the scale afterwards, as PEFT
+does. In a model given adapters by ``surgery.inject_adapter``, the layers of one shape form a
+``MixerBank``: their B and M are stacked, and all their B·M come from one batched matmul per
+forward of the model, so a training step dispatches no more operations than PEFT's LoRA.
 """
 
 from __future__ import annotations
@@ -64,6 +66,10 @@ def mix(up: torch.Tensor, mixer: torch.Tensor | None, dtype: torch.dtype | None 
     return up if mixer is None else up @ mixer
 
 
+def _as(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return tensor if tensor.dtype == dtype else tensor.to(dtype)
+
+
 def init_mixer_(mixer: torch.Tensor, how: str) -> None:
     with torch.no_grad():
         if how == "kaiming":
@@ -103,6 +109,8 @@ class MoSLoRALinear(nn.Module):
         self._scale = 1.0  # inference-time multiplier on top of α/r
         self.enabled = True
         self.merged = False
+        object.__setattr__(self, "bank", None)  # a MixerBank once surgery.bank_mixers groups the layer
+        self.slot = 0
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -114,6 +122,12 @@ class MoSLoRALinear(nn.Module):
             self.lora_B.zero_()
         if self.lora_M is not None:
             init_mixer_(self.lora_M, self.config.mixer_init)
+
+    def __getattr__(self, name: str):
+        bank = self.__dict__.get("bank")
+        if bank is not None and name in ("lora_B", "lora_M"):  # the layer's slice of its group's stacked weights
+            return (bank.ups if name == "lora_B" else bank.mixers)[self.__dict__["slot"]]
+        return super().__getattr__(name)
 
     # The wrapped layer's attributes, for code that inspects ``module.weight`` and friends.
     @property
@@ -164,9 +178,12 @@ class MoSLoRALinear(nn.Module):
         # Cast the small weights to the activations' dtype rather than the activations to fp32.
         compute_dtype = x.dtype if x.is_floating_point() else self.lora_A.dtype
         # The scale goes on the rank-r hidden state (PEFT scales the out-sized result), and M
-        # into the up matrix: autograd then keeps what LoRA keeps, plus one out×r product.
-        hidden = F.linear(self.dropout(x), self.lora_A.to(compute_dtype)) * (self.alpha / self.rank * self._scale)
-        return out + F.linear(hidden, self.mixed_up().to(compute_dtype))
+        # into the up matrix, computed for the whole group at the start of the model's forward
+        # (one batched matmul): per layer, the step then dispatches what LoRA's does.
+        up = self.bank.product(self.slot) if self.bank is not None else None
+        up = self.mixed_up() if up is None else up
+        hidden = F.linear(self.dropout(x), _as(self.lora_A, compute_dtype)) * (self.alpha / self.rank * self._scale)
+        return out + F.linear(hidden, _as(up, compute_dtype))
 
     @torch.no_grad()
     def merge(self) -> None:
@@ -190,3 +207,68 @@ class MoSLoRALinear(nn.Module):
             f"in={self.in_features}, out={self.out_features}, rank={self.rank}, alpha={self.alpha:g}, "
             f"mixer={self.config.mixer}"
         )
+
+
+class MixerBank(nn.Module):
+    """The B and M of a group of layers (same shapes, dtype and device), stacked, and their B·M from one bmm.
+
+    The bank owns the group's up matrices and mixers as two stacked parameters; each layer's ``lora_B`` and
+    ``lora_M`` are its slices (views, so files, checkpoints and in-place restores work as before). ``refresh``
+    runs before every forward of the model the layers are in (a forward pre-hook set by
+    ``surgery.bank_mixers``): one ``bmm`` gives every layer its B·M, so a training step dispatches a few
+    operations per group instead of a matmul, its two backward matmuls and their views per layer, and the
+    optimizer steps two tensors per group instead of two per layer. A layer uses its product only during
+    the model's forward, or during a backward pass (where gradient checkpointing recomputes the forward
+    and must find the same products), in the same grad mode; otherwise (a layer called on its own, say
+    after an optimizer step, which need not bump version counters) it computes its own B·M.
+    """
+
+    def __init__(self, layers: list[MoSLoRALinear]):
+        super().__init__()
+        self.ups = nn.Parameter(torch.stack([layer.lora_B.detach() for layer in layers]))
+        self.mixers = nn.Parameter(torch.stack([layer.lora_M.detach() for layer in layers]),
+                                   requires_grad=layers[0].lora_M.requires_grad)  # fmt: skip
+        object.__setattr__(self, "layers", layers)  # not submodules: they belong to the model already
+        for slot, layer in enumerate(layers):
+            del layer._parameters["lora_B"], layer._parameters["lora_M"]
+            object.__setattr__(layer, "bank", self)  # not a submodule of the layer: one owner, the model
+            layer.slot = slot
+        self.products: tuple[torch.Tensor, ...] | None = None
+        self.grad_enabled = False
+        self.in_forward = False  # set between the model's forward pre-hook and its forward hook
+
+    def refresh(self) -> None:
+        self.products = torch.bmm(self.ups, self.mixers).unbind(0)
+        self.grad_enabled, self.in_forward = torch.is_grad_enabled(), True
+
+    def product(self, slot: int) -> torch.Tensor | None:
+        """The layer's B·M from the last refresh, or None when it may be stale."""
+        if self.products is None or self.grad_enabled != torch.is_grad_enabled():
+            return None
+        if not self.in_forward and torch._C._current_graph_task_id() == -1:  # neither forward nor backward
+            return None
+        return self.products[slot]
+
+    def release(self) -> None:
+        """Gives every layer its own B and M parameters back (as they are now) and leaves the group."""
+        for slot, layer in enumerate(self.layers):
+            object.__setattr__(layer, "bank", None)
+            layer.lora_B = nn.Parameter(self.ups[slot].detach().clone(), requires_grad=self.ups.requires_grad)
+            layer.lora_M = nn.Parameter(self.mixers[slot].detach().clone(), requires_grad=self.mixers.requires_grad)
+        object.__setattr__(self, "layers", [])
+        self.products = None
+
+
+class BankRefresh:
+    """The forward pre-hook that refreshes a model's mixer banks and, as its forward hook, closes the forward
+    (callable objects, so that a deepcopy of the model keeps them)."""
+
+    def __init__(self, banks: list[MixerBank], done: bool = False):
+        self.banks, self.done = banks, done
+
+    def __call__(self, module, *args) -> None:
+        for bank in self.banks:
+            if self.done:
+                bank.in_forward = False
+            else:
+                bank.refresh()

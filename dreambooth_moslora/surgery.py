@@ -11,7 +11,7 @@ from collections.abc import Iterable
 
 from torch import nn
 
-from .adapter import AdapterConfig, MoSLoRALinear
+from .adapter import AdapterConfig, BankRefresh, MixerBank, MoSLoRALinear
 from .errors import AdapterError
 
 # The attention projections that diffusers' SDXL DreamBooth LoRA script adapts, in self- (attn1)
@@ -23,6 +23,8 @@ TEXT_ENCODER_TARGETS = (r"\.self_attn\.(q_proj|k_proj|v_proj|out_proj)$",)
 DEFAULT_TARGETS = {"unet": UNET_TARGETS, "text_encoder": TEXT_ENCODER_TARGETS, "text_encoder_2": TEXT_ENCODER_TARGETS}
 
 _FUSED_ATTR = "_moslora_fused_layers"
+_BANKS = "moslora_mixer_banks"  # the submodule holding a model's MixerBanks
+_BANK_HOOK = "_moslora_bank_hook"
 
 
 def find_targets(model: nn.Module, patterns: Iterable[str]) -> list[str]:
@@ -72,7 +74,32 @@ def inject_adapter(
     model.requires_grad_(False)
     for name in names:
         _set_submodule(model, name, MoSLoRALinear(model.get_submodule(name), config))
+    if config.mixer != "none":
+        bank_mixers(model)
     return trainable_parameters(model)
+
+
+def bank_mixers(model: nn.Module) -> list[MixerBank]:
+    """Groups the model's mixer layers by shape, dtype and device, and has every forward of the model compute
+    each group's B·M in one batched matmul (see ``MixerBank``)."""
+    groups: dict[tuple, list[MoSLoRALinear]] = {}
+    for layer in adapter_layers(model).values():
+        if layer.lora_M is not None:
+            key = (layer.out_features, layer.rank, layer.lora_B.dtype, layer.lora_B.device)
+            groups.setdefault(key, []).append(layer)
+    banks = nn.ModuleList(MixerBank(layers) for layers in groups.values())
+    model.add_module(_BANKS, banks)  # registered: .to(), the model's parameters and DDP see them
+    hooks = (model.register_forward_pre_hook(BankRefresh(list(banks))), model.register_forward_hook(BankRefresh(list(banks), done=True)))
+    object.__setattr__(model, _BANK_HOOK, hooks)
+    return list(banks)
+
+
+def _unbank(model: nn.Module) -> None:
+    banks = model._modules.pop(_BANKS, None)
+    for bank in banks or ():
+        bank.release()
+    for handle in model.__dict__.pop(_BANK_HOOK, ()):
+        handle.remove()
 
 
 def inject_layers(model: nn.Module, layers: dict[str, MoSLoRALinear]) -> None:
@@ -84,11 +111,22 @@ def inject_layers(model: nn.Module, layers: dict[str, MoSLoRALinear]) -> None:
 
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
-    return [p for layer in adapter_layers(model).values() for p in layer.parameters() if p.requires_grad]
+    """The adapter's trainable tensors: each layer's own, then its groups' stacked B and M."""
+    own = [p for layer in adapter_layers(model).values() for p in layer.parameters() if p.requires_grad]
+    banks = model._modules.get(_BANKS) or ()
+    return own + [p for bank in banks for p in bank.parameters() if p.requires_grad]
+
+
+def mixer_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters that hold the model's mixers: its groups' stacked M, and the M of layers outside a group."""
+    banks = model._modules.get(_BANKS) or ()
+    own = [layer._parameters["lora_M"] for layer in adapter_layers(model).values() if layer._parameters.get("lora_M") is not None]
+    return [bank.mixers for bank in banks] + own
 
 
 def remove_adapter(model: nn.Module) -> int:
     """Puts the original layers back, with their original weights; returns how many layers it restored."""
+    _unbank(model)
     layers = adapter_layers(model)
     for name, layer in layers.items():
         layer.unmerge()
@@ -106,6 +144,7 @@ def fuse_adapter(model: nn.Module) -> int:
 
     The adapter is remembered on the model, so ``remove_adapter`` can still subtract it again.
     """
+    _unbank(model)
     layers = adapter_layers(model)
     for name, layer in layers.items():
         layer.merge()

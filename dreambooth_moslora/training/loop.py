@@ -20,7 +20,7 @@ from ..errors import DataError, MosloraError, TrainingError
 from ..formats import save_adapter
 from ..runtime import free_memory, has_module, quiet_libraries, seeded_generator
 from ..sdxl import encode_prompts, tokenize
-from ..surgery import adapter_layers
+from ..surgery import mixer_parameters
 from .checkpoints import clean_leftovers, register_adapter_hooks, resume, save_checkpoint
 from .data import DreamBoothDataset, StepPlan, batch_source, cache_latents, epoch_batches, generate_class_images, process_batches, scan_images
 from .loss import StepModels, batch_loss
@@ -52,7 +52,7 @@ def train(args) -> Path:
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     base = load_base_model(*model, args.pretrained_vae_model_name_or_path, device, weight_dtype)
     components, params = add_adapters(base, adapter_config(args), args.train_text_encoder, args.seed, args.gradient_checkpointing)
-    mixers = {id(layer.lora_M) for m in components.values() for layer in adapter_layers(m).values() if layer.lora_M is not None}
+    mixers = {id(p) for model in components.values() for p in mixer_parameters(model)}
     groups = param_groups(args, params, accelerator.num_processes, mixers)
     optimizer = make_optimizer(args.optimizer, groups, **optimizer_options(args))
 

@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -168,6 +169,13 @@ def test_merge_refuses_other_base_models_and_other_shapes(files, tmp_path, capsy
     other = save_adapter(tmp_path / "c", components, formats=["native"], base_model=str(other_base))["native"]
     out = str(tmp_path / "m.safetensors")
     assert "different base models" in refused(["merge", str(files["a"]["native"]), str(other), "-o", out, "--base", files["base"]], capsys)
+    wider = build_tiny_sdxl(seed=0, block_out_channels=(32, 96, 96))  # layers of other shapes
+    components = pipeline_components(wider)
+    inject_components(components, AdapterConfig(rank=2))
+    randomize_adapter_(components)
+    odd = save_adapter(tmp_path / "d", components, formats=["kohya"], base_model=files["base"])["kohya"]
+    assert "96→96 in the adapter" in refused(["merge", str(files["a"]["native"]), str(odd), "-o", out, "--base", files["base"]], capsys)
+    assert not Path(out).exists()
 
 
 def test_help_reads_well():

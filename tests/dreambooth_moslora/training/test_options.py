@@ -112,3 +112,26 @@ def test_entry_point_fails_before_loading_any_model(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == "train_dreambooth.py: error: --with_prior_preservation needs --class_prompt"
     assert "Traceback" not in result.stderr
+
+
+def test_mixer_lr_puts_the_mixers_in_groups_of_their_own(tmp_path):
+    import torch
+
+    from dreambooth_moslora import AdapterConfig, inject_components, pipeline_components
+    from dreambooth_moslora.surgery import mixer_parameters
+    from dreambooth_moslora.training.options import param_groups
+    from toyworld.tiny_sdxl import build_tiny_sdxl
+
+    components = pipeline_components(build_tiny_sdxl(seed=0))
+    params = inject_components(components, AdapterConfig(rank=4))
+    mixers = {id(p) for m in components.values() for p in mixer_parameters(m)}
+    args = parse_args(["--pretrained_model_name_or_path", "x", "--instance_data_dir", str(tmp_path), "--instance_prompt",
+                       "a sks dog", "--output_dir", str(tmp_path / "o"), "--learning_rate", "1e-4", "--text_encoder_lr",
+                       "5e-5", "--mixer_lr", "1e-3", "--train_text_encoder"])  # fmt: skip
+    groups = param_groups(args, params, 1, mixers)
+    assert [g["lr"] for g in groups] == [1e-4, 1e-3, 5e-5, 1e-3]
+    assert {id(p) for g in groups for p in g["params"]} == {id(p) for ps in params.values() for p in ps}
+    assert all(p.shape[-2:] == (4, 4) for g in (groups[1], groups[3]) for p in g["params"])
+    args.mixer_lr = None
+    assert len(param_groups(args, params, 1, mixers)) == 2
+    assert torch.optim.AdamW(groups)  # a valid optimizer: no tensor in two groups

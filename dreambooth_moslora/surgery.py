@@ -89,8 +89,8 @@ def bank_mixers(model: nn.Module) -> list[MixerBank]:
             groups.setdefault(key, []).append(layer)
     banks = nn.ModuleList(MixerBank(layers) for layers in groups.values())
     model.add_module(_BANKS, banks)  # registered: .to(), the model's parameters and DDP see them
-    hooks = (model.register_forward_pre_hook(BankRefresh(list(banks))), model.register_forward_hook(BankRefresh(list(banks), done=True)))
-    object.__setattr__(model, _BANK_HOOK, hooks)
+    refresh, done = BankRefresh(list(banks)), BankRefresh(list(banks), done=True)
+    object.__setattr__(model, _BANK_HOOK, (model.register_forward_pre_hook(refresh), model.register_forward_hook(done)))
     return list(banks)
 
 

@@ -160,3 +160,54 @@ def save_tiny_sdxl(path: str | os.PathLike, seed: int = 0, **kwargs) -> Path:
     path = Path(path)
     build_tiny_sdxl(seed, **kwargs).save_pretrained(path)
     return path
+
+
+# The published configs of SDXL base's VAE and scheduler (the UNet's and text encoders' are in dreambooth_moslora.sdxl).
+SDXL_VAE_CONFIG = dict(
+    in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, sample_size=1024, scaling_factor=0.13025,
+    block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4, force_upcast=True,
+)  # fmt: skip
+SDXL_SCHEDULER_CONFIG = dict(
+    beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000, steps_offset=1,
+    timestep_spacing="leading", prediction_type="epsilon",
+)  # fmt: skip
+
+
+def save_full_size_sdxl(path: str | os.PathLike, seed: int = 0, words=DEFAULT_WORDS) -> Path:
+    """SDXL base's real architecture with random weights, as a diffusers folder (fp16 files, ~7 GB): the real
+    layer names, sizes and memory without the hub. Builds one model at a time (peak about 11 GB of RAM)."""
+    import gc
+
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from dreambooth_moslora.safe_files import atomic_path
+    from dreambooth_moslora.sdxl import SDXL_TEXT_ENCODER_2_CONFIG, SDXL_TEXT_ENCODER_CONFIG
+
+    tokenizer = build_tokenizer(words)
+    eos = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    ids = dict(bos_token_id=tokenizer.convert_tokens_to_ids("<|startoftext|>"), eos_token_id=eos, pad_token_id=eos)
+    builders = {
+        "unet": lambda: UNet2DConditionModel(**SDXL_UNET_CONFIG),
+        "vae": lambda: AutoencoderKL(**SDXL_VAE_CONFIG),
+        "text_encoder": lambda: CLIPTextModel(CLIPTextConfig(**SDXL_TEXT_ENCODER_CONFIG, **ids)),
+        "text_encoder_2": lambda: CLIPTextModelWithProjection(CLIPTextConfig(**SDXL_TEXT_ENCODER_2_CONFIG, **ids)),
+    }
+    index = {"_class_name": "StableDiffusionXLPipeline", "_diffusers_version": "0.0.0", "force_zeros_for_empty_prompt": True}
+    with atomic_path(path, directory=True) as tmp:
+        torch.manual_seed(seed)
+        for name, build in builders.items():
+            model = build().to(torch.float16)
+            model.save_pretrained(tmp / name)
+            library = "diffusers" if name in ("unet", "vae") else "transformers"
+            index[name] = [library, type(model).__name__]
+            del model
+            gc.collect()
+        EulerDiscreteScheduler(**SDXL_SCHEDULER_CONFIG).save_pretrained(tmp / "scheduler")
+        for name in ("tokenizer", "tokenizer_2"):
+            tokenizer.save_pretrained(tmp / name)
+            index[name] = ["transformers", "CLIPTokenizer"]
+        index["scheduler"] = ["diffusers", "EulerDiscreteScheduler"]
+        (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
+    return Path(path)

@@ -46,3 +46,17 @@ def test_saved_pipeline_reloads_offline_and_generates(tmp_path, monkeypatch):
     assert 0.0 <= first.min() and first.max() <= 1.0 and first.std() > 0.01
     reference = build_tiny_sdxl(seed=0).unet.state_dict()
     assert all(torch.equal(v, reference[k]) for k, v in pipe.unet.state_dict().items())
+
+
+def test_the_full_size_configs_give_sdxl_base_parameter_counts():
+    """SDXL base's published parameter counts: the full-size random model has the real architecture."""
+    from diffusers import AutoencoderKL
+
+    from dreambooth_moslora.sdxl import meta_components
+    from toyworld.tiny_sdxl import SDXL_VAE_CONFIG
+
+    layout = meta_components()
+    with torch.device("meta"):
+        vae = AutoencoderKL(**SDXL_VAE_CONFIG)
+    counts = {name: sum(p.numel() for p in model.parameters()) for name, model in {**layout, "vae": vae}.items()}
+    assert counts == {"unet": 2_567_463_684, "text_encoder": 123_060_480, "text_encoder_2": 694_659_840, "vae": 83_653_863}

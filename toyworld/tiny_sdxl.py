@@ -175,7 +175,7 @@ SDXL_SCHEDULER_CONFIG = dict(
 
 
 def save_full_size_sdxl(path: str | os.PathLike, seed: int = 0, words=DEFAULT_WORDS) -> Path:
-    """SDXL base's real architecture with random weights, as a diffusers folder (fp16 files, ~7 GB): the real
+    """SDXL base's real architecture with random weights, as a diffusers folder (~8.5 GB): the real
     layer names, sizes and memory without the hub. Builds one model at a time (peak about 11 GB of RAM)."""
     import gc
 
@@ -198,7 +198,9 @@ def save_full_size_sdxl(path: str | os.PathLike, seed: int = 0, words=DEFAULT_WO
     with atomic_path(path, directory=True) as tmp:
         torch.manual_seed(seed)
         for name, build in builders.items():
-            model = build().to(torch.float16)
+            # UNet and VAE in fp16 (half the size); text encoders in fp32: transformers keeps a checkpoint's dtype,
+            # diffusers makes fp32, and a plain from_pretrained must give parts that multiply
+            model = build().to(torch.float16 if name in ("unet", "vae") else torch.float32)
             model.save_pretrained(tmp / name)
             library = "diffusers" if name in ("unet", "vae") else "transformers"
             index[name] = [library, type(model).__name__]

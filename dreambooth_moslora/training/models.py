@@ -99,8 +99,9 @@ def class_image_pipeline(model_path: str, revision, variant, device):
     """The base model's pipeline, for drawing class images (fp16 on a GPU)."""
     from diffusers import StableDiffusionXLPipeline
 
-    pipe = StableDiffusionXLPipeline.from_pretrained(model_path, revision=revision, variant=variant)
+    # One dtype for every part: transformers keeps a checkpoint's dtype (fp16 text encoders stay fp16) where
+    # diffusers makes fp32, and the two would not multiply.
+    dtype = torch.float16 if torch.device(device).type == "cuda" else torch.float32
+    pipe = StableDiffusionXLPipeline.from_pretrained(model_path, revision=revision, variant=variant, torch_dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
-    if torch.device(device).type == "cuda":
-        pipe.to(torch.float16)
     return pipe.to(device)

@@ -26,7 +26,7 @@ from .data import DreamBoothDataset, StepPlan, batch_source, cache_latents, epoc
 from .loss import StepModels, batch_loss
 from .model_card import write_model_card
 from .models import add_adapters, class_image_pipeline, load_base_model, load_vae, make_optimizer
-from .options import adapter_config, loss_settings, optimizer_options, param_groups, settings_for_metadata
+from .options import LoopSettings, adapter_config, loop_settings, optimizer_options, param_groups, settings_for_metadata
 from .validation import set_adapter_training, validation_grid
 
 logger = logging.getLogger("dreambooth_moslora")
@@ -39,18 +39,18 @@ def train(args) -> Path:
     main, device = accelerator.is_main_process, accelerator.device
     if main:
         clean_leftovers(output_dir)
-    model = (args.pretrained_model_name_or_path, args.revision, args.variant)
+    base_id = (args.pretrained_model_name_or_path, args.revision, args.variant)
 
     # 1. Data first: a bad folder fails before any model is loaded.
     instance_images = find_images(args.instance_data_dir, "instance", warn=main)
     class_images: list[Path] = []
     if args.with_prior_preservation:
-        class_images = class_images_for_prior(accelerator, model, args.class_data_dir, args.class_prompt, args.num_class_images,
+        class_images = class_images_for_prior(accelerator, base_id, args.class_data_dir, args.class_prompt, args.num_class_images,
                                               args.sample_batch_size, args.seed, args.resolution, args.class_inference_steps)  # fmt: skip
 
     # 2. Models: frozen base, adapters in fp32, the optimizer over the adapters alone.
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-    base = load_base_model(*model, args.pretrained_vae_model_name_or_path, device, weight_dtype)
+    base = load_base_model(*base_id, args.pretrained_vae_model_name_or_path, device, weight_dtype)
     components, params = add_adapters(base, adapter_config(args), args.train_text_encoder, args.seed, args.gradient_checkpointing)
     mixers = {id(p) for model in components.values() for p in mixer_parameters(model)}
     groups = param_groups(args, params, accelerator.num_processes, mixers)
@@ -75,7 +75,8 @@ def train(args) -> Path:
         free_memory()
 
     # 4. accelerate takes the trained models, optimizer and schedule; checkpoints hold the adapter; resume.
-    lr_scheduler = make_lr_scheduler(args, optimizer, plan.max_steps, accelerator.num_processes)
+    lr_scheduler = make_lr_scheduler(optimizer, args.lr_scheduler, args.lr_warmup_steps, plan.max_steps, args.lr_num_cycles,
+                                     args.lr_power, accelerator.num_processes)  # fmt: skip
     prepared = accelerator.prepare(*components.values(), optimizer, lr_scheduler)
     trained, optimizer, lr_scheduler = list(prepared[: len(components)]), prepared[-2], prepared[-1]
     register_adapter_hooks(accelerator, components, args.pretrained_model_name_or_path)
@@ -93,8 +94,8 @@ def train(args) -> Path:
                              weight_dtype, device)  # fmt: skip
     run = Run(accelerator, trained, [p for ps in params.values() for p in ps], optimizer, lr_scheduler, step_models, components)
     started = time.perf_counter()
-    validate = (lambda path: validation_images(args, accelerator, run, base, path)) if args.validation_prompt else None
-    global_step, last_loss = train_steps(run, dataset, plan, global_step, latent_cache, args, output_dir, validate)
+    validate = validation_for(args, accelerator, run, base) if args.validation_prompt else None
+    global_step, last_loss = train_steps(run, dataset, plan, global_step, latent_cache, loop_settings(args), output_dir, validate)
 
     # 6. Outputs, written by the main process alone.
     accelerator.wait_for_everyone()
@@ -183,12 +184,12 @@ def cache_prompts(base, dataset: DreamBoothDataset, device, keep_encoders: bool)
     return {c: (embeds[i], pooled[i]) for i, c in enumerate(captions)}
 
 
-def make_lr_scheduler(args, optimizer, max_steps: int, processes: int):
+def make_lr_scheduler(optimizer, name: str, warmup_steps: int, max_steps: int, cycles: int, power: float, processes: int):
     from diffusers.optimization import get_scheduler
 
     return get_scheduler(
-        args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps * processes,
-        num_training_steps=max_steps * processes, num_cycles=args.lr_num_cycles, power=args.lr_power,
+        name, optimizer=optimizer, num_warmup_steps=warmup_steps * processes, num_training_steps=max_steps * processes,
+        num_cycles=cycles, power=power,
     )  # fmt: skip
 
 
@@ -243,11 +244,11 @@ def optimizer_step(run: Run, batch: dict, rng: torch.Generator, settings, step: 
     return loss
 
 
-def train_steps(run: Run, dataset, plan: StepPlan, global_step: int, latent_cache, args, output_dir: Path, validate):
+def train_steps(run: Run, dataset, plan: StepPlan, global_step: int, latent_cache, s: LoopSettings, output_dir: Path, validate):
     """The epochs from where the run stands to ``plan.max_steps``; returns the final step and loss."""
     from tqdm.auto import tqdm
 
-    accelerator, settings = run.accelerator, loss_settings(args)
+    accelerator = run.accelerator
     main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
     progress = tqdm(total=plan.max_steps, initial=global_step, desc="steps", disable=not progress_bars_wanted(main))
     loss_log = LossLog(output_dir / "loss.csv" if main else None)
@@ -255,14 +256,14 @@ def train_steps(run: Run, dataset, plan: StepPlan, global_step: int, latent_cach
     set_adapter_training(run.components, True)
     try:
         for epoch in range(global_step // plan.steps_per_epoch, plan.num_epochs):
-            batches = epoch_batches(dataset, args.train_batch_size, epoch, args.seed)
-            mine = process_batches(batches, plan.steps_per_epoch * args.gradient_accumulation_steps * world, rank, world)
-            done = (global_step - epoch * plan.steps_per_epoch) * args.gradient_accumulation_steps
-            source = batch_source(dataset, mine[done:], epoch, latent_cache, args.dataloader_num_workers)
+            batches = epoch_batches(dataset, s.batch_size, epoch, s.seed)
+            mine = process_batches(batches, plan.steps_per_epoch * s.accumulation * world, rank, world)
+            done = (global_step - epoch * plan.steps_per_epoch) * s.accumulation
+            source = batch_source(dataset, mine[done:], epoch, latent_cache, s.dataloader_workers)
             for batch_number, batch in enumerate(source, start=done):
                 # Every random draw of a batch comes from a generator seeded by its place in the run.
-                rng = seeded_generator(args.seed, epoch, batch_number, rank)
-                loss = optimizer_step(run, batch, rng, settings, global_step, args.max_grad_norm)
+                rng = seeded_generator(s.seed, epoch, batch_number, rank)
+                loss = optimizer_step(run, batch, rng, s.loss, global_step, s.max_grad_norm)
                 if not accelerator.sync_gradients:
                     continue
                 global_step += 1
@@ -272,11 +273,11 @@ def train_steps(run: Run, dataset, plan: StepPlan, global_step: int, latent_cach
                 progress.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}")
                 accelerator.log({"loss": last_loss, "lr": lr}, step=global_step)
                 loss_log.write(global_step, last_loss, lr)
-                if global_step % args.checkpointing_steps == 0 and global_step < plan.max_steps:
-                    save_checkpoint(accelerator, output_dir, global_step, args.checkpoints_total_limit)
+                if global_step % s.checkpointing_steps == 0 and global_step < plan.max_steps:
+                    save_checkpoint(accelerator, output_dir, global_step, s.checkpoints_total_limit)
                 if global_step >= plan.max_steps:
                     break
-            if validate and main and (epoch + 1) % args.validation_epochs == 0 and global_step < plan.max_steps:
+            if validate and main and (epoch + 1) % s.validation_epochs == 0 and global_step < plan.max_steps:
                 validate(output_dir / f"validation-step{global_step}.png")
             if global_step >= plan.max_steps:
                 break
@@ -286,17 +287,25 @@ def train_steps(run: Run, dataset, plan: StepPlan, global_step: int, latent_cach
     return global_step, last_loss
 
 
-def validation_images(args, accelerator, run: Run, base, path: Path) -> Path:
+def validation_for(args, accelerator, run: Run, base):
+    """The validation images' call, path → grid, with what it needs of the options bound."""
+    vae_id = (args.pretrained_model_name_or_path, args.pretrained_vae_model_name_or_path, args.revision, args.variant)
+    sampling = dict(prompt=args.validation_prompt, count=args.num_validation_images, seed=args.seed,
+                    steps=args.num_validation_inference_steps, resolution=args.resolution)  # fmt: skip
+    return lambda path: validation_images(accelerator, run, base, vae_id, sampling, path)
+
+
+def validation_images(accelerator, run: Run, base, vae_id: tuple, sampling: dict, path: Path) -> Path:
+    """The validation grid; ``vae_id`` = (model, separate VAE, revision, variant) to reload a VAE freed by caching,
+    ``sampling``: prompt, count, seed, steps, resolution."""
     vae = run.models.vae
     if vae is None:  # freed after caching latents: load it again for the pictures
-        vae = load_vae(args.pretrained_model_name_or_path, args.pretrained_vae_model_name_or_path, args.revision, args.variant)
-        vae.to(accelerator.device)
+        vae = load_vae(*vae_id).to(accelerator.device)
     encoders = [accelerator.unwrap_model(e).to(accelerator.device) for e in run.models.text_encoders]
     parts = dict(vae=vae, text_encoder=encoders[0], text_encoder_2=encoders[1], tokenizer=base.tokenizers[0],
                  tokenizer_2=base.tokenizers[1], scheduler_config=base.noise_scheduler.config)  # fmt: skip
-    return validation_grid(parts, run.components, args.validation_prompt, args.num_validation_images, args.seed,
-                           args.num_validation_inference_steps, args.resolution, accelerator.device,
-                           accelerator.mixed_precision != "no", path)  # fmt: skip
+    return validation_grid(parts, run.components, sampling["prompt"], sampling["count"], sampling["seed"], sampling["steps"],
+                           sampling["resolution"], accelerator.device, accelerator.mixed_precision != "no", path)  # fmt: skip
 
 
 # ---------------------------------------------------------------- the command

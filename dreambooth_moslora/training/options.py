@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from dataclasses import dataclass
 import sys
 import tempfile
 from pathlib import Path
@@ -268,6 +269,27 @@ def settings_for_metadata(args: argparse.Namespace) -> dict:
 def adapter_config(args: argparse.Namespace) -> AdapterConfig:
     return AdapterConfig(rank=args.rank, alpha=args.lora_alpha, mixer=args.mixer, mixer_init=args.mixer_init, dropout=args.lora_dropout,
                          lora_init=args.lora_init)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class LoopSettings:
+    """What the training loop reads of the options."""
+
+    batch_size: int
+    accumulation: int
+    seed: int
+    max_grad_norm: float
+    checkpointing_steps: int
+    checkpoints_total_limit: int | None
+    validation_epochs: int
+    dataloader_workers: int
+    loss: LossSettings
+
+
+def loop_settings(args: argparse.Namespace) -> LoopSettings:
+    return LoopSettings(args.train_batch_size, args.gradient_accumulation_steps, args.seed, args.max_grad_norm,
+                        args.checkpointing_steps, args.checkpoints_total_limit, args.validation_epochs,
+                        args.dataloader_num_workers, loss_settings(args))  # fmt: skip
 
 
 def loss_settings(args: argparse.Namespace) -> LossSettings:

@@ -518,14 +518,24 @@ def summarize(path: str | os.PathLike) -> dict | None:
     ranks = [e["shape"][0] for k, e in header.items() if k.endswith(("moslora_A", "lora_A.weight", "lora_down.weight")) and e["shape"]]
     config = _metadata_object(path, metadata, "adapter_config") or read_json_field(metadata, "dreambooth_moslora").get("adapter_config", {})
     config = config if isinstance(config, dict) else {}
-    training = read_json_field(metadata, "training")
     alpha = config.get("alpha") or metadata.get("ss_network_alpha")
-    return {
+    summary = {
         "format": fmt,
         "rank": config.get("rank") or metadata.get("ss_network_dim") or (max(set(ranks), key=ranks.count) if ranks else None),
         "alpha": f"{alpha:g}" if isinstance(alpha, float) else alpha,
         "mixer": config.get("mixer") or read_json_field(metadata, "ss_network_args").get("moslora_mixer") or "none",
+        **recorded(metadata),
+    }
+    del summary["training"]
+    return summary
+
+
+def recorded(metadata: dict[str, str]) -> dict:
+    """What a file of any format records of its training: instance prompt, steps, base model, and all settings."""
+    training = read_json_field(metadata, "training")
+    return {
         "instance_prompt": training.get("instance_prompt") or metadata.get("ss_instance_prompt"),
         "steps": training.get("max_train_steps") or metadata.get("ss_max_train_steps"),
         "base_model": metadata.get("base_model") or metadata.get("ss_sd_model_name") or None,
+        "training": training,
     }

@@ -28,6 +28,7 @@ DTYPE_SIZES = {
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit
 PARTIAL_SUFFIX = ".partial"  # what an unfinished write is called while it is being made
 DELETING_SUFFIX = ".deleting"  # what a folder is called while it is being deleted
+OLD_SUFFIX = ".old"  # what a folder is called between being replaced and being deleted
 
 
 # ---------------------------------------------------------------- writing
@@ -56,7 +57,7 @@ def replace_path(source: Path, destination: Path) -> None:
     """Renames ``source`` onto ``destination``; an existing folder there is moved aside first, then deleted."""
     destination = Path(destination)
     if destination.is_dir() and not destination.is_symlink():
-        old = temporary_sibling(destination, ".old")
+        old = temporary_sibling(destination, OLD_SUFFIX)
         remove_path(old)
         os.replace(destination, old)
         os.replace(source, destination)
@@ -178,10 +179,10 @@ def sha256_of(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-def read_json_field(metadata: dict[str, str], key: str, expected: type = dict):
-    """A JSON value stored in a metadata string, or ``expected()`` when absent, unreadable or of another type."""
+def read_json_field(metadata: dict[str, str], key: str) -> dict:
+    """A JSON object stored in a metadata string, or {} when absent, unreadable or not an object."""
     try:
         value = json.loads(metadata.get(key) or "null")
     except (json.JSONDecodeError, RecursionError):
-        return expected()
-    return value if isinstance(value, expected) else expected()
+        return {}
+    return value if isinstance(value, dict) else {}

@@ -20,8 +20,8 @@ import torch
 
 from .adapter import AdapterConfig
 from .errors import AdapterError, AdapterFileError, AdapterMismatchError
-from .formats import AdapterFile, LayerWeights, file_entries, read_adapter, write_adapter_file
-from .safe_files import atomic_path, sha256_of
+from .formats import AdapterFile, LayerWeights, file_entries, read_adapter, recorded, write_adapter_file
+from .safe_files import atomic_path, read_json_field, sha256_of
 from .sdxl import meta_components
 
 
@@ -43,10 +43,14 @@ def load(path: str | os.PathLike, base: str | None = None) -> Loaded:
     return Loaded(Path(path), adapter, components)
 
 
+def operation_record(operation: str, inputs: list[Path], **settings) -> dict:
+    """The operation, its settings, and each input's name and sha256."""
+    return {"operation": operation, **settings, "inputs": [{"file": p.name, "sha256": sha256_of(p)} for p in inputs]}
+
+
 def provenance(operation: str, inputs: list[Path], **settings) -> dict[str, str]:
-    """The metadata every output carries: the operation, its settings, and each input's name and sha256."""
-    record = {"operation": operation, **settings, "inputs": [{"file": p.name, "sha256": sha256_of(p)} for p in inputs]}
-    return {"moslora_operation": json.dumps(record)}
+    """The metadata every output file carries: its operation record."""
+    return {"moslora_operation": json.dumps(operation_record(operation, inputs, **settings))}
 
 
 def refuse_overwriting(output: Path, inputs: list[Path]) -> None:
@@ -69,7 +73,7 @@ def block_of(component: str, path: str) -> str:
 def inspect(loaded: Loaded) -> dict:
     """Format, settings, provenance, layers per component and ‖ΔW‖ per block, from the file alone."""
     adapter, metadata = loaded.adapter, loaded.adapter.metadata
-    training = _json(metadata.get("training"))
+    record = recorded(metadata)
     blocks: dict[str, float] = {}
     for component, by_path in adapter.layers.items():
         for path, weights in by_path.items():
@@ -79,25 +83,17 @@ def inspect(loaded: Loaded) -> dict:
     return {
         "file": str(loaded.path),
         "format": adapter.format,
-        "base_model": metadata.get("base_model") or metadata.get("ss_sd_model_name") or None,
-        "instance_prompt": training.get("instance_prompt") or metadata.get("ss_instance_prompt"),
+        "base_model": record["base_model"],
+        "instance_prompt": record["instance_prompt"],
         "layers": {c: len(by_path) for c, by_path in adapter.layers.items()},
         "rank": ranks[0] if len(ranks) == 1 else ranks,
         "alpha": adapter.config.alpha,
         "mixer": adapter.config.mixer,
-        "training": training,
-        "operation": _json(metadata.get("moslora_operation")) or None,
+        "training": record["training"],
+        "operation": read_json_field(metadata, "moslora_operation") or None,
         "delta_norm_by_block": {k: v**0.5 for k, v in sorted(blocks.items())},
         "delta_norm": sum(blocks.values()) ** 0.5,
     }
-
-
-def _json(text: str | None) -> dict:
-    try:
-        value = json.loads(text or "{}")
-    except (json.JSONDecodeError, RecursionError):
-        return {}
-    return value if isinstance(value, dict) else {}
 
 
 # ---------------------------------------------------------------- convert
@@ -113,22 +109,18 @@ def as_plain_native(weights: LayerWeights) -> LayerWeights:
 def convert(loaded: Loaded, fmt: str, output: Path) -> Path:
     """The same adapter in another format: exact (ΔW to float rounding); plain LoRA becomes native with M = I."""
     refuse_overwriting(output, [loaded.path])
-    layers, config = loaded.adapter.layers, loaded.adapter.config
+    record = recorded(loaded.adapter.metadata)
+    return _write(output, fmt, loaded.adapter.layers, loaded.adapter.config, loaded.components, record["base_model"],
+                  record["training"], provenance("convert", [loaded.path], to=fmt))  # fmt: skip
+
+
+def _write(output: Path, fmt: str, layers: dict, config: AdapterConfig, components: dict, base_model, training,
+           extra: dict) -> Path:  # fmt: skip
+    """Layers in any format; a plain LoRA written as native gets M = I."""
     if fmt == "native" and config.mixer == "none":
         layers = {c: {p: as_plain_native(w) for p, w in by_path.items()} for c, by_path in layers.items()}
         config = replace(config, mixer="learned", mixer_init="identity")
-    entries = file_entries(layers, loaded.components)
-    return write_adapter_file(output, fmt, config, entries, _base(loaded), _training(loaded),
-                              provenance("convert", [loaded.path], to=fmt))  # fmt: skip
-
-
-def _base(loaded: Loaded) -> str | None:
-    m = loaded.adapter.metadata
-    return m.get("base_model") or m.get("ss_sd_model_name") or None
-
-
-def _training(loaded: Loaded) -> dict:
-    return _json(loaded.adapter.metadata.get("training"))
+    return write_adapter_file(output, fmt, config, file_entries(layers, components), base_model, training, extra)
 
 
 # ---------------------------------------------------------------- resize (and merge's compression)
@@ -169,7 +161,8 @@ def resize(loaded: Loaded, output: Path, fmt: str, rank: int | None = None, ener
         raise AdapterError(f"--energy must be in (0, 1], got {energy}")
     layers, errors = _truncate_all(loaded.adapter.layers, rank, energy)
     settings = {"rank": rank} if rank is not None else {"energy": energy}
-    _write_plain(output, fmt, layers, loaded.components, _base(loaded), provenance("resize", [loaded.path], **settings))
+    _write_plain(output, fmt, layers, loaded.components, recorded(loaded.adapter.metadata)["base_model"],
+                 provenance("resize", [loaded.path], **settings))  # fmt: skip
     return errors
 
 
@@ -189,13 +182,10 @@ def _truncate_all(layers: dict, rank: int | None, energy: float | None) -> tuple
 
 
 def _write_plain(output: Path, fmt: str, layers: dict, components: dict, base_model, extra: dict) -> Path:
-    """Plain-LoRA layers (α = rank) in any format; native files get M = I."""
+    """Plain-LoRA layers (α = rank) in any format."""
     first = next(iter(next(iter(layers.values())).values()))
     config = AdapterConfig(rank=first.rank, alpha=float(first.rank), mixer="none", mixer_init="identity")
-    if fmt == "native":
-        layers = {c: {p: as_plain_native(w) for p, w in by_path.items()} for c, by_path in layers.items()}
-        config = replace(config, mixer="learned")
-    return write_adapter_file(output, fmt, config, file_entries(layers, components), base_model, None, extra)
+    return _write(output, fmt, layers, config, components, base_model, None, extra)
 
 
 # ---------------------------------------------------------------- merge
@@ -207,7 +197,7 @@ def merge(inputs: list[Loaded], weights: list[float], output: Path, fmt: str, ra
     refuse_overwriting(output, paths)
     if len(weights) != len(inputs):
         raise AdapterError(f"{len(inputs)} files but {len(weights)} weights: give one weight per file")
-    bases = {b for b in (_base(i) for i in inputs) if b}
+    bases = {b for b in (recorded(i.adapter.metadata)["base_model"] for i in inputs) if b}
     if len(bases) > 1:
         raise AdapterMismatchError(f"the files were trained on different base models: {', '.join(sorted(bases))}")
     merged: dict[str, dict[str, LayerWeights]] = {}
@@ -252,8 +242,8 @@ def fuse(base: str, adapter_path: Path, output: Path, scale: float = 1.0) -> Pat
     except Exception as exc:  # a hub id while offline, a folder that is not a model …
         raise AdapterFileError(f"cannot load base model {base!r}: {(str(exc).splitlines() or [''])[0][:200]}") from None
     load_adapter(pipe, adapter_path, scale=scale, fuse=True)
-    record = provenance("fuse", [adapter_path], base=base, scale=scale)["moslora_operation"]
+    record = operation_record("fuse", [adapter_path], base=base, scale=scale)
     with atomic_path(output, directory=True) as tmp:  # the folder appears whole, or not at all
         pipe.save_pretrained(tmp)
-        (tmp / "moslora_fused.json").write_text(json.dumps(json.loads(record), indent=2) + "\n")
+        (tmp / "moslora_fused.json").write_text(json.dumps(record, indent=2) + "\n")
     return output

@@ -15,7 +15,7 @@ from pathlib import Path
 from ..errors import TrainingError
 from ..formats import NATIVE_FILE, save_adapter
 from ..inference import restore_adapter_weights
-from ..safe_files import DELETING_SUFFIX, PARTIAL_SUFFIX, remove_path, replace_path, temporary_sibling
+from ..safe_files import DELETING_SUFFIX, OLD_SUFFIX, PARTIAL_SUFFIX, remove_path, replace_path, temporary_sibling
 
 logger = logging.getLogger("dreambooth_moslora")
 
@@ -36,7 +36,7 @@ def clean_leftovers(output_dir: Path) -> list[str]:
     """Removes what killed runs left behind (unfinished checkpoints and files, half-deleted folders)."""
     leftovers = [
         p for p in Path(output_dir).glob(".*")
-        if p.name.endswith((PARTIAL_SUFFIX, DELETING_SUFFIX, ".old")) and not p.name.startswith(".write-test")
+        if p.name.endswith((PARTIAL_SUFFIX, DELETING_SUFFIX, OLD_SUFFIX))
     ]  # fmt: skip
     for path in leftovers:
         remove_path(path)

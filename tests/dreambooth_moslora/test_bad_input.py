@@ -163,20 +163,21 @@ def test_missing_file_and_foreign_safetensors(tmp_path, pipe_and_outputs):
     assert_unchanged(pipe, before)
 
 
-def test_layer_names_the_pipeline_lacks(tmp_path, good_files, pipe_and_outputs):
+@pytest.mark.parametrize(
+    "fmt, layer, down, up, message",
+    [
+        ("kohya", "lora_unet_output_blocks_99_1_transformer_blocks_0_attn1_to_q", ".lora_down.weight", ".lora_up.weight",
+         "output_blocks_99.*matches no layer"),
+        ("diffusers", "unet.no_such_block.to_q", ".lora_A.weight", ".lora_B.weight", "no linear layer no_such_block.to_q"),
+    ],
+)  # fmt: skip
+def test_layer_names_the_pipeline_lacks(tmp_path, good_files, pipe_and_outputs, fmt, layer, down, up, message):
     pipe, before = pipe_and_outputs
-    kohya = load_file(good_files["kohya"])
-    kohya["lora_unet_output_blocks_99_1_transformer_blocks_0_attn1_to_q.lora_down.weight"] = torch.zeros(4, 8)
-    kohya["lora_unet_output_blocks_99_1_transformer_blocks_0_attn1_to_q.lora_up.weight"] = torch.zeros(8, 4)
-    save_file(kohya, tmp_path / "k.safetensors")
-    with pytest.raises(AdapterMismatchError, match="output_blocks_99.*matches no layer"):
-        load_adapter(pipe, tmp_path / "k.safetensors")
-    diffusers = load_file(good_files["diffusers"])
-    diffusers["unet.no_such_block.to_q.lora_A.weight"] = torch.zeros(4, 8)
-    diffusers["unet.no_such_block.to_q.lora_B.weight"] = torch.zeros(8, 4)
-    save_file(diffusers, tmp_path / "d.safetensors")
-    with pytest.raises(AdapterMismatchError, match="no linear layer no_such_block.to_q"):
-        load_adapter(pipe, tmp_path / "d.safetensors")
+    tensors = load_file(good_files[fmt])
+    tensors[layer + down], tensors[layer + up] = torch.zeros(4, 8), torch.zeros(8, 4)
+    save_file(tensors, tmp_path / "extra.safetensors")
+    with pytest.raises(AdapterMismatchError, match=message):
+        load_adapter(pipe, tmp_path / "extra.safetensors")
     assert_unchanged(pipe, before)
 
 

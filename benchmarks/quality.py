@@ -151,7 +151,7 @@ def adapter_files(out: Path, steps: int) -> dict[int, Path]:
 
 def read_loss(out: Path) -> list[float]:
     rows = [line.split(",") for line in (out / "loss.csv").read_text().splitlines()[1:]]
-    return [float(loss) for _, loss, _ in sorted(rows, key=lambda r: int(r[0]))]
+    return [float(row[1]) for row in sorted(rows, key=lambda r: int(r[0]))]
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:

@@ -6,6 +6,7 @@
     loss         the denoising loss of a batch, with prior preservation
     checkpoints  whole-or-nothing checkpoints that hold the adapter; resume
     validation   sample images during and after training
+    stopping     SIGTERM: stop at a step's end, with a checkpoint
     model_card   the README.md beside a trained adapter
     loop         the run, phase by phase
 """

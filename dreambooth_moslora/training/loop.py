@@ -25,6 +25,7 @@ from .checkpoints import clean_leftovers, register_adapter_hooks, resume, save_c
 from .data import DreamBoothDataset, StepPlan, batch_source, cache_latents, epoch_batches, generate_class_images, process_batches, scan_images
 from .loss import StepModels, batch_loss
 from .model_card import write_model_card
+from .stopping import EXIT_CODE, RunStopped, install, loop_begins, loop_ends, stop_requested
 from .models import add_adapters, class_image_pipeline, load_base_model, load_vae, make_optimizer
 from .options import LoopSettings, adapter_config, loop_settings, optimizer_options, param_groups, settings_for_metadata
 from .validation import set_adapter_training, validation_grid
@@ -211,16 +212,17 @@ class Run:
 
 class LossLog:
     """loss.csv: one line per optimizer step, appended (a resumed run continues the file; a later line
-    for a step replaces an earlier one): the loss curve, without tensorboard."""
+    for a step replaces an earlier one): the loss curve without tensorboard, and with the wall-clock
+    time of each step (Unix seconds) the run's speed, which the web demo reads."""
 
     def __init__(self, path: Path | None):
         self.file = open(path, "a", buffering=1) if path is not None else None  # noqa: SIM115 — closed by close()
         if self.file is not None and self.file.tell() == 0:
-            self.file.write("step,loss,lr\n")
+            self.file.write("step,loss,lr,time\n")
 
     def write(self, step: int, loss: float, lr: float) -> None:
         if self.file is not None:
-            self.file.write(f"{step},{loss:.6g},{lr:.6g}\n")
+            self.file.write(f"{step},{loss:.6g},{lr:.6g},{time.time():.3f}\n")
 
     def close(self) -> None:
         if self.file is not None:
@@ -245,7 +247,8 @@ def optimizer_step(run: Run, batch: dict, rng: torch.Generator, settings, step: 
 
 
 def train_steps(run: Run, dataset, plan: StepPlan, global_step: int, latent_cache, s: LoopSettings, output_dir: Path, validate):
-    """The epochs from where the run stands to ``plan.max_steps``; returns the final step and loss."""
+    """The epochs from where the run stands to ``plan.max_steps``; returns the final step and loss.
+    A stop request (SIGTERM) ends it at the end of a step, with a checkpoint of that step."""
     from tqdm.auto import tqdm
 
     accelerator = run.accelerator
@@ -254,6 +257,7 @@ def train_steps(run: Run, dataset, plan: StepPlan, global_step: int, latent_cach
     loss_log = LossLog(output_dir / "loss.csv" if main else None)
     last_loss = float("nan")
     set_adapter_training(run.components, True)
+    loop_begins()  # from here a stop request waits for the end of a step
     try:
         for epoch in range(global_step // plan.steps_per_epoch, plan.num_epochs):
             batches = epoch_batches(dataset, s.batch_size, epoch, s.seed)
@@ -273,15 +277,24 @@ def train_steps(run: Run, dataset, plan: StepPlan, global_step: int, latent_cach
                 progress.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}")
                 accelerator.log({"loss": last_loss, "lr": lr}, step=global_step)
                 loss_log.write(global_step, last_loss, lr)
-                if global_step % s.checkpointing_steps == 0 and global_step < plan.max_steps:
-                    save_checkpoint(accelerator, output_dir, global_step, s.checkpoints_total_limit)
                 if global_step >= plan.max_steps:
                     break
-            if validate and main and (epoch + 1) % s.validation_epochs == 0 and global_step < plan.max_steps:
+                checkpointed = global_step % s.checkpointing_steps == 0
+                if checkpointed:
+                    save_checkpoint(accelerator, output_dir, global_step, s.checkpoints_total_limit)
+                if validate and main and s.validation_steps and global_step % s.validation_steps == 0:
+                    validate(output_dir / f"validation-step{global_step}.png")
+                if stop_requested(accelerator):
+                    if not checkpointed:
+                        save_checkpoint(accelerator, output_dir, global_step, s.checkpoints_total_limit)
+                    raise RunStopped(global_step)
+            by_epoch = validate and main and not s.validation_steps and (epoch + 1) % s.validation_epochs == 0
+            if by_epoch and global_step < plan.max_steps:
                 validate(output_dir / f"validation-step{global_step}.png")
             if global_step >= plan.max_steps:
                 break
     finally:
+        loop_ends()
         progress.close()  # before any error message, so that message is the last line
         loss_log.close()
     return global_step, last_loss
@@ -320,8 +333,12 @@ def main(argv: list[str] | None = None) -> int:
         # accelerate launch --cpu --num_processes N sets these, then starts one process unless given an MPI hostfile
         print("warning: accelerate launch --cpu starts a single process without --mpirun_hostfile; for several CPU "
               "processes use: torchrun --nproc_per_node N train_dreambooth.py ...", file=sys.stderr)  # fmt: skip
+    install()  # SIGTERM: stop with a checkpoint (see stopping.py)
     try:
         train(args)
+    except RunStopped as exc:
+        print(str(exc), file=sys.stderr)
+        return EXIT_CODE
     except MosloraError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

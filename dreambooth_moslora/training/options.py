@@ -122,6 +122,7 @@ def _add_output_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--validation_prompt")
     g.add_argument("--num_validation_images", type=int, default=4)
     g.add_argument("--validation_epochs", type=int, default=50)
+    g.add_argument("--validation_steps", type=int, help="validation images every N steps instead of every --validation_epochs")
     g.add_argument("--num_validation_inference_steps", type=int, default=25)
     g.add_argument("--report_to", default="tensorboard", help='"tensorboard", "wandb", "all" or "none"')
     g.add_argument("--logging_dir", type=Path, default=Path("logs"))
@@ -215,6 +216,8 @@ def validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
                  "checkpointing_steps", "num_validation_images", "validation_epochs"):  # fmt: skip
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if args.validation_steps is not None and args.validation_steps < 1:
+        parser.error(f"--validation_steps must be at least 1, got {args.validation_steps}")
     if args.max_train_steps is not None and args.max_train_steps < 1:
         parser.error(f"--max_train_steps must be at least 1, got {args.max_train_steps}")
     if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
@@ -282,6 +285,7 @@ class LoopSettings:
     checkpointing_steps: int
     checkpoints_total_limit: int | None
     validation_epochs: int
+    validation_steps: int | None
     dataloader_workers: int
     loss: LossSettings
 
@@ -289,7 +293,7 @@ class LoopSettings:
 def loop_settings(args: argparse.Namespace) -> LoopSettings:
     return LoopSettings(args.train_batch_size, args.gradient_accumulation_steps, args.seed, args.max_grad_norm,
                         args.checkpointing_steps, args.checkpoints_total_limit, args.validation_epochs,
-                        args.dataloader_num_workers, loss_settings(args))  # fmt: skip
+                        args.validation_steps, args.dataloader_num_workers, loss_settings(args))  # fmt: skip
 
 
 def loss_settings(args: argparse.Namespace) -> LossSettings:

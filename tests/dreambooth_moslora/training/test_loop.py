@@ -3,6 +3,7 @@
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from diffusers import StableDiffusionXLPipeline
+from PIL import Image
 from safetensors.torch import load_file
 
 from dreambooth_moslora import AdapterConfig, inject_components, load_adapter
@@ -48,8 +50,10 @@ def test_prior_preservation_run_learns_and_writes_everything(world, tmp_path):
         assert (out / name).is_file(), name
     assert not list(out.glob(".*partial*"))
     lines = (out / "loss.csv").read_text().splitlines()
-    assert lines[0] == "step,loss,lr" and [int(l.split(",")[0]) for l in lines[1:]] == list(range(1, 31))
+    assert lines[0] == "step,loss,lr,time" and [int(l.split(",")[0]) for l in lines[1:]] == list(range(1, 31))
     assert all(float(l.split(",")[1]) > 0 for l in lines[1:])
+    times = [float(l.split(",")[3]) for l in lines[1:]]  # wall clock of each step: the run's speed
+    assert times == sorted(times) and time.time() - 600 < times[0] <= times[-1] <= time.time()
 
     _, metadata = read_safetensors(out / "moslora_adapter.safetensors")
     training = json.loads(metadata["training"])
@@ -190,42 +194,102 @@ def _run(args, **kwargs):
     return subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
 
 
-def test_resume_after_sigkill_gives_the_same_adapter(world, tmp_path):
-    common = ["--learning_rate", "1e-3", "--checkpointing_steps", "4", "--output_formats", "native",
-              "--random_flip", "--lora_dropout", "0.1"]  # fmt: skip
-    reference = tmp_path / "uninterrupted"
-    assert main(argv(world, reference, *common, steps=24)) == 0
+RESUME_OPTIONS = ["--learning_rate", "1e-3", "--checkpointing_steps", "4", "--output_formats", "native", "--random_flip",
+                  "--lora_dropout", "0.1"]  # fmt: skip
 
-    killed = tmp_path / "killed"
-    process = _run([sys.executable, str(ROOT / "train_dreambooth.py"), *argv(world, killed, *common, steps=24)])
-    deadline = time.time() + 300
-    while not (killed / "checkpoint-4").is_dir():
+
+@pytest.fixture(scope="module")
+def uninterrupted(world, tmp_path_factory):
+    reference = tmp_path_factory.mktemp("uninterrupted")
+    assert main(argv(world, reference, *RESUME_OPTIONS, steps=24)) == 0
+    return reference
+
+
+def loss_curve(folder: Path) -> dict[int, str]:
+    """step → loss from loss.csv; a step logged again after a resume replaces the earlier line."""
+    rows = [line.split(",") for line in (folder / "loss.csv").read_text().splitlines()[1:]]
+    return {int(step): loss for step, loss, _lr, _time in rows}
+
+
+def wait_for(process, condition, timeout=300):
+    deadline = time.time() + timeout
+    while not condition():
         assert process.poll() is None, process.stdout.read()
         assert time.time() < deadline
         time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)
-    assert process.wait() == -signal.SIGKILL
-    assert not (killed / "moslora_adapter.safetensors").exists()
 
+
+def assert_resumes_exactly(world, interrupted: Path, reference: Path) -> None:
+    assert not (interrupted / "moslora_adapter.safetensors").exists()
     resumed = _run([sys.executable, str(ROOT / "train_dreambooth.py"),
-                    *argv(world, killed, *common, "--resume_from_checkpoint", "latest", steps=24)])  # fmt: skip
+                    *argv(world, interrupted, *RESUME_OPTIONS, "--resume_from_checkpoint", "latest", steps=24)])  # fmt: skip
     output = resumed.communicate(timeout=300)[0]
     assert resumed.returncode == 0, output
     assert "resumed from" in output
     a = load_file(reference / "moslora_adapter.safetensors")
-    b = load_file(killed / "moslora_adapter.safetensors")
+    b = load_file(interrupted / "moslora_adapter.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # bit-identical
+    assert loss_curve(interrupted) == loss_curve(reference) and len(loss_curve(reference)) == 24
 
-    def curve(folder):  # step → loss; a step logged again after the resume replaces the earlier line
-        return {int(step): loss for step, loss, _ in (l.split(",") for l in (folder / "loss.csv").read_text().splitlines()[1:])}
 
-    assert curve(killed) == curve(reference) and len(curve(reference)) == 24
+def test_resume_after_sigkill_gives_the_same_adapter(world, tmp_path, uninterrupted):
+    killed = tmp_path / "killed"
+    process = _run([sys.executable, str(ROOT / "train_dreambooth.py"), *argv(world, killed, *RESUME_OPTIONS, steps=24)])
+    wait_for(process, lambda: (killed / "checkpoint-4").is_dir())
+    process.send_signal(signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL
+    assert_resumes_exactly(world, killed, uninterrupted)
+
+
+def test_sigterm_stops_at_a_step_with_a_checkpoint_and_resume_is_exact(world, tmp_path, uninterrupted):
+    """What the web demo's Stop sends: the run ends after the current step with a checkpoint of that step."""
+    stopped = tmp_path / "stopped"
+    process = _run([sys.executable, str(ROOT / "train_dreambooth.py"), *argv(world, stopped, *RESUME_OPTIONS, steps=24)])
+    wait_for(process, lambda: (stopped / "checkpoint-4").is_dir() and len(loss_curve(stopped)) >= 5)
+    process.send_signal(signal.SIGTERM)
+    output = process.communicate(timeout=300)[0]
+    assert process.returncode == 143, output
+    step = max(loss_curve(stopped))
+    assert 5 <= step < 24 and output.strip().splitlines()[-1].startswith(f"stopped at step {step}: checkpoint-{step} holds")
+    assert "Traceback" not in output
+    assert (stopped / f"checkpoint-{step}" / "moslora_adapter.safetensors").is_file()
+    assert_resumes_exactly(world, stopped, uninterrupted)
+
+
+def test_sigterm_before_training_ends_at_once(world, tmp_path):
+    out = tmp_path / "out"
+    process = _run([sys.executable, str(ROOT / "train_dreambooth.py"),
+                    *argv(world, out, "--with_prior_preservation", "--class_prompt", "a circle", "--num_class_images", "40",
+                          "--sample_batch_size", "1", "--class_inference_steps", "4")])  # fmt: skip
+    wait_for(process, lambda: len(list((out / "class_images").glob("*.png"))) >= 2 if (out / "class_images").is_dir() else False)
+    process.send_signal(signal.SIGTERM)
+    output = process.communicate(timeout=120)[0]
+    assert process.returncode == 143, output
+    assert output.strip().splitlines()[-1].startswith("stopped before training began")
+    made = sorted((out / "class_images").glob("*.png"))
+    assert 2 <= len(made) < 40 and all(Image.open(p).size == (64, 64) for p in made)  # whole images only
+    assert not (out / "loss.csv").exists()
+
+
+def test_validation_every_n_steps(world, tmp_path):
+    out = tmp_path / "out"
+    assert main(argv(world, out, "--validation_prompt", PROMPT, "--num_validation_images", "2", "--validation_steps", "2",
+                     "--num_validation_inference_steps", "2", "--output_formats", "native", steps=5)) == 0  # fmt: skip
+    assert sorted(p.name for p in out.glob("validation*.png")) == ["validation-step2.png", "validation-step4.png", "validation.png"]
+    first, final = (Image.open(out / name) for name in ("validation-step2.png", "validation.png"))
+    assert first.size == final.size == (2 * 64, 64 + 14)  # two images and their caption strip
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def test_two_processes_on_cpu(world, tmp_path):
     """Two processes over gloo, started by torchrun (what accelerate launch uses for several devices)."""
     out = tmp_path / "out"
-    process = _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+    process = _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
                     str(ROOT / "train_dreambooth.py"),
                     *argv(world, out, "--with_prior_preservation", "--class_prompt", "a circle",
                           "--num_class_images", "2", "--class_inference_steps", "2", "--checkpointing_steps", "2",

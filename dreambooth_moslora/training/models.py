@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +24,16 @@ class BaseModel:
     noise_scheduler: object
 
 
+@contextmanager
+def loading(what: str):
+    """Any failure to load a model (a wrong folder, a hub id offline, a missing part) as one line."""
+    try:
+        yield
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError, ImportError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        raise TrainingError(f"cannot load {what}: {first}") from None
+
+
 def load_vae(model_path: str, vae_path: str | None = None, revision: str | None = None, variant: str | None = None):
     """The base model's VAE, or the separately given one (e.g. an fp16-safe VAE)."""
     from diffusers import AutoencoderKL
@@ -34,6 +45,11 @@ def load_vae(model_path: str, vae_path: str | None = None, revision: str | None 
 
 def load_base_model(model_path: str, revision, variant, vae_path, device, weight_dtype) -> BaseModel:
     """Frozen weights in the mixed-precision dtype; the VAE in fp32 unless a separate (fp16-safe) one is given."""
+    with loading(f"the base model {model_path!r}"):
+        return _load_base_model(model_path, revision, variant, vae_path, device, weight_dtype)
+
+
+def _load_base_model(model_path: str, revision, variant, vae_path, device, weight_dtype) -> BaseModel:
     from diffusers import DDPMScheduler, UNet2DConditionModel
     from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
 
@@ -102,6 +118,7 @@ def class_image_pipeline(model_path: str, revision, variant, device):
     # One dtype for every part: transformers keeps a checkpoint's dtype (fp16 text encoders stay fp16) where
     # diffusers makes fp32, and the two would not multiply.
     dtype = torch.float16 if torch.device(device).type == "cuda" else torch.float32
-    pipe = StableDiffusionXLPipeline.from_pretrained(model_path, revision=revision, variant=variant, torch_dtype=dtype)
+    with loading(f"the base model {model_path!r} for class images"):
+        pipe = StableDiffusionXLPipeline.from_pretrained(model_path, revision=revision, variant=variant, torch_dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)

@@ -20,8 +20,9 @@ logger = logging.getLogger("dreambooth_moslora")
 EXIT_CODE = 143  # what a shell reports for a process ended by SIGTERM
 
 
-class RunStopped(Exception):
-    """The run ended because it was asked to; ``step`` is the checkpointed step (None: before training began)."""
+class RunStopped(BaseException):
+    """The run ended because it was asked to; ``step`` is the checkpointed step (None: before training began).
+    Like KeyboardInterrupt, not an Exception: no ``except Exception`` on the way may swallow it."""
 
     def __init__(self, step: int | None):
         self.step = step

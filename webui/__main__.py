@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
@@ -20,6 +21,8 @@ def parse(argv=None):
     p.add_argument("--share", action="store_true", help="a public gradio.live link")
     p.add_argument("--queue_size", type=int, default=16, help="requests waiting beyond this are refused")
     p.add_argument("--output_dir", type=Path, help="where generated PNGs are kept (default: a temporary folder)")
+    p.add_argument("--data_root", type=Path, help="folders of training images the Train tab may offer (nothing else is read)")
+    p.add_argument("--no_train", action="store_true", help="no Train tab: generation only")
     return p.parse_args(argv)
 
 
@@ -38,6 +41,12 @@ def demo_model(adapters: Path) -> str:
     return str(cache)
 
 
+def upload_bytes(text: str) -> int:
+    """"10mb" → bytes (gradio's own notation for --max_upload)."""
+    number, unit = re.fullmatch(r"\s*([\d.]+)\s*([kmg]?b?)\s*", text.lower()).groups()
+    return int(float(number) * {"": 1, "b": 1, "kb": 2**10, "k": 2**10, "mb": 2**20, "m": 2**20, "gb": 2**30, "g": 2**30}[unit])
+
+
 def main(argv=None) -> int:
     args = parse(argv)
     from dreambooth_moslora.errors import RequestError
@@ -46,6 +55,7 @@ def main(argv=None) -> int:
     quiet_libraries()
     from .app import build
     from .engine import Engine
+    from .training import Trainer
 
     if args.demo and not args.adapters.is_dir():
         args.adapters.mkdir(parents=True)
@@ -55,7 +65,11 @@ def main(argv=None) -> int:
     except RequestError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    page = build(engine, default_size=32 if args.demo else 1024)  # the toy world is drawn at 32 px
+    if args.data_root is not None and not args.data_root.is_dir():
+        print(f"error: --data_root {args.data_root} is not a folder", file=sys.stderr)
+        return 2
+    trainer = None if args.no_train else Trainer(engine, data_root=args.data_root, max_file_bytes=upload_bytes(args.max_upload))
+    page = build(engine, default_size=32 if args.demo else 1024, trainer=trainer, demo=args.demo)  # the toy world: 32 px
     page.queue(max_size=args.queue_size, default_concurrency_limit=1)
     page.launch(
         server_name="0.0.0.0" if args.listen else "127.0.0.1", server_port=args.port, share=args.share,

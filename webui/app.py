@@ -9,11 +9,14 @@ import gradio as gr
 from dreambooth_moslora.formats import LOADED_BY
 
 from .engine import MAX_IMAGES, MAX_SIDE, MIN_SIDE, SCHEDULERS, Engine, Request, RequestError
+from .train_tab import build_train_tab, model_card_text
+from .training import Trainer
 
 logger = logging.getLogger("webui")
 
 
-def build(engine: Engine, default_size: int = 1024) -> gr.Blocks:
+def build(engine: Engine, default_size: int = 1024, trainer: Trainer | None = None, demo: bool = False) -> gr.Blocks:
+    """The page: a Generate tab, and a Train tab when a trainer is given."""
     def choices():
         entries = engine.adapters()
         usable = [(e.label, e.id) for e in entries if not e.error]
@@ -28,8 +31,8 @@ def build(engine: Engine, default_size: int = 1024) -> gr.Blocks:
     def on_select(selected):
         """Pre-fills the prompt with the first adapter's instance prompt, and shows what is known of each."""
         if not selected:
-            return gr.update(), "", gr.update(), gr.update(value=None, visible=False)
-        lines, prompt, base, downloads = [], None, None, []
+            return gr.update(), "", gr.update(), gr.update(value=None, visible=False), ""
+        lines, prompt, base, downloads, cards = [], None, None, [], []
         for adapter_id in selected:
             try:
                 entry = engine.entry(adapter_id)
@@ -44,9 +47,12 @@ def build(engine: Engine, default_size: int = 1024) -> gr.Blocks:
             lines.append(f"- `{entry.id}`: {trained}rank {i.get('rank')}, α {i.get('alpha')}, mixer {i.get('mixer')}{steps}; "
                          f"{entry.format} file, loads in {LOADED_BY[entry.format]}")  # fmt: skip
             downloads.append(str(engine.download_copy(entry)))
+            if card := model_card_text(entry.path.parent):  # the trainer's README.md beside the file
+                cards.append(f"#### Model card of `{entry.path.parent.name}`\n\n{card}")
         details = "**Selected:**\n" + "\n".join(lines)
         files = gr.update(value=downloads or None, visible=bool(downloads))
-        return (gr.update(value=prompt) if prompt else gr.update()), details, gr.update(placeholder=base_hint(base)), files
+        prompt_update = gr.update(value=prompt) if prompt else gr.update()
+        return prompt_update, details, gr.update(placeholder=base_hint(base)), files, "\n\n".join(cards)
 
     def base_hint(recorded=None) -> str:
         offered = ", ".join(engine.base_models()) or "the server's default"
@@ -73,8 +79,8 @@ def build(engine: Engine, default_size: int = 1024) -> gr.Blocks:
 
     usable, note = choices()
     with gr.Blocks(title="dreambooth-moslora") as page:
-        gr.Markdown("# dreambooth-moslora\nGenerate your subject from trained MoSLoRA / LoRA adapters.")
-        with gr.Row():
+        gr.Markdown("# dreambooth-moslora\nTrain MoSLoRA adapters on your subject, and generate it from them.")
+        with gr.Tabs(selected="generate") as tabs, gr.Tab("Generate", id="generate"), gr.Row():
             with gr.Column(scale=2):
                 adapters = gr.Dropdown(usable, multiselect=True, label="Adapters", elem_id="adapters",
                                        info="files under the adapters folder; several for compare mode")  # fmt: skip
@@ -104,9 +110,14 @@ def build(engine: Engine, default_size: int = 1024) -> gr.Blocks:
             with gr.Column(scale=3):
                 gallery = gr.Gallery(label="Results", columns=4, height="auto", elem_id="gallery", format="png")
                 status = gr.Markdown("", elem_id="status")
+                with gr.Accordion("Model card", open=False):
+                    card = gr.Markdown("", elem_id="card")
+        if trainer is not None:
+            with tabs:
+                build_train_tab(trainer, {"adapters": adapters, "prompt": prompt, "choices": choices}, tabs, demo)
 
         refresh_button.click(refresh, outputs=[adapters, unreadable])
-        adapters.change(on_select, inputs=adapters, outputs=[prompt, details, base, download])
+        adapters.change(on_select, inputs=adapters, outputs=[prompt, details, base, download, card])
         run.click(
             generate,
             inputs=[base, adapters, prompt, negative, steps, guidance, seed, randomize, width, height, count, scheduler,

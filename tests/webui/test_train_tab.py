@@ -1,0 +1,128 @@
+"""The Train tab in a real server: the API a script uses, then the whole loop in Debian's chromium on the toy world."""
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[2]
+SUBJECT = sorted((ROOT / "assets" / "subject").glob("*.png"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """python -m webui --demo on an empty adapters folder: the pretrained toy world is the base model."""
+    root = tmp_path_factory.mktemp("train-tab")
+    adapters = root / "adapters"
+    adapters.mkdir()
+    port = free_port()
+    env = dict(os.environ, HF_HUB_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False", PYTHONUNBUFFERED="1")
+    log = open(root / "server.log", "w")
+    process = subprocess.Popen([sys.executable, "-m", "webui", "--adapters", str(adapters), "--demo", "--port", str(port),
+                                "--output_dir", str(root / "images")], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+    deadline = time.time() + 180
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            assert process.poll() is None, (root / "server.log").read_text()
+            assert time.time() < deadline, "the server did not start"
+            time.sleep(0.5)
+    yield {"url": f"http://127.0.0.1:{port}/", "root": root, "adapters": adapters, "log": root / "server.log", "process": process}
+    process.terminate()
+    process.wait(timeout=30)
+    log.close()
+
+
+def wait_for(client, condition, timeout=300) -> dict:
+    deadline = time.time() + timeout
+    while True:
+        status = client.predict("", api_name="/train_status")
+        if condition(status):
+            return status
+        assert time.time() < deadline, status
+        time.sleep(0.5)
+
+
+def test_a_script_trains_through_the_api_then_generates(server):
+    from gradio_client import Client, handle_file
+
+    client = Client(server["url"], verbose=False)
+    assert client.predict("", api_name="/train_status")["state"] == "idle"
+    started, run_id = client.predict(images=[handle_file(str(p)) for p in SUBJECT], max_train_steps=400, validation_steps=1000,
+                                     num_class_images=4, api_name="/train")  # fmt: skip
+    assert started["run_id"] == run_id and started["adapter_id"] == f"{run_id}/moslora_adapter.safetensors"
+    with pytest.raises(Exception, match="already in progress"):  # one run at a time
+        client.predict(images=[handle_file(str(p)) for p in SUBJECT], api_name="/train")
+    running = wait_for(client, lambda s: s["step"] >= 1 or s["state"] not in ("starting", "running"))
+    assert running["run_id"] == run_id and running["max_steps"] == 400 and running["state"] == "running", running
+    assert len(running["class_images"]) == 4 and running["phase"] == "training"
+    client.predict(api_name="/train_stop")
+    stopped = wait_for(client, lambda s: s["state"] in ("stopped", "failed"))
+    assert stopped["state"] == "stopped" and stopped["resumable"], stopped["error"]
+    with pytest.raises(Exception, match="no run is in progress"):
+        client.predict(api_name="/train_stop")
+    with pytest.raises(Exception, match="at least 3 photos"):  # a refusal is one line, and changes nothing
+        client.predict(images=[handle_file(str(SUBJECT[0]))], api_name="/train")
+    assert sorted(p.name for p in server["adapters"].iterdir()) == sorted(["class-images", run_id])
+    assert "Traceback" not in server["log"].read_text()
+
+
+def test_the_whole_loop_in_a_real_browser(server):
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("Debian's chromium is not installed (.ci/run installs it)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox", "--disable-gpu", "--no-first-run",
+                                                                    "--disable-background-networking"])  # fmt: skip
+        page = browser.new_page(viewport={"width": 1400, "height": 1100})
+        page.goto(server["url"])
+        page.wait_for_selector("#generate", timeout=60_000)
+        page.get_by_role("tab", name="Train").click()
+        page.set_input_files("#train-files input[type=file]", [str(p) for p in SUBJECT])
+        page.wait_for_function("document.querySelectorAll('#train-images img').length === 5", timeout=60_000)
+        assert page.locator("#preset input").input_value().startswith("toy world on a CPU")
+        page.get_by_text("Advanced").click()
+        for field, value in (("#adv-steps", "30"), ("#adv-every", "10"), ("#adv-class-count", "4")):
+            page.locator(f"{field} input").fill(value)
+            page.locator(f"{field} input").press("Tab")
+        page.wait_for_function("document.querySelector('#plan').innerText.startsWith('30 steps of batch 2 at 32 px')",
+                               timeout=30_000)  # fmt: skip
+        page.click("#train-start")
+        page.wait_for_function("document.querySelector('#train-state') && /step [1-9]/.test("
+                               "document.querySelector('#train-state').innerText)", timeout=180_000)  # fmt: skip
+        page.wait_for_selector("#samples img", timeout=180_000)  # a validation sample, while it trains
+        page.wait_for_selector("#loss-plot canvas, #loss-plot svg", timeout=30_000)
+        shot = server["root"] / "train-tab.png"
+        page.screenshot(path=str(shot), full_page=True)
+        page.wait_for_selector("#use-adapter", state="visible", timeout=300_000)  # done
+        assert "done · step 30 of 30" in page.locator("#train-state").inner_text()
+        assert "MoSLoRA DreamBooth adapter" in page.locator("#model-card").inner_text()
+        page.click("#use-adapter")  # to the Generate tab, adapter chosen and prompt filled in
+        page.wait_for_function("document.querySelector('#prompt textarea').value === 'a sks circle'", timeout=30_000)
+        page.wait_for_function("document.querySelector('#details').innerText.includes('moslora_adapter.safetensors')",
+                               timeout=30_000)  # fmt: skip
+        page.click("#generate")
+        page.wait_for_function("document.querySelectorAll('#gallery img').length >= 1", timeout=120_000)
+        assert "image(s) from" in page.locator("#status").inner_text()
+        browser.close()
+    keep = os.environ.get("TRAIN_TAB_SCREENSHOT")
+    if keep:
+        shutil.copy(shot, keep)
+    assert Image.open(shot).size[0] == 1400
+    assert "Traceback" not in server["log"].read_text()

@@ -4,7 +4,7 @@ VENV ?= .venv
 # The CPU wheel on these machines; on a CUDA machine the same pin gets the CUDA build from PyPI.
 TORCH ?= torch==2.13.0
 
-.PHONY: demo test bench webui clean
+.PHONY: demo test bench webui gpu-wheels clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,10 @@ webui: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(VENV)/bin/python benchmarks/adapter_overhead.py
+
+# The wheels the GPU machine's image lacks (it has torch, transformers, accelerate, peft; no network there).
+gpu-wheels: $(VENV)/.installed
+	$(VENV)/bin/python -m pip download -q --no-deps -d .gpu-wheels "diffusers==$$($(VENV)/bin/python -c 'import diffusers; print(diffusers.__version__)')"
 
 clean:
 	rm -rf $(VENV) outputs

@@ -110,7 +110,7 @@ def train(args) -> Path:
         write_model_card(output_dir, settings, files, grid)
         logger.info("done: %d steps in %.1f s, final loss %.4f; adapters in %s", global_step, time.perf_counter() - started,
                     last_loss, output_dir)  # fmt: skip
-    accelerator.end_training()
+    end_processes(accelerator)
     return output_dir
 
 
@@ -136,6 +136,15 @@ def start_accelerator(mixed_precision, accumulation: int, report_to: str, output
     if allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
     return accelerator
+
+
+def end_processes(accelerator) -> None:
+    """Ends the trackers and, with several processes, the process group, together: left to the interpreter's exit,
+    a process could wait forever in its gloo group's teardown for a peer that had already gone."""
+    accelerator.end_training()
+    if accelerator.num_processes > 1 and torch.distributed.is_initialized():
+        accelerator.wait_for_everyone()
+        torch.distributed.destroy_process_group()
 
 
 def progress_bars_wanted(main: bool) -> bool:

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# The prepared GPU run (one call on the device machine; about 8 minutes on one H100/H200):
+#   bash benchmarks/gpu_suite.sh
+# The device image has torch, transformers, accelerate, peft and safetensors but no diffusers, and no network:
+# `make gpu-wheels` puts the wheels it lacks in .gpu-wheels/ here, which the device call carries.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ -d .gpu-wheels ]; then
+    "$PY" -m pip install -q --no-index --no-deps --find-links .gpu-wheels .gpu-wheels/*.whl
+fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TQDM_DISABLE=1
+OUT_DIR=${OUT:-outputs}/gpu-suite
+mkdir -p "$OUT_DIR"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+"$PY" benchmarks/gpu_suite.py --output_dir "$OUT_DIR" "$@" 2>&1 | tee "$OUT_DIR/log.txt"

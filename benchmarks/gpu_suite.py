@@ -123,7 +123,7 @@ def main(argv=None) -> int:
     parser.add_argument("--smoke", action="store_true", help="a CPU check of the same code path: tiny model, 64 px, 4 steps")
     parser.add_argument("--model_dir", type=Path, default=Path("/tmp/full-size-sdxl"))
     parser.add_argument("--output_dir", type=Path, default=ROOT / "outputs" / "gpu-suite")
-    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--skip_overhead", action="store_true")
     args = parser.parse_args(argv)
 

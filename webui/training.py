@@ -288,14 +288,19 @@ class Trainer:
     def stop(self) -> RunStatus:
         """Asks the running trainer to stop after its current step (it writes a checkpoint); asked again, ends it at once."""
         with self.lock:
-            process, run_dir = self._process, self._run_dir
-            if not self._running() or process.poll() is not None:
-                raise RequestError("no run is in progress")
-            record = read_record(run_dir)
-            if record.get("state") == "stopping":
-                process.kill()  # a second Stop: at once (the last checkpoint is intact)
+            if self._running() and self._process.poll() is None:
+                run_dir = self._run_dir
+                pid = self._process.pid
+            elif detached := self._detached():  # started by this server before a restart: known by its pid
+                run_dir, pid = self.root / detached["id"], detached["pid"]
             else:
-                process.send_signal(signal.SIGTERM)
+                raise RequestError("no run is in progress")
+            second = read_record(run_dir).get("state") == "stopping"
+            try:  # a second Stop ends it at once (the last checkpoint is intact)
+                os.kill(pid, signal.SIGKILL if second else signal.SIGTERM)
+            except ProcessLookupError:
+                raise RequestError("no run is in progress") from None
+            if not second:
                 self._update_record(run_dir, state="stopping")
         return self.status(run_dir.name)
 
@@ -314,9 +319,17 @@ class Trainer:
         """A run in progress: its trainer alive, or its end not yet recorded."""
         return self._process is not None and not self._recorded.is_set()
 
+    def _detached(self) -> dict | None:
+        """The record of a run whose trainer is still alive though this server did not start it (it was restarted)."""
+        for record in reversed(self.runs()):
+            if record.get("state") in ACTIVE and trainer_alive(record, self.root / record["id"]):
+                return record
+        return None
+
     def _refuse_if_running(self) -> None:
-        if self._running():
-            raise RequestError(f"a run is already in progress ({self._run_dir.name}): stop it or wait for it to end")
+        busy = self._run_dir.name if self._running() else (self._detached() or {}).get("id")
+        if busy:
+            raise RequestError(f"a run is already in progress ({busy}): stop it or wait for it to end")
 
     def _new_run_dir(self, token: str) -> Path:
         stamp = dt.datetime.now().strftime("%Y-%m-%d-%H%M%S")
@@ -510,8 +523,14 @@ def read_record(run_dir: Path) -> dict:
 def read_status(run_dir: Path, record: dict, running: bool) -> RunStatus:
     """A run's progress from its files: run.json, train.log, loss.csv, the validation grids, the class images."""
     state = record.get("state", "failed")
-    if state in ACTIVE and not running:
-        state = "failed"  # the server that ran it is gone and the trainer with it
+    if state in ACTIVE and not running and not trainer_alive(record, run_dir):
+        # it ended while no server watched it (the server was restarted): its files say how
+        if (run_dir / NATIVE_FILE).is_file():
+            state = "done"
+        elif state == "stopping":
+            state = "stopped"
+        else:
+            state, record = "failed", {**record, "error": trainer_error(run_dir / LOG_FILE, 1)}
     curve, times = read_loss_csv(run_dir / "loss.csv")
     s = RunStatus(run_id=run_dir.name, state=state, max_steps=int(record.get("max_steps", 0)), error=record.get("error"),
                   instance_prompt=record.get("instance_prompt", ""), loss_curve=curve)  # fmt: skip
@@ -533,6 +552,19 @@ def read_status(run_dir: Path, record: dict, running: bool) -> RunStatus:
         s.adapter_id = f"{run_dir.name}/{NATIVE_FILE}"
     s.resumable = state in ("stopped", "failed") and any((p / NATIVE_FILE).is_file() for p in run_dir.glob("checkpoint-*"))
     return s
+
+
+def trainer_alive(record: dict, run_dir: Path) -> bool:
+    """Whether the trainer a run records is running (its pid alive, with this run's folder on its command line,
+    so that a pid reused by another program does not count). Where /proc is missing: False."""
+    pid = record.get("pid")
+    if not isinstance(pid, int) or isinstance(pid, bool):
+        return False
+    try:
+        command = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    return str(run_dir).encode() in command
 
 
 def read_loss_csv(path: Path) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:

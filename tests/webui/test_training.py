@@ -91,10 +91,12 @@ def test_one_run_at_a_time_stop_reattach_and_resume(world, trainer):
     wait(trainer, lambda s: s.step >= 2)
     with pytest.raises(RequestError, match="already in progress"):
         trainer.start(request(world))
-    reloaded = Trainer(world["engine"])  # another page's view of the folder: it finds the same run by id
-    assert reloaded.status(started.run_id).run_id == started.run_id
     assert trainer.status().run_id == started.run_id  # a page reload asks without an id
-    trainer.stop()
+    restarted = Trainer(world["engine"])  # a server restarted while the trainer runs: it finds the run by its pid
+    assert restarted.status().run_id == started.run_id and restarted.status().state == "running"
+    with pytest.raises(RequestError, match="already in progress"):
+        restarted.start(request(world))
+    restarted.stop()
     stopped = wait(trainer, lambda s: s.state == "stopped")
     run = world["adapters"] / started.run_id
     assert stopped.resumable and (run / f"checkpoint-{stopped.step}" / "moslora_adapter.safetensors").is_file()

@@ -67,16 +67,16 @@ EXTRA_VARIANTS = {  # behind --variants: the knobs Adam is not invariant to (mix
     "moslora-masked": lambda args: ["--mixer", "learned", "--mask_dir", str(subject_masks())],
 }
 ALL_VARIANTS = (*VARIANTS, *EXTRA_VARIANTS)
-COLOURS = {"lora": (90, 90, 90), "moslora-kaiming": (220, 60, 40), "moslora-orthogonal": (40, 110, 220), "frozen-mixer": (40, 160, 70)}
+COLOURS = {"lora": (90, 90, 90), "moslora-kaiming": (220, 60, 40), "moslora-orthogonal": (40, 110, 220), "frozen-mixer": (40, 160, 70),
+           "moslora-mixer-lr10": (240, 160, 0), "lora-gaussian-a": (150, 150, 150), "moslora-gaussian-a": (240, 130, 170),
+           "lora-rank16": (30, 30, 30), "moslora-rank16": (130, 40, 20), "lora-masked": (170, 50, 200),
+           "moslora-masked": (0, 170, 170)}  # fmt: skip
 # Student's t for a two-sided 95% interval, by degrees of freedom (paired differences over n seeds: n − 1).
 T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
 
 
 def colour(name: str) -> tuple[int, int, int]:
-    if name in COLOURS:
-        return COLOURS[name]
-    i = ALL_VARIANTS.index(name)
-    return ((i * 97) % 200, (i * 57) % 200, (i * 151) % 200)
+    return COLOURS[name]
 
 
 def subject_masks() -> Path:

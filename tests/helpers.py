@@ -1,4 +1,12 @@
-"""Measurements shared by the training tests."""
+"""What several test modules share: measurements of training, free ports, a web demo server."""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 from PIL import Image
@@ -29,3 +37,36 @@ def denoising_loss(pipe, image_paths, captions, resolution=64, draws=8, seed=0) 
         target = noise if scheduler.config.prediction_type == "epsilon" else scheduler.get_velocity(latents, noise, timesteps)
         total += torch.nn.functional.mse_loss(pred, target).item()
     return total / len(image_paths)
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def webui_server(log_path: Path, *args: str):
+    """``python -m webui *args`` on a free port, offline, until the block ends: yields (url, port, process)."""
+    port = free_port()
+    env = dict(os.environ, HF_HUB_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False", PYTHONUNBUFFERED="1")
+    with open(log_path, "w") as log:
+        process = subprocess.Popen([sys.executable, "-m", "webui", *args, "--port", str(port)], cwd=ROOT, env=env, stdout=log,
+                                   stderr=subprocess.STDOUT)  # fmt: skip
+        try:
+            deadline = time.time() + 180
+            while True:
+                try:
+                    socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                    break
+                except OSError:
+                    assert process.poll() is None, Path(log_path).read_text()
+                    assert time.time() < deadline, "the server did not start"
+                    time.sleep(0.5)
+            yield f"http://127.0.0.1:{port}/", port, process
+        finally:
+            process.terminate()
+            process.wait(timeout=30)

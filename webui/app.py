@@ -9,7 +9,7 @@ import gradio as gr
 from dreambooth_moslora.formats import LOADED_BY
 
 from .engine import MAX_IMAGES, MAX_SIDE, MIN_SIDE, SCHEDULERS, Engine, Request, RequestError
-from .train_tab import build_train_tab, model_card_text
+from .train_tab import TrainTab, model_card_text
 from .training import Trainer
 
 logger = logging.getLogger("webui")
@@ -114,7 +114,7 @@ def build(engine: Engine, default_size: int = 1024, trainer: Trainer | None = No
                     card = gr.Markdown("", elem_id="card")
         if trainer is not None:
             with tabs:
-                build_train_tab(trainer, {"adapters": adapters, "prompt": prompt, "choices": choices}, tabs, demo)
+                TrainTab(trainer, {"adapters": adapters, "prompt": prompt, "choices": choices}, tabs, demo)
 
         refresh_button.click(refresh, outputs=[adapters, unreadable])
         adapters.change(on_select, inputs=adapters, outputs=[prompt, details, base, download, card])

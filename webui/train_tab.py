@@ -16,6 +16,7 @@ import gradio as gr
 import pandas as pd
 
 from dreambooth_moslora.errors import RequestError
+from dreambooth_moslora.formats import NATIVE_FILE
 
 from .training import PRESETS, TOY_PRESET, RunStatus, Trainer, TrainRequest, format_seconds, preview
 
@@ -67,103 +68,141 @@ def model_card_text(run_dir: Path) -> str:
     return re.sub(r"!\[[^\]]*\]\([^)]*\)", "", text).strip()  # its pictures are files the page does not serve
 
 
-def build_train_tab(trainer: Trainer, generate_tab: dict, tabs: gr.Tabs, demo: bool) -> None:
-    """The Train tab's components and events (inside an open gr.Tabs); ``generate_tab`` has the Generate tab's
-    adapters dropdown and prompt, which "Generate with it" fills."""
-    output_dir = trainer.engine.output_dir
-    default_preset = TOY_PRESET if demo else next(p for p in PRESETS if p != TOY_PRESET)
-    folders = sorted(p.name for p in trainer.data_root.iterdir() if p.is_dir()) if trainer.data_root else []
-    with gr.Tab("Train", id="train") as tab:
-        with gr.Row():
-            with gr.Column(scale=2):
-                files = gr.File(label=f"Photos of the subject (3 to 30; a .txt of the same name is its caption)",
-                                file_count="multiple", type="filepath", elem_id="train-files")  # fmt: skip
-                folder = gr.Dropdown([("(the uploads)", ""), *folders], value="", label="…or a folder under the data root",
-                                     visible=bool(folders))  # fmt: skip
-                photos = gr.Gallery(label="Training images", columns=6, height=160, elem_id="train-images", format="png")
-                captions = gr.Dataframe(headers=["image", "caption (empty: the instance prompt)"], datatype=["str", "str"],
-                                        column_count=(2, "fixed"), interactive=True, label="Captions", elem_id="captions")  # fmt: skip
-                instance_prompt = gr.Textbox(label="Instance prompt: the subject, with a rare token", placeholder="a photo of sks dog",
-                                             value="a sks circle" if demo else "", elem_id="instance-prompt")  # fmt: skip
-                class_prompt = gr.Textbox(label="Class prompt: the subject without its token", placeholder="a photo of dog",
-                                          value="a circle" if demo else "", elem_id="class-prompt")  # fmt: skip
-                prior = gr.Checkbox(True, label="Prior preservation (class images drawn by the base model, reused by later runs)")
-                with gr.Row():
-                    preset = gr.Dropdown(list(PRESETS), value=default_preset, label="Preset", elem_id="preset")
-                    base = gr.Dropdown([("the preset's", ""), *trainer.engine.base_models()], value="", label="Base model",
-                                       elem_id="train-base")  # fmt: skip
-                sample_prompt = gr.Textbox("", label="Sample prompt (empty: the instance prompt)", elem_id="sample-prompt")
-                advanced = advanced_panel(PRESETS[default_preset].options)
-                plan = gr.Markdown(elem_id="plan")
-                with gr.Row():
-                    start = gr.Button("Start", variant="primary", elem_id="train-start")
-                    stop = gr.Button("Stop (keeps a checkpoint)", elem_id="train-stop")
-                    resume = gr.Button("Resume", elem_id="train-resume")
-                run_id = gr.Textbox(label="Run", interactive=False, elem_id="run-id")
-                started = gr.JSON(label="Started", visible=False)
-            with gr.Column(scale=3):
-                progress = gr.HTML(elem_id="train-progress")
-                error = gr.Markdown(elem_id="train-error")
-                loss_plot = gr.LinePlot(x="step", y="loss", title="Loss", height=220, elem_id="loss-plot")
-                samples = gr.Image(label="Latest sample (the same seeds every time)", type="filepath", interactive=False,
-                                   height=220, elem_id="samples", format="png")  # fmt: skip
-                class_images = gr.Gallery(label="Class images", columns=10, height=140, object_fit="contain",
-                                          elem_id="class-images", format="png")  # fmt: skip
-                use_it = gr.Button("Generate with it", visible=False, variant="primary", elem_id="use-adapter")
-                card = gr.Markdown(elem_id="model-card")
-    fields = [files, folder, captions, instance_prompt, class_prompt, prior, preset, base, sample_prompt, *advanced]
+class TrainTab:
+    """The Train tab: its components (made inside an open gr.Tabs) and the handlers of their events.
+    ``generate_tab`` holds the Generate tab's adapters dropdown, prompt and adapter list ("choices"),
+    which a finished run updates and "Generate with it" fills."""
 
-    def show_photos(uploaded, chosen):
+    def __init__(self, trainer: Trainer, generate_tab: dict, tabs: gr.Tabs, demo: bool):
+        self.trainer, self.generate_tab, self.tabs = trainer, generate_tab, tabs
+        self.output_dir = trainer.engine.output_dir
+        self.default_preset = TOY_PRESET if demo else next(p for p in PRESETS if p != TOY_PRESET)
+        with gr.Tab("Train", id="train") as self.tab, gr.Row():
+            with gr.Column(scale=2):
+                self._inputs(demo)
+            with gr.Column(scale=3):
+                self._outputs()
+        self._wire()
+
+    def _inputs(self, demo: bool) -> None:
+        root = self.trainer.data_root
+        folders = sorted(p.name for p in root.iterdir() if p.is_dir()) if root else []
+        self.files = gr.File(label="Photos of the subject (3 to 30; a .txt of the same name is its caption)",
+                             file_count="multiple", type="filepath", elem_id="train-files")  # fmt: skip
+        self.folder = gr.Dropdown([("(the uploads)", ""), *folders], value="", label="…or a folder under the data root",
+                                  visible=bool(folders))  # fmt: skip
+        self.photos = gr.Gallery(label="Training images", columns=6, height=160, elem_id="train-images", format="png")
+        self.captions = gr.Dataframe(headers=["image", "caption (empty: the instance prompt)"], datatype=["str", "str"],
+                                     column_count=(2, "fixed"), interactive=True, label="Captions", elem_id="captions")  # fmt: skip
+        self.instance_prompt = gr.Textbox(label="Instance prompt: the subject, with a rare token", placeholder="a photo of sks dog",
+                                          value="a sks circle" if demo else "", elem_id="instance-prompt")  # fmt: skip
+        self.class_prompt = gr.Textbox(label="Class prompt: the subject without its token", placeholder="a photo of dog",
+                                       value="a circle" if demo else "", elem_id="class-prompt")  # fmt: skip
+        self.prior = gr.Checkbox(True, label="Prior preservation (class images drawn by the base model, reused by later runs)")
+        with gr.Row():
+            self.preset = gr.Dropdown(list(PRESETS), value=self.default_preset, label="Preset", elem_id="preset")
+            self.base = gr.Dropdown([("the preset's", ""), *self.trainer.engine.base_models()], value="", label="Base model",
+                                    elem_id="train-base")  # fmt: skip
+        self.sample_prompt = gr.Textbox("", label="Sample prompt (empty: the instance prompt)", elem_id="sample-prompt")
+        self.advanced = advanced_panel(PRESETS[self.default_preset].options)
+        self.plan = gr.Markdown(elem_id="plan")
+        with gr.Row():
+            self.start = gr.Button("Start", variant="primary", elem_id="train-start")
+            self.stop = gr.Button("Stop (keeps a checkpoint)", elem_id="train-stop")
+            self.resume = gr.Button("Resume", elem_id="train-resume")
+        self.run_id = gr.Textbox(label="Run", interactive=False, elem_id="run-id")
+        self.started = gr.JSON(label="Started", visible=False)
+        self.fields = [self.files, self.folder, self.captions, self.instance_prompt, self.class_prompt, self.prior, self.preset,
+                       self.base, self.sample_prompt, *self.advanced]  # fmt: skip
+
+    def _outputs(self) -> None:
+        self.progress = gr.HTML(elem_id="train-progress")
+        self.error = gr.Markdown(elem_id="train-error")
+        self.loss_plot = gr.LinePlot(x="step", y="loss", title="Loss", height=220, elem_id="loss-plot")
+        self.sample = gr.Image(label="Latest sample (the same seeds every time)", type="filepath", interactive=False,
+                               height=220, elem_id="samples", format="png")  # fmt: skip
+        self.class_images = gr.Gallery(label="Class images", columns=10, height=140, object_fit="contain",
+                                       elem_id="class-images", format="png")  # fmt: skip
+        self.use_it = gr.Button("Generate with it", visible=False, variant="primary", elem_id="use-adapter")
+        self.card = gr.Markdown(elem_id="model-card")
+
+    def _wire(self) -> None:
+        with self.tab:  # what is not shown (state, timer, API endpoint) lives in the tab too
+            shown = gr.State(None)
+            timer = gr.Timer(1.0)
+            gr.api(self.train_status, api_name="train_status")
+        internal = dict(api_visibility="undocumented")  # the page's own helpers, not part of the documented API
+        gr.on([self.files.change, self.folder.change], self.show_photos, inputs=[self.files, self.folder],
+              outputs=[self.photos, self.captions, self.error], **internal)  # fmt: skip
+        gr.on([f.change for f in self.fields if f is not self.captions] + [self.captions.input], self.describe,
+              inputs=self.fields, outputs=self.plan, show_progress="hidden", **internal)  # fmt: skip
+        self.preset.change(self.preset_values, inputs=self.preset, outputs=list(self.advanced), **internal)
+        self.start.click(self.start_run, inputs=self.fields, outputs=[self.started, self.run_id], api_name="train",
+                         concurrency_limit=1)  # fmt: skip
+        self.stop.click(self.stop_run, outputs=self.run_id, api_name="train_stop")
+        self.resume.click(self.resume_run, inputs=self.run_id, outputs=self.run_id, api_name="train_resume")
+        outputs = [self.progress, self.error, self.loss_plot, self.sample, self.class_images, self.use_it, self.card,
+                   self.run_id, self.generate_tab["adapters"], shown]  # fmt: skip
+        timer.tick(self.refresh, inputs=shown, outputs=outputs, show_progress="hidden", **internal)
+        self.use_it.click(self.use_adapter, outputs=[self.tabs, self.generate_tab["adapters"], self.generate_tab["prompt"]],
+                          **internal)  # fmt: skip
+
+    # ---- the API endpoints
+
+    def start_run(self, images, folder, captions, instance_prompt, class_prompt, prior_preservation, preset, base_model,
+                  sample_prompt, rank, lora_alpha, mixer, mixer_init, lora_init, learning_rate, text_encoder_lr,
+                  max_train_steps, train_text_encoder, seed, validation_steps, num_class_images):  # fmt: skip
+        """Starts a run (named parameters: what the API documents); returns its id and its adapter's id."""
+        request = request_from(images, folder, captions, instance_prompt, class_prompt, prior_preservation, preset, base_model,
+                               sample_prompt, rank, lora_alpha, mixer, mixer_init, lora_init, learning_rate, text_encoder_lr,
+                               max_train_steps, train_text_encoder, seed, validation_steps, num_class_images)  # fmt: skip
         try:
-            images = trainer.collect_images(TrainRequest(images=[str(f) for f in uploaded or []], folder=chosen or None,
-                                                         instance_prompt="x", class_prompt="y"))  # fmt: skip
+            status = self.trainer.start(request)
+        except RequestError as exc:
+            raise refused(exc) from None
+        return {"run_id": status.run_id, "adapter_id": f"{status.run_id}/{NATIVE_FILE}"}, status.run_id
+
+    def stop_run(self) -> str:
+        try:
+            return self.trainer.stop().run_id
+        except RequestError as exc:
+            raise refused(exc) from None
+
+    def resume_run(self, run: str) -> str:
+        try:
+            return self.trainer.resume(run).run_id
+        except RequestError as exc:
+            raise refused(exc) from None
+
+    def train_status(self, run: str = "") -> dict:
+        """The state of a run (the current or latest one when no id is given): step, loss, speed, samples, errors."""
+        try:
+            return self.trainer.status(run or None).as_dict()
+        except RequestError as exc:
+            raise refused(exc) from None
+
+    # ---- the page's own
+
+    def show_photos(self, uploaded, chosen):
+        """The gallery and caption table of the chosen images (or the reason they cannot be used)."""
+        try:
+            images = self.trainer.collect_images(TrainRequest(images=[str(f) for f in uploaded or []], folder=chosen or None))
         except RequestError as exc:
             return [], [], f"**{exc}**"
         rows = [[Path(p).name, caption or ""] for p, caption, _ in images]
-        shown = [(str(preview(p, output_dir, side=256)), caption or Path(p).name) for p, caption, _ in images]
+        shown = [(str(preview(p, self.output_dir, side=256)), caption or Path(p).name) for p, caption, _ in images]
         return shown, rows, ""
 
-    def describe(*values):
-        return trainer.plan(request_from(*values))
+    def describe(self, *values) -> str:
+        return self.trainer.plan(request_from(*values))
 
-    def preset_values(name):
-        options = PRESETS.get(name, PRESETS[default_preset]).options
+    def preset_values(self, name: str) -> list:
+        options = PRESETS.get(name, PRESETS[self.default_preset]).options
         return [gr.update(value=options.get(key)) for key in ADVANCED]
 
-    def start_run(images, folder, captions, instance_prompt, class_prompt, prior_preservation, preset, base_model, sample_prompt,
-                  rank, lora_alpha, mixer, mixer_init, lora_init, learning_rate, text_encoder_lr, max_train_steps,
-                  train_text_encoder, seed, validation_steps, num_class_images):  # fmt: skip
-        """Starts a run (named parameters: what the API documents); returns its id and its adapter's id."""
-        values = (images, folder, captions, instance_prompt, class_prompt, prior_preservation, preset, base_model, sample_prompt,
-                  rank, lora_alpha, mixer, mixer_init, lora_init, learning_rate, text_encoder_lr, max_train_steps,
-                  train_text_encoder, seed, validation_steps, num_class_images)  # fmt: skip
-        try:
-            status = trainer.start(request_from(*values))
-        except RequestError as exc:
-            raise refused(exc) from None
-        return {"run_id": status.run_id, "adapter_id": f"{status.run_id}/moslora_adapter.safetensors"}, status.run_id
-
-    def stop_run():
-        try:
-            return trainer.stop().run_id
-        except RequestError as exc:
-            raise refused(exc) from None
-
-    def resume_run(run):
-        try:
-            return trainer.resume(run).run_id
-        except RequestError as exc:
-            raise refused(exc) from None
-
-    def train_status(run: str = "") -> dict:
-        """The state of a run (the current or latest one when no id is given): step, loss, speed, samples, errors."""
-        try:
-            return trainer.status(run or None).as_dict()
-        except RequestError as exc:
-            raise refused(exc) from None
-
-    def refresh(shown):
-        s = trainer.status()
+    def refresh(self, shown):
+        """Once a second: the current run's progress, changed parts only."""
+        s = self.trainer.status()
         key = (s.run_id, s.state, s.phase, s.step, len(s.samples), len(s.class_images), s.error)
         if key == shown:  # nothing new: leave the page as it is
             return [gr.update()] * 9 + [shown]
@@ -173,37 +212,22 @@ def build_train_tab(trainer: Trainer, generate_tab: dict, tabs: gr.Tabs, demo: b
         sample = gr.update()
         if s.samples:
             path, step = s.samples[-1]
-            sample = gr.update(value=str(preview(path, output_dir)), label=f"Sample {f'at step {step}' if step else 'after training'} "
-                               "(the same seeds every time)")  # fmt: skip
-        class_list = [(str(preview(p, output_dir, side=128)), "") for p in s.class_images[-20:]]
+            when = f"at step {step}" if step else "after training"
+            sample = gr.update(value=str(preview(path, self.output_dir)), label=f"Sample {when} (the same seeds every time)")
+        class_list = [(str(preview(p, self.output_dir, side=128)), "") for p in s.class_images[-20:]]
         done = s.state == "done" and s.adapter_id is not None
-        adapters_update = gr.update(choices=generate_tab["choices"]()[0]) if done else gr.update()
-        message = f"**{s.error}**" if s.error else ""
-        return (progress_html(s), message, curve, sample, class_list, gr.update(visible=done),
-                model_card_text(trainer.root / s.run_id) if done else "", s.run_id or "", adapters_update, key)  # fmt: skip
+        adapters = gr.update(choices=self.generate_tab["choices"]()[0]) if done else gr.update()
+        card = model_card_text(self.trainer.root / s.run_id) if done else ""
+        return (progress_html(s), f"**{s.error}**" if s.error else "", curve, sample, class_list, gr.update(visible=done), card,
+                s.run_id or "", adapters, key)  # fmt: skip
 
-    def use_adapter():
-        s = trainer.status()
+    def use_adapter(self):
+        """To the Generate tab, with the finished run's adapter chosen and its prompt filled in."""
+        s = self.trainer.status()
         if s.adapter_id is None:
             raise gr.Error("no finished run to generate with", print_exception=False)
-        choices = generate_tab["choices"]()[0]
+        choices = self.generate_tab["choices"]()[0]
         return gr.Tabs(selected="generate"), gr.update(choices=choices, value=[s.adapter_id]), s.instance_prompt
-
-    with tab:  # what is not shown (state, timer, API endpoint) lives in the tab too
-        shown = gr.State(None)
-        timer = gr.Timer(1.0)
-        gr.api(train_status, api_name="train_status")
-    internal = dict(api_visibility="undocumented")  # the page's own helpers, not part of the documented API
-    gr.on([files.change, folder.change], show_photos, inputs=[files, folder], outputs=[photos, captions, error], **internal)
-    gr.on([f.change for f in fields if f is not captions] + [captions.input], describe, inputs=fields, outputs=plan,
-          show_progress="hidden", **internal)  # fmt: skip
-    preset.change(preset_values, inputs=preset, outputs=list(advanced), **internal)
-    start.click(start_run, inputs=fields, outputs=[started, run_id], api_name="train", concurrency_limit=1)
-    stop.click(stop_run, outputs=run_id, api_name="train_stop")
-    resume.click(resume_run, inputs=run_id, outputs=run_id, api_name="train_resume")
-    outputs = [progress, error, loss_plot, samples, class_images, use_it, card, run_id, generate_tab["adapters"], shown]
-    timer.tick(refresh, inputs=shown, outputs=outputs, show_progress="hidden", **internal)
-    use_it.click(use_adapter, outputs=[tabs, generate_tab["adapters"], generate_tab["prompt"]], **internal)
 
 
 def advanced_panel(options: dict) -> list:

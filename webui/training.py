@@ -240,10 +240,13 @@ class Trainer:
             options, preset = self.options_for(r)
             base = self.base_model_for(r, preset)
             self.check_prompts(r)
+            count = len(self._pictures(r))
         except RequestError as exc:
             return f"Not ready: {exc}"
+        if not MIN_IMAGES <= count <= MAX_IMAGES:
+            return f"Not ready: {count} image(s); upload {MIN_IMAGES} to {MAX_IMAGES} photos of the subject."
         steps, batch = options["max_train_steps"], options["train_batch_size"] * options.get("gradient_accumulation_steps", 1)
-        lines = [f"{steps} steps of batch {batch} at {options['resolution']} px on {base}; rank {options['rank']}, "
+        lines = [f"{steps} steps of batch {batch} on {count} images at {options['resolution']} px on {base}; rank {options['rank']}, "
                  f"mixer {options['mixer']}, adapters on the UNet{' and text encoders' if options['train_text_encoder'] else ''}."]  # fmt: skip
         if r.prior_preservation:
             folder = self.class_dir(base, r.class_prompt, options["resolution"])
@@ -449,14 +452,9 @@ class Trainer:
 
     def collect_images(self, r: TrainRequest) -> list[tuple[Path, str | None, int]]:
         """(file, caption, size) for each training image, every one checked as an image, or RequestError."""
-        if r.folder:
-            files = self._folder_files(r.folder)
-        else:
-            if not isinstance(r.images, (list, tuple)):
-                raise RequestError("images must be a list of files")
-            files = [Path(str(f)) for f in r.images]
+        files = self._files(r)
         texts = {f.stem: f for f in files if f.suffix.lower() == ".txt"}
-        pictures = [f for f in files if f.suffix.lower() != ".txt"]
+        pictures = self._pictures(r, files)
         if not pictures:
             raise RequestError("no image: upload 3 to 30 photos of the subject")
         if len(pictures) > MAX_IMAGES:
@@ -472,6 +470,18 @@ class Trainer:
                 caption = read_small_text(texts[f.stem], self.max_file_bytes)
             checked.append((f, caption.strip() if isinstance(caption, str) and caption.strip() else None, size))
         return checked
+
+    def _files(self, r: TrainRequest) -> list[Path]:
+        """The request's files: its uploads, or the files of its folder under the data root."""
+        if r.folder:
+            return self._folder_files(r.folder)
+        if not isinstance(r.images, (list, tuple)):
+            raise RequestError("images must be a list of files")
+        return [Path(str(f)) for f in r.images]
+
+    def _pictures(self, r: TrainRequest, files: list[Path] | None = None) -> list[Path]:
+        """The files meant as images (captions aside), not yet checked."""
+        return [f for f in (self._files(r) if files is None else files) if f.suffix.lower() != ".txt"]
 
     def _folder_files(self, folder: str) -> list[Path]:
         if self.data_root is None:

@@ -6,9 +6,6 @@ import os
 import shutil
 import socket
 import struct
-import subprocess
-import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -23,6 +20,7 @@ from toyworld.tiny_sdxl import build_tiny_sdxl, save_tiny_sdxl
 from webui.engine import Engine, Request, RequestError
 
 from tests.conftest import randomize_adapter_
+from tests.helpers import webui_server
 
 ROOT = Path(__file__).resolve().parents[2]
 SMALL = dict(width=64, height=64, steps=3, seed=7)
@@ -222,35 +220,12 @@ def test_a_request_that_runs_too_long_is_cut_off_and_the_next_one_works(world):
 # ---------------------------------------------------------------- the real server
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(world):
-    port = free_port()
-    env = dict(os.environ, HF_HUB_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False", PYTHONUNBUFFERED="1")
     shutil.copytree(world["model"], world["adapters"] / "random-sdxl", dirs_exist_ok=True)  # what --demo looks for
-    log = open(world["root"] / "server.log", "w")
-    process = subprocess.Popen([sys.executable, "-m", "webui", "--adapters", str(world["adapters"]), "--demo",
-                                "--port", str(port), "--queue_size", "12"], cwd=ROOT, env=env, stdout=log,
-                               stderr=subprocess.STDOUT)  # fmt: skip
-    url = f"http://127.0.0.1:{port}/"
-    deadline = time.time() + 180
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            assert process.poll() is None, (world["root"] / "server.log").read_text()
-            assert time.time() < deadline, "the server did not start"
-            time.sleep(0.5)
-    yield {"url": url, "port": port, "log": world["root"] / "server.log", "process": process}
-    process.terminate()
-    process.wait(timeout=30)
-    log.close()
+    log = world["root"] / "server.log"
+    with webui_server(log, "--adapters", str(world["adapters"]), "--demo", "--queue_size", "12") as (url, port, process):
+        yield {"url": url, "port": port, "log": log, "process": process}
 
 
 def test_server_listens_on_localhost_only(server):

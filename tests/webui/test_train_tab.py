@@ -2,23 +2,16 @@
 
 import os
 import shutil
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
+from tests.helpers import webui_server
+
 ROOT = Path(__file__).resolve().parents[2]
 SUBJECT = sorted((ROOT / "assets" / "subject").glob("*.png"))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -27,24 +20,9 @@ def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("train-tab")
     adapters = root / "adapters"
     adapters.mkdir()
-    port = free_port()
-    env = dict(os.environ, HF_HUB_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False", PYTHONUNBUFFERED="1")
-    log = open(root / "server.log", "w")
-    process = subprocess.Popen([sys.executable, "-m", "webui", "--adapters", str(adapters), "--demo", "--port", str(port),
-                                "--output_dir", str(root / "images")], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
-    deadline = time.time() + 180
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            assert process.poll() is None, (root / "server.log").read_text()
-            assert time.time() < deadline, "the server did not start"
-            time.sleep(0.5)
-    yield {"url": f"http://127.0.0.1:{port}/", "root": root, "adapters": adapters, "log": root / "server.log", "process": process}
-    process.terminate()
-    process.wait(timeout=30)
-    log.close()
+    log = root / "server.log"
+    with webui_server(log, "--adapters", str(adapters), "--demo", "--output_dir", str(root / "images")) as (url, _, process):
+        yield {"url": url, "root": root, "adapters": adapters, "log": log, "process": process}
 
 
 def wait_for(client, condition, timeout=300) -> dict:
@@ -101,7 +79,7 @@ def test_the_whole_loop_in_a_real_browser(server):
         for field, value in (("#adv-steps", "30"), ("#adv-every", "10"), ("#adv-class-count", "4")):
             page.locator(f"{field} input").fill(value)
             page.locator(f"{field} input").press("Tab")
-        page.wait_for_function("document.querySelector('#plan').innerText.startsWith('30 steps of batch 2 at 32 px')",
+        page.wait_for_function("document.querySelector('#plan').innerText.startsWith('30 steps of batch 2 on 5 images at 32 px')",
                                timeout=30_000)  # fmt: skip
         page.click("#train-start")
         page.wait_for_function("document.querySelector('#train-state') && /step [1-9]/.test("

@@ -3,7 +3,6 @@
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,7 +21,7 @@ from toyworld.tiny_sdxl import save_tiny_sdxl
 from toyworld.world import write_subject
 from dreambooth_moslora.training import main
 
-from tests.helpers import denoising_loss
+from tests.helpers import denoising_loss, free_port
 
 from .conftest import argv
 
@@ -278,12 +277,6 @@ def test_validation_every_n_steps(world, tmp_path):
     assert sorted(p.name for p in out.glob("validation*.png")) == ["validation-step2.png", "validation-step4.png", "validation.png"]
     first, final = (Image.open(out / name) for name in ("validation-step2.png", "validation.png"))
     assert first.size == final.size == (2 * 64, 64 + 14)  # two images and their caption strip
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_two_processes_on_cpu(world, tmp_path):

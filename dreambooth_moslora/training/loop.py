@@ -172,9 +172,11 @@ def class_images_for_prior(accelerator, model: tuple, class_dir: Path, prompt: s
         if missing > 0:
             logger.info("generating %d class image(s) of %r into %s", missing, prompt, class_dir)
             bar = tqdm(total=missing, desc="class images", disable=not progress_bars_wanted(True))
-            generate_class_images(lambda: class_image_pipeline(*model, accelerator.device), class_dir, prompt, count,
-                                  batch_size, seed, resolution, steps, progress=bar)  # fmt: skip
-            bar.close()
+            try:
+                generate_class_images(lambda: class_image_pipeline(*model, accelerator.device), class_dir, prompt, count,
+                                      batch_size, seed, resolution, steps, progress=bar)  # fmt: skip
+            finally:
+                bar.close()  # before any message of a stop or an error, so that message is the last line
             free_memory()
     accelerator.wait_for_everyone()
     images, _ = scan_images(class_dir, "class")

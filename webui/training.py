@@ -286,7 +286,11 @@ class Trainer:
                                    f"{need / 2**20:.0f} MB")  # fmt: skip
             run_dir = self._new_run_dir(token)
             self._write_run_folder(run_dir, r, images, options, base)
-            return self._launch(run_dir, resume=False)
+            try:
+                return self._launch(run_dir, resume=False)
+            except RequestError:
+                remove_path(run_dir)  # nothing started: nothing stays
+                raise
 
     def stop(self) -> RunStatus:
         """Asks the running trainer to stop after its current step (it writes a checkpoint); asked again, ends it at once."""
@@ -402,9 +406,10 @@ class Trainer:
         """Waits for the trainer and records how it ended."""
         code = process.wait()
         status = self.status(run_dir.name)
+        asked_to_stop = read_record(run_dir).get("state") == "stopping"  # SIGTERM before the trainer's handler is set: -15
         if code == 0 and (run_dir / NATIVE_FILE).is_file():
             state, error = "done", None
-        elif code == STOPPED_EXIT_CODE or (code == -signal.SIGKILL and read_record(run_dir).get("state") == "stopping"):
+        elif code == STOPPED_EXIT_CODE or (asked_to_stop and code in (-signal.SIGTERM, -signal.SIGKILL)):
             state, error = "stopped", None
         else:
             state, error = "failed", trainer_error(run_dir / LOG_FILE, code)

@@ -130,6 +130,20 @@ def test_a_failing_run_shows_the_trainers_one_line_error(world, trainer, tmp_pat
     shutil.rmtree(world["adapters"] / started.run_id)
 
 
+def test_stop_right_after_start_is_a_stop_and_a_trainer_that_cannot_start_leaves_nothing(world, trainer):
+    started = trainer.start(request(world))
+    trainer.stop()  # the trainer may not even have set its SIGTERM handler yet
+    status = wait(trainer, lambda s: s.state not in ("starting", "running", "stopping"), timeout=120)
+    assert status.run_id == started.run_id and status.state == "stopped" and status.error is None and not status.resumable
+    shutil.rmtree(world["adapters"] / started.run_id)
+
+    before = sorted(world["adapters"].rglob("*"))
+    broken = Trainer(world["engine"], python=str(world["root"] / "no-such-python"))
+    with pytest.raises(RequestError, match="cannot start the trainer"):
+        broken.start(request(world))
+    assert sorted(world["adapters"].rglob("*")) == before
+
+
 def png_header(width: int, height: int) -> bytes:
     """A PNG that claims a size it never holds: a decompression bomb's header."""
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)

@@ -26,6 +26,8 @@ import sys
 import time
 from pathlib import Path
 
+from dreambooth_moslora.training.loop import read_loss_log, steps_per_second
+
 ROOT = Path(__file__).resolve().parents[1]
 
 TRAIN = """
@@ -71,16 +73,6 @@ def train_argv(model: Path, subject: Path, out: Path, config: dict, resolution: 
     return argv
 
 
-def steps_per_second(loss_csv: Path, skip: int = 2) -> float | None:
-    """From loss.csv's per-step wall-clock times, leaving out the first steps (allocation, autotuning)."""
-    rows = [line.split(",") for line in loss_csv.read_text().splitlines()[1:]]
-    times = [(int(r[0]), float(r[3])) for r in rows if len(r) > 3]
-    timed = times[skip:]
-    if len(timed) < 2:
-        return None
-    return (timed[-1][0] - timed[0][0]) / (timed[-1][1] - timed[0][1])
-
-
 def run_trainer(argv: list[str], out: Path) -> dict:
     env = dict(os.environ, HF_HUB_OFFLINE="1", TQDM_DISABLE="1", PYTHONUNBUFFERED="1")
     started = time.perf_counter()
@@ -90,7 +82,9 @@ def run_trainer(argv: list[str], out: Path) -> dict:
         lines = (done.stdout + done.stderr).strip().splitlines()
         return {"error": lines[-1][:300] if lines else f"exit code {done.returncode}", "seconds": seconds}
     result = json.loads(next(line for line in done.stdout.splitlines() if line.startswith("RESULT "))[7:])
-    return {**result, "steps_per_second": steps_per_second(out / "loss.csv"), "seconds": seconds}
+    # after the first two steps (allocation, autotuning)
+    speed = steps_per_second(read_loss_log(out / "loss.csv"), skip=2)
+    return {**result, "steps_per_second": speed, "seconds": seconds}
 
 
 def adapter_overhead(smoke: bool) -> str:

@@ -48,6 +48,7 @@ import time
 from pathlib import Path
 
 from dreambooth_moslora.safe_files import save_image, write_text
+from dreambooth_moslora.training.loop import read_loss_log
 
 ROOT = Path(__file__).resolve().parents[1]  # outputs go under the checkout
 
@@ -150,8 +151,7 @@ def adapter_files(out: Path, steps: int) -> dict[int, Path]:
 
 
 def read_loss(out: Path) -> list[float]:
-    rows = [line.split(",") for line in (out / "loss.csv").read_text().splitlines()[1:]]
-    return [float(row[1]) for row in sorted(rows, key=lambda r: int(r[0]))]
+    return [row.loss for row in read_loss_log(out / "loss.csv")]
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 from pathlib import Path
 
@@ -41,18 +40,14 @@ def demo_model(adapters: Path) -> str:
     return str(cache)
 
 
-def upload_bytes(text: str) -> int:
-    """"10mb" → bytes (gradio's own notation for --max_upload)."""
-    number, unit = re.fullmatch(r"\s*([\d.]+)\s*([kmg]?b?)\s*", text.lower()).groups()
-    return int(float(number) * {"": 1, "b": 1, "kb": 2**10, "k": 2**10, "mb": 2**20, "m": 2**20, "gb": 2**30, "g": 2**30}[unit])
-
-
 def main(argv=None) -> int:
     args = parse(argv)
     from dreambooth_moslora.errors import RequestError
     from dreambooth_moslora.runtime import quiet_libraries
 
     quiet_libraries()
+    from gradio import utils as gradio_utils
+
     from .app import build
     from .engine import Engine
     from .training import Trainer
@@ -68,12 +63,18 @@ def main(argv=None) -> int:
     if args.data_root is not None and not args.data_root.is_dir():
         print(f"error: --data_root {args.data_root} is not a folder", file=sys.stderr)
         return 2
-    trainer = None if args.no_train else Trainer(engine, data_root=args.data_root, max_file_bytes=upload_bytes(args.max_upload))
+    # the Train tab's limit per file is the upload limit, read as gradio reads --max_upload
+    try:
+        max_file_bytes = gradio_utils._parse_file_size(args.max_upload)
+    except ValueError:
+        print(f"error: --max_upload {args.max_upload!r} is not a size such as 10mb", file=sys.stderr)
+        return 2
+    trainer = None if args.no_train else Trainer(engine, data_root=args.data_root, max_file_bytes=max_file_bytes)
     page = build(engine, default_size=32 if args.demo else 1024, trainer=trainer, demo=args.demo)  # the toy world: 32 px
     page.queue(max_size=args.queue_size, default_concurrency_limit=1)
     page.launch(
         server_name="0.0.0.0" if args.listen else "127.0.0.1", server_port=args.port, share=args.share,
-        allowed_paths=[str(engine.output_dir)], show_error=True, max_file_size=args.max_upload,
+        allowed_paths=[str(engine.output_dir)], show_error=True, max_file_size=max_file_bytes,
     )  # fmt: skip
     return 0
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import gradio as gr
 import pandas as pd
 
+from dreambooth_moslora.adapter import LORA_INITS, MIXER_INITS, MIXER_MODES
 from dreambooth_moslora.errors import RequestError
 from dreambooth_moslora.formats import NATIVE_FILE
 
@@ -235,9 +236,9 @@ def advanced_panel(options: dict) -> list:
         with gr.Row():
             rank = gr.Number(options["rank"], precision=0, label="Rank", elem_id="adv-rank")
             alpha = gr.Number(options["lora_alpha"], label="α (scale α/rank)")
-            mixer = gr.Dropdown(["learned", "frozen", "none"], value=options["mixer"], label="Mixer (none: plain LoRA)")
-            mixer_init = gr.Dropdown(["kaiming", "orthogonal", "identity"], value=options["mixer_init"], label="Mixer init")
-            lora_init = gr.Dropdown(["gaussian", "kaiming"], value=options["lora_init"], label="A's init")
+            mixer = gr.Dropdown(list(MIXER_MODES), value=options["mixer"], label="Mixer (none: plain LoRA)")
+            mixer_init = gr.Dropdown(list(MIXER_INITS), value=options["mixer_init"], label="Mixer init")
+            lora_init = gr.Dropdown(list(LORA_INITS), value=options["lora_init"], label="A's init")
         with gr.Row():
             lr = gr.Number(options["learning_rate"], label="Learning rate")
             te_lr = gr.Number(options["text_encoder_lr"], label="Text-encoder learning rate")

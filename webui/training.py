@@ -40,6 +40,7 @@ from dreambooth_moslora.formats import NATIVE_FILE
 from dreambooth_moslora.runtime import has_module
 from dreambooth_moslora.safe_files import PARTIAL_SUFFIX, remove_path, save_image, write_text
 from dreambooth_moslora.training.data import IMAGE_EXTENSIONS, load_image
+from dreambooth_moslora.training.loop import read_loss_log, steps_per_second
 from dreambooth_moslora.training.stopping import EXIT_CODE as STOPPED_EXIT_CODE
 
 from .engine import Engine, _number
@@ -546,12 +547,14 @@ def read_status(run_dir: Path, record: dict, running: bool) -> RunStatus:
             state = "stopped"
         else:
             state, record = "failed", {**record, "error": trainer_error(run_dir / LOG_FILE, 1)}
-    curve, times = read_loss_csv(run_dir / "loss.csv")
+    rows = read_loss_log(run_dir / "loss.csv")
+    curve = [(r.step, r.loss) for r in rows]
     s = RunStatus(run_id=run_dir.name, state=state, max_steps=int(record.get("max_steps", 0)), error=record.get("error"),
                   instance_prompt=record.get("instance_prompt", ""), loss_curve=curve)  # fmt: skip
     s.step = curve[-1][0] if curve else 0
     s.loss = curve[-1][1] if curve else None
-    s.steps_per_second = speed(times, since=record.get("started", 0))
+    # over the latest steps of the trainer now running (a resumed run's earlier steps were timed by another)
+    s.steps_per_second = steps_per_second(rows, since=record.get("started", 0), window=50, at_least=3)
     if s.steps_per_second and state in ACTIVE:
         s.seconds_left = (s.max_steps - s.step) / s.steps_per_second
     s.samples = sorted(((p, int(p.stem.removeprefix("validation-step"))) for p in run_dir.glob("validation-step*.png")
@@ -580,33 +583,6 @@ def trainer_alive(record: dict, run_dir: Path) -> bool:
     except OSError:
         return False
     return str(run_dir).encode() in command
-
-
-def read_loss_csv(path: Path) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
-    """(step, loss) and (step, time) from loss.csv; a step logged again after a resume replaces the earlier line."""
-    losses, times = {}, {}
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()[1:]
-    except OSError:
-        return [], []
-    for line in lines:
-        parts = line.split(",")
-        try:  # the last line may be half written
-            step, loss = int(parts[0]), float(parts[1])
-            losses[step] = loss
-            if len(parts) > 3:
-                times[step] = float(parts[3])
-        except (ValueError, IndexError):
-            continue
-    return sorted(losses.items()), sorted(times.items())
-
-
-def speed(times: list[tuple[int, float]], since: float, window: int = 50) -> float | None:
-    """Steps per second over the latest steps of the current process (at least three timed steps)."""
-    recent = [(step, t) for step, t in times if t >= since][-window:]
-    if len(recent) < 3 or recent[-1][1] <= recent[0][1]:
-        return None
-    return (recent[-1][0] - recent[0][0]) / (recent[-1][1] - recent[0][1])
 
 
 def phase(log: Path, s: RunStatus, state: str) -> str:

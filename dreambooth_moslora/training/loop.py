@@ -240,6 +240,44 @@ class LossLog:
             self.file.close()
 
 
+@dataclass(frozen=True)
+class LossRow:
+    step: int
+    loss: float
+    lr: float
+    time: float | None  # None in files written before loss.csv had the time column
+
+
+def read_loss_log(path: Path) -> list[LossRow]:
+    """What LossLog wrote, oldest step first: a step logged again (after a resume) replaces the earlier line; a
+    line not yet finished (the run is writing it) or unreadable is left out; a missing file has no rows."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError:
+        return []
+    lines = text.split("\n")[1:-1]  # the header; the part after the last newline is a line still being written
+    rows = {}
+    for line in lines:
+        parts = line.split(",")
+        try:
+            time_ = float(parts[3]) if len(parts) > 3 else None
+            rows[int(parts[0])] = LossRow(int(parts[0]), float(parts[1]), float(parts[2]), time_)
+        except (ValueError, IndexError):
+            continue
+    return [rows[step] for step in sorted(rows)]
+
+
+def steps_per_second(rows: list[LossRow], since: float = 0.0, skip: int = 0, window: int | None = None,
+                     at_least: int = 2) -> float | None:  # fmt: skip
+    """Steps per second between the first and last timed rows logged at or after ``since`` (Unix time), the first
+    ``skip`` of those left out and the last ``window`` kept; None with fewer than ``at_least`` rows."""
+    timed = [(r.step, r.time) for r in rows if r.time is not None and r.time >= since][skip:]
+    timed = timed[-window:] if window else timed
+    if len(timed) < max(2, at_least) or timed[-1][1] <= timed[0][1]:
+        return None
+    return (timed[-1][0] - timed[0][0]) / (timed[-1][1] - timed[0][1])
+
+
 def optimizer_step(run: Run, batch: dict, rng: torch.Generator, settings, step: int, max_grad_norm: float) -> torch.Tensor:
     """Forward, backward and (at the end of an accumulation) the optimizer step of one batch."""
     accelerator = run.accelerator

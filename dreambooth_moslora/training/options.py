@@ -216,10 +216,9 @@ def validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
                  "checkpointing_steps", "num_validation_images", "validation_epochs"):  # fmt: skip
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
-    if args.validation_steps is not None and args.validation_steps < 1:
-        parser.error(f"--validation_steps must be at least 1, got {args.validation_steps}")
-    if args.max_train_steps is not None and args.max_train_steps < 1:
-        parser.error(f"--max_train_steps must be at least 1, got {args.max_train_steps}")
+    for name in ("max_train_steps", "validation_steps"):  # optional: unset is fine
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
     if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
         parser.error("--checkpoints_total_limit must be at least 1")
     if args.lora_alpha <= 0:

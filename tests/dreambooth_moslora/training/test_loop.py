@@ -365,3 +365,24 @@ def test_single_process_accelerate_cpu_launch_is_pointed_to_torchrun(world, tmp_
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     assert main(argv(world, tmp_path / "out", "--output_formats", "native", steps=1)) == 0
     assert "for several CPU processes use: torchrun --nproc_per_node N" in capsys.readouterr().err
+
+
+def test_the_loss_log_reads_back_as_written_while_it_is_written(tmp_path):
+    from dreambooth_moslora.training.loop import LossLog, read_loss_log, steps_per_second
+
+    path = tmp_path / "loss.csv"
+    log = LossLog(path)
+    for step in (1, 2, 3):
+        log.write(step, 1 / 2**step, 1e-4)
+    log.write(2, 0.9, 1e-4)  # logged again after a resume: replaces the earlier line
+    log.close()
+    with open(path, "a") as f:
+        f.write("4,0.12,1e-04,17")  # a line still being written: no newline yet
+    rows = read_loss_log(path)
+    assert [(r.step, r.loss) for r in rows] == [(1, 0.5), (2, 0.9), (3, 0.125)]
+    assert all(r.lr == 1e-4 and r.time is not None for r in rows)
+    assert steps_per_second(rows, at_least=4) is None  # three timed rows only
+    timed = [type(r)(r.step, r.loss, r.lr, 100.0 + 2 * r.step) for r in rows]  # one step every 2 s
+    assert steps_per_second(timed) == 0.5 and steps_per_second(timed, since=105.0) is None  # one row since t=105
+    (tmp_path / "old.csv").write_text("step,loss,lr\n1,0.5,0.0001\n")  # before the time column
+    assert read_loss_log(tmp_path / "old.csv")[0].time is None and read_loss_log(tmp_path / "none.csv") == []

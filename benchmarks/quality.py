@@ -2,8 +2,8 @@
 
     python benchmarks/quality.py                 # 4 variants × 5 seeds (about 30 minutes on 2 CPU cores)
     python benchmarks/quality.py --quick         # 4 variants × 2 seeds, short runs (a few minutes)
-    python benchmarks/quality.py --variants lora,moslora-kaiming --learning_rate 6e-3 --text_encoder_lr 6e-3 \
-        --output_dir outputs/quality-lr6e-3      # the same at another learning rate
+    python benchmarks/quality.py --variants lora,moslora-kaiming --learning_rate 3e-3 --text_encoder_lr 3e-3 \
+        --output_dir outputs/quality-lr3e-3      # the same at another learning rate
 
 Every variant trains a DreamBooth adapter on the same subject (the purple circle in assets/subject)
 with the same rank, α, learning rate, steps, data and seeds, through train_dreambooth.py's own code,
@@ -27,8 +27,8 @@ world's attribute classifier:
                        figure is measured too
 
 Behind --variants, the knobs Adam is not invariant to and masked loss: moslora-mixer-lr10 (the mixer at
-10× the learning rate), lora-gaussian-a and moslora-gaussian-a (A Gaussian with std 1/r, the trainer's
-default, instead of the toy recipe's kaiming-uniform), lora-rank16 and moslora-rank16 (α scaled with the rank), lora-masked and moslora-masked (loss on
+10× the learning rate), lora-kaiming-a and moslora-kaiming-a (A kaiming-uniform, as nn.Linear, instead
+of the trainer's default Gaussian with std 1/r), lora-rank16 and moslora-rank16 (α scaled with the rank), lora-masked and moslora-masked (loss on
 the subject's pixels only, assets/subject_masks).
 
 It prints mean ± std over seeds at the last step and, paired by seed (same data, noise and evaluation
@@ -49,6 +49,7 @@ from pathlib import Path
 
 from dreambooth_moslora.safe_files import save_image, write_text
 from dreambooth_moslora.training.loop import read_loss_log
+from toyworld.recipe import TOY_TRAINING
 
 ROOT = Path(__file__).resolve().parents[1]  # outputs go under the checkout
 
@@ -60,8 +61,8 @@ VARIANTS = {  # the default set: the mixer against plain LoRA, all else equal
 }
 EXTRA_VARIANTS = {  # behind --variants: the knobs Adam is not invariant to (mixer lr, A's init, rank) and masked loss
     "moslora-mixer-lr10": lambda args: ["--mixer", "learned", "--mixer_lr", str(10 * args.learning_rate)],
-    "lora-gaussian-a": lambda args: ["--mixer", "none", "--lora_init", "gaussian"],
-    "moslora-gaussian-a": lambda args: ["--mixer", "learned", "--lora_init", "gaussian"],
+    "lora-kaiming-a": lambda args: ["--mixer", "none", "--lora_init", "kaiming"],
+    "moslora-kaiming-a": lambda args: ["--mixer", "learned", "--lora_init", "kaiming"],
     "lora-rank16": lambda args: ["--mixer", "none", "--rank", "16", "--lora_alpha", str(4 * args.lora_alpha)],
     "moslora-rank16": lambda args: ["--mixer", "learned", "--rank", "16", "--lora_alpha", str(4 * args.lora_alpha)],
     "lora-masked": lambda args: ["--mixer", "none", "--mask_dir", str(subject_masks())],
@@ -69,7 +70,7 @@ EXTRA_VARIANTS = {  # behind --variants: the knobs Adam is not invariant to (mix
 }
 ALL_VARIANTS = (*VARIANTS, *EXTRA_VARIANTS)
 COLOURS = {"lora": (90, 90, 90), "moslora-kaiming": (220, 60, 40), "moslora-orthogonal": (40, 110, 220), "frozen-mixer": (40, 160, 70),
-           "moslora-mixer-lr10": (240, 160, 0), "lora-gaussian-a": (150, 150, 150), "moslora-gaussian-a": (240, 130, 170),
+           "moslora-mixer-lr10": (240, 160, 0), "lora-kaiming-a": (150, 150, 150), "moslora-kaiming-a": (240, 130, 170),
            "lora-rank16": (30, 30, 30), "moslora-rank16": (130, 40, 20), "lora-masked": (170, 50, 200),
            "moslora-masked": (0, 170, 170)}  # fmt: skip
 # Student's t for a two-sided 95% interval, by degrees of freedom (paired differences over n seeds: n − 1).
@@ -106,7 +107,8 @@ METRICS = ("subject", "prompt", "class_kept")
 def settings(quick: bool) -> dict:
     if quick:
         return dict(seeds=2, steps=40, eval_every=20, images_per_prompt=2, sample_steps=10)
-    return dict(seeds=5, steps=300, eval_every=150, images_per_prompt=8, sample_steps=20)
+    steps = TOY_TRAINING["max_train_steps"]
+    return dict(seeds=5, steps=steps, eval_every=steps // 2, images_per_prompt=8, sample_steps=20)
 
 
 def prompts(images_per_prompt: int):
@@ -214,14 +216,14 @@ def main(argv=None) -> int:
     parser.add_argument("--seeds", type=int, help="override the number of seeds")
     parser.add_argument("--variants", default=",".join(VARIANTS),
                         help="comma-separated, from " + ", ".join(ALL_VARIANTS) + " (default: the first four)")
-    parser.add_argument("--learning_rate", type=float, default=3e-3)
-    parser.add_argument("--rank", type=int, default=4)
-    parser.add_argument("--lora_alpha", type=float, default=8.0)
+    parser.add_argument("--learning_rate", type=float, default=TOY_TRAINING["learning_rate"])
+    parser.add_argument("--rank", type=int, default=TOY_TRAINING["rank"])
+    parser.add_argument("--lora_alpha", type=float, default=TOY_TRAINING["lora_alpha"])
     parser.add_argument("--with_prior_preservation", action=argparse.BooleanOptionalAction, default=True,
                         help="train on the base model's images of 'a circle' too (the demo's setting)")
     parser.add_argument("--train_text_encoder", action=argparse.BooleanOptionalAction, default=True,
                         help="adapters on both text encoders too (the demo's setting)")
-    parser.add_argument("--text_encoder_lr", type=float, default=3e-3)
+    parser.add_argument("--text_encoder_lr", type=float, default=TOY_TRAINING["text_encoder_lr"])
     parser.add_argument("--output_dir", type=Path, default=ROOT / "outputs" / "quality")
     args = parser.parse_args(argv)
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]

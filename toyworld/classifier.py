@@ -2,8 +2,8 @@
 
 A small CNN trained on the world generator's own ground truth, so that images a model generates can be
 scored without a person looking at them: does "a red square on a blue background" give a red square on
-blue? It also knows the DreamBooth subject's colour (purple, which pretraining never shows), so it
-tells the subject apart from ordinary members of its class.
+blue? Its training also shows the DreamBooth subject's colour (purple) on every shape, circles included,
+which pretraining never draws, so it tells the subject apart from ordinary members of its class.
 
     python -m toyworld.classifier --output assets/toy-world-classifier.safetensors
 
@@ -28,11 +28,11 @@ from torch import nn
 from dreambooth_moslora.runtime import image_generators
 from dreambooth_moslora.safe_files import read_safetensors, write_safetensors
 
-from .world import BACKGROUNDS, COLOURS, SHAPES, SUBJECT_COLOUR, Scene, render, sample_scene, scenes
+from .world import BACKGROUNDS, COLOURS, SHAPES, Scene, render, sample_scene, scenes
 
-HEADS = {"shape": tuple(SHAPES), "colour": (*COLOURS, SUBJECT_COLOUR), "background": tuple(BACKGROUNDS)}
+HEADS = {"shape": tuple(SHAPES), "colour": tuple(COLOURS), "background": tuple(BACKGROUNDS)}
 IMAGE_SIZE = 32
-SUBJECT_SHARE = 0.2  # of training scenes: the subject's pattern, on every shape
+SUBJECT_SHARE = 0.2  # of training scenes: the subject's colour on every shape (pretraining never draws a purple circle)
 
 
 class AttributeClassifier(nn.Module):

@@ -38,7 +38,7 @@ from .recipe import (
     NUM_CLASS_IMAGES,
     SAMPLE_SEEDS,
     SUBJECT_MASKS,
-    TOY_LORA_INIT,
+    TOY_TRAINING,
     WORLD_MODEL_DIR,
     shows_ordinary_member,
     shows_subject,
@@ -49,7 +49,8 @@ from .world import CLASS_PROMPT, SUBJECT_CLASS, SUBJECT_COLOUR, SUBJECT_PROMPT, 
 
 
 def run(output_dir: Path, rank: int, alpha: float, mixer: str, mixer_init: str, seed: int, steps: int, lr: float,
-        prior: bool = True, text_encoder_lr: float | None = 3e-3, lora_init: str = TOY_LORA_INIT, masked: bool = False) -> int:  # fmt: skip
+        prior: bool = True, text_encoder_lr: float | None = TOY_TRAINING["text_encoder_lr"], lora_init: str = TOY_TRAINING["lora_init"],
+        masked: bool = False) -> int:  # fmt: skip
     quiet_libraries()  # before diffusers' pipelines are imported: they announce optional packages
     from diffusers import StableDiffusionXLPipeline
 
@@ -123,43 +124,50 @@ def check_reloads(pipe, files: dict[str, Path], seed: int) -> list[tuple[str, fl
     return checks
 
 
-def draw_samples(pipe, adapter_file: Path, grid_path: Path, seed: int) -> dict[str, int]:
-    """Same prompts, same starting noise, without and with the adapter; then the plain class prompt with
-    the adapter, which prior preservation is meant to leave drawing ordinary circles."""
-    prompts = [f"{SUBJECT_PROMPT} on a {bg} background" for bg in NEW_BACKGROUNDS for _ in range(SAMPLE_SEEDS)]
-    class_prompts = [f"{CLASS_PROMPT} on a {bg} background" for bg in NEW_BACKGROUNDS for _ in range(SAMPLE_SEEDS)]
+def draw_samples(pipe, adapter_file: Path, grid_path: Path, seed: int) -> dict[str, dict[str, int]]:
+    """On each background the subject's photos never show: "a sks circle" without and with the adapter
+    (same starting noise), then "a circle" with the adapter, which prior preservation is meant to leave
+    drawing ordinary circles. Returns the classifier's counts per row kind and background."""
     classifier, _ = load_classifier(CLASSIFIER_FILE)
-    rows = {"base": generate(pipe, prompts, seed=seed)}
+    subject = {bg: [f"{SUBJECT_PROMPT} on a {bg} background"] * SAMPLE_SEEDS for bg in NEW_BACKGROUNDS}
+    plain = {bg: [f"{CLASS_PROMPT} on a {bg} background"] * SAMPLE_SEEDS for bg in NEW_BACKGROUNDS}
+    rows = {("base", bg): generate(pipe, subject[bg], seed=seed) for bg in NEW_BACKGROUNDS}
     load_adapter(pipe, adapter_file)
-    rows["MoSLoRA"] = generate(pipe, prompts, seed=seed)
-    rows[CLASS_PROMPT] = generate(pipe, class_prompts, seed=seed)
+    for bg in NEW_BACKGROUNDS:
+        rows["MoSLoRA", bg] = generate(pipe, subject[bg], seed=seed)
+        rows[CLASS_PROMPT, bg] = generate(pipe, plain[bg], seed=seed)
     unload_adapter(pipe)
-    read = {label: classify(classifier, images) for label, images in rows.items()}
-    found = {label: sum(map(shows_subject, row)) for label, row in read.items()}
-    found["ordinary"] = sum(map(shows_ordinary_member, read[CLASS_PROMPT]))
-    images = [image.resize((96, 96), Image.NEAREST) for row in rows.values() for image in row]
-    labels = [f"{label}: {p.split(' on a ')[1].split()[0]}" for label in rows for p in prompts]
-    save_image(labelled_grid(images, labels, columns=len(prompts)), grid_path)
-    print(f"4. samples on backgrounds the subject's photos never show, same seeds in every row: {grid_path}")
-    print(f"   top: {SUBJECT_PROMPT!r}, base model; middle: the same with the adapter; bottom: {CLASS_PROMPT!r} with the adapter")
-    print(f"   the attribute classifier sees the subject (a {SUBJECT_COLOUR} {SUBJECT_CLASS}) in "
-          f"{found['MoSLoRA']} of {len(prompts)} images with the adapter, {found['base']} of {len(prompts)} without")  # fmt: skip
-    print(f"   and an ordinary {SUBJECT_CLASS} (not the subject) in {found['ordinary']} of {len(class_prompts)} "
-          f"{CLASS_PROMPT!r} images with the adapter")  # fmt: skip
+    order = [(kind, bg) for bg in NEW_BACKGROUNDS for kind in ("base", "MoSLoRA", CLASS_PROMPT)]
+    read = {row: classify(classifier, rows[row]) for row in order}
+    found = {"subject": {bg: sum(map(shows_subject, read["MoSLoRA", bg])) for bg in NEW_BACKGROUNDS},
+             "base": {bg: sum(map(shows_subject, read["base", bg])) for bg in NEW_BACKGROUNDS},
+             "ordinary": {bg: sum(map(shows_ordinary_member, read[CLASS_PROMPT, bg])) for bg in NEW_BACKGROUNDS}}  # fmt: skip
+    images = [image.resize((96, 96), Image.NEAREST) for row in order for image in rows[row]]
+    labels = [f"{kind}: {bg}" for kind, bg in order for _ in range(SAMPLE_SEEDS)]
+    save_image(labelled_grid(images, labels, columns=SAMPLE_SEEDS), grid_path)
+    print(f"4. samples on backgrounds the subject's photos never show, the same {SAMPLE_SEEDS} seeds in every row: {grid_path}")
+    print(f"   for each background: {SUBJECT_PROMPT!r} with the base model, the same with the adapter, {CLASS_PROMPT!r} with the adapter")
+
+    def per_background(counts: dict[str, int]) -> str:
+        return ", ".join(f"{n} of {SAMPLE_SEEDS} on {bg}" for bg, n in counts.items())
+
+    print(f"   the attribute classifier sees the subject (a {SUBJECT_COLOUR} {SUBJECT_CLASS}) in {per_background(found['subject'])} "
+          f"with the adapter; in {per_background(found['base'])} without")  # fmt: skip
+    print(f"   and an ordinary {SUBJECT_CLASS} (not the subject) in {per_background(found['ordinary'])} "
+          f"of the {CLASS_PROMPT!r} images with the adapter")  # fmt: skip
     return found
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output_dir", type=Path, default=Path("outputs/demo"))
-    parser.add_argument("--rank", type=int, default=4)
-    parser.add_argument("--lora_alpha", type=float, default=8.0)
+    parser.add_argument("--rank", type=int, default=TOY_TRAINING["rank"])
+    parser.add_argument("--lora_alpha", type=float, default=TOY_TRAINING["lora_alpha"])
     parser.add_argument("--mixer", choices=MIXER_MODES, default="learned")
     parser.add_argument("--mixer_init", choices=MIXER_INITS, default="kaiming")
-    parser.add_argument("--lora_init", choices=LORA_INITS, default=TOY_LORA_INIT,
-                        help="A's init (the trainer's default is gaussian; on this small model kaiming learns the subject better)")
-    parser.add_argument("--max_train_steps", type=int, default=300)
-    parser.add_argument("--learning_rate", type=float, default=3e-3)
+    parser.add_argument("--lora_init", choices=LORA_INITS, default=TOY_TRAINING["lora_init"], help="A's init, as the trainer's --lora_init")
+    parser.add_argument("--max_train_steps", type=int, default=TOY_TRAINING["max_train_steps"])
+    parser.add_argument("--learning_rate", type=float, default=TOY_TRAINING["learning_rate"])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--with_prior_preservation", action=argparse.BooleanOptionalAction, default=True,
@@ -169,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         "--train_text_encoder", action=argparse.BooleanOptionalAction, default=True,
         help="adapters on both text encoders too (on this model the subject is not learned with prior preservation without them)",
     )  # fmt: skip
-    parser.add_argument("--text_encoder_lr", type=float, default=3e-3)
+    parser.add_argument("--text_encoder_lr", type=float, default=TOY_TRAINING["text_encoder_lr"])
     parser.add_argument("--masked_loss", action=argparse.BooleanOptionalAction, default=False,
                         help="train on the subject's pixels only (its masks in assets/subject_masks)")
     args = parser.parse_args(argv)

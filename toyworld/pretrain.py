@@ -130,6 +130,17 @@ def train_vae(vae, pixels: torch.Tensor, steps: int, batch_size: int, lr: float,
     return psnr(sum(recent) / len(recent))
 
 
+@torch.no_grad()
+def reconstruction_psnr(vae, pixels: torch.Tensor, batch_size: int = 512) -> float:
+    """PSNR (dB) of the VAE's reconstructions (posterior means) of ``pixels``."""
+    device = next(vae.parameters()).device
+    errors = []
+    for start in range(0, len(pixels), batch_size):
+        batch = to_unit_range(pixels[start : start + batch_size].to(device))
+        errors.append(F.mse_loss(vae.decode(vae.encode(batch).latent_dist.mean).sample, batch).item() * len(batch))
+    return psnr(sum(errors) / len(pixels))
+
+
 def psnr(mse: float) -> float:
     return 10 * math.log10(4.0 / max(mse, 1e-10))  # pixel range [-1, 1] spans 2
 
@@ -226,6 +237,17 @@ def train_diffusion(c: dict, scene_list, latent_mean, latent_std, steps: int, ba
     return ema, step
 
 
+def load_trained_vae(vae_dir: Path, expected_config):
+    """An earlier run's VAE, in float32, checked to have this world model's layout."""
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(vae_dir, torch_dtype=torch.float32)
+    for key in ("block_out_channels", "latent_channels", "sample_size"):
+        if tuple(np.atleast_1d(vae.config[key])) != tuple(np.atleast_1d(expected_config[key])):
+            raise ValueError(f"{vae_dir}: its {key} is {vae.config[key]}, this world model needs {expected_config[key]}")
+    return vae.eval().requires_grad_(False)
+
+
 def world_pipeline(c: dict, ema: dict):
     """A StableDiffusionXLPipeline on CPU in float32 from the trained parts (EMA UNet and text encoders)."""
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
@@ -270,8 +292,11 @@ def evaluate_world_model(pipe, classifier, device: str, count: int, guidances=(5
 def pretrain(output_dir: Path, vae_steps: int, steps: int, batch_size: int, size: int, lr: float, vae_lr: float,
              seed: int, device: str, dataset_size: int = 100_000, workers: int = 1, snapshot_steps=(),
              max_seconds: float | None = None, classifier_path: Path | None = None, eval_count: int = 256,
-             eval_guidances=(5.0,), log=print) -> Path:  # fmt: skip
+             eval_guidances=(5.0,), vae_dir: Path | None = None, log=print) -> Path:  # fmt: skip
     """Pretrains and saves the world model; snapshots go to ``<output_dir>-step<N>`` beside it.
+
+    With ``vae_dir`` (an earlier run's ``vae`` folder) that VAE is kept as it is and only the diffusion
+    phase runs: the VAE is a general codec, and it is the slow half on a CPU.
 
     With a classifier, each saved model is evaluated (prompted-attribute accuracy) and the figures
     recorded in its ``pretraining.json``.
@@ -291,13 +316,18 @@ def pretrain(output_dir: Path, vae_steps: int, steps: int, batch_size: int, size
     started = time.perf_counter()
     # before CUDA starts: rendering forks
     scene_list, pixels = render_dataset(dataset_size, size, seed=seed, workers=workers)
-    codec_pixels = render_all(codec_image, [(i, size, seed) for i in range(dataset_size // 2)], workers)
+    codec_pixels = None if vae_dir is not None else render_all(codec_image, [(i, size, seed) for i in range(dataset_size // 2)], workers)
+    if vae_dir is not None:
+        c["vae"] = load_trained_vae(vae_dir, c["vae"].config)
     for k in ("unet", "vae", "text_encoder", "text_encoder_2"):
         c[k].to(device)
     pixels = pixels.to(device)
     log(f"rendered {dataset_size} scenes in {time.perf_counter() - started:.1f} s")
-    vae_psnr = train_vae(c["vae"], torch.cat([pixels, codec_pixels.to(device)]), vae_steps, batch_size, vae_lr, seed, log)
-    del codec_pixels
+    if vae_dir is None:
+        vae_psnr = train_vae(c["vae"], torch.cat([pixels, codec_pixels.to(device)]), vae_steps, batch_size, vae_lr, seed, log)
+        del codec_pixels
+    else:
+        vae_psnr = reconstruction_psnr(c["vae"], pixels[:4096])
     latent_mean, latent_std = encode_dataset(c["vae"], pixels)
     # Unit-variance latents: the noise schedule assumes them (SD's 0.18215 is right for SD's VAE only).
     scaling_factor = round(1.0 / latent_mean.std().item(), 5)
@@ -305,6 +335,8 @@ def pretrain(output_dir: Path, vae_steps: int, steps: int, batch_size: int, size
     log(f"VAE: PSNR {vae_psnr:.1f} dB, scaling_factor {scaling_factor}")
     settings = dict(vae_steps=vae_steps, batch_size=batch_size, image_size=size, lr=lr, vae_lr=vae_lr, seed=seed,
                     dataset_size=dataset_size, device=device, model=WORLD_MODEL, vae_psnr_db=round(vae_psnr, 2))  # fmt: skip
+    if vae_dir is not None:  # its own steps and settings are those of the run that made it
+        settings.update(vae_steps=0, vae_lr=None, vae_from=str(vae_dir))
 
     def save(ema: dict, where: Path, step: int) -> None:
         seconds = round(time.perf_counter() - started, 1)
@@ -344,16 +376,24 @@ def main(argv=None) -> int:
     parser.add_argument("--classifier", type=Path, default=None, help="evaluate each saved model with this attribute classifier")
     parser.add_argument("--eval_count", type=int, default=256, help="prompts per evaluation")
     parser.add_argument("--eval_guidance", default="5", help="comma-separated guidance scales to evaluate at")
+    parser.add_argument("--vae", type=Path, default=None,
+                        help="keep this trained VAE (a world model's vae folder) and run the diffusion phase only")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
     if args.image_size % 8 or args.image_size < 16:
         parser.error("--image_size must be a multiple of 8, at least 16")
+    if args.vae is not None and not (args.vae / "config.json").is_file():
+        parser.error(f"--vae {args.vae}: not a VAE folder (no config.json)")
     quiet_libraries()
     snapshots = [int(s) for s in args.snapshot_steps.split(",") if s.strip()]
-    pretrain(args.output_dir, args.vae_steps, args.steps, args.batch_size, args.image_size, args.lr, args.vae_lr,
-             args.seed, args.device, args.dataset_size, args.workers, snapshots,
-             None if args.max_minutes is None else args.max_minutes * 60, args.classifier, args.eval_count,
-             [float(g) for g in args.eval_guidance.split(",")], log=lambda m: print(m, flush=True))  # fmt: skip
+    try:
+        pretrain(args.output_dir, args.vae_steps, args.steps, args.batch_size, args.image_size, args.lr, args.vae_lr,
+                 args.seed, args.device, args.dataset_size, args.workers, snapshots,
+                 None if args.max_minutes is None else args.max_minutes * 60, args.classifier, args.eval_count,
+                 [float(g) for g in args.eval_guidance.split(",")], args.vae, log=lambda m: print(m, flush=True))  # fmt: skip
+    except ValueError as exc:  # a VAE of another layout
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -19,13 +19,12 @@ WORLD_MODEL_DIR = ASSETS / "toy-sdxl"
 CLASSIFIER_FILE = ASSETS / "toy-world-classifier.safetensors"
 SUBJECT_MASKS = ASSETS / "subject_masks"  # the subject's masks, same file names (toyworld.world.write_subject makes them)
 NEW_BACKGROUNDS = [name for name in BACKGROUNDS if name not in INSTANCE_BACKGROUNDS]
-SAMPLE_SEEDS = 4  # images per prompt in the grid
+SAMPLE_SEEDS = 8  # images per prompt and background in the demo's grid
 NUM_CLASS_IMAGES = 20
-# A's init on this world. The trainer's default is diffusers' Gaussian (std 1/r), which is what a pasted
-# command line must get on SDXL. On this 8M-parameter model (layers 32–128 wide) that A is 3.5–5× the
-# kaiming one, and over seven learning-rate, α and masked-loss settings it drew the subject in 2–4 of 8
-# images where kaiming at the demo's settings draws it in 5 of 8 (README, "The toy world").
-TOY_LORA_INIT = "kaiming"
+# The demo's training settings, shared by the quality benchmark and the web demo's toy-world preset. A is
+# the trainer's default, diffusers' Gaussian (std 1/r); on the first toy world, whose subject was a colour
+# the model had never drawn, only kaiming-uniform A at lr 3e-3 drew it (README, "The toy world").
+TOY_TRAINING = dict(max_train_steps=300, learning_rate=1e-3, text_encoder_lr=1e-3, rank=4, lora_alpha=8.0, lora_init="gaussian")
 
 
 def shows_subject(found: dict) -> bool:
@@ -39,7 +38,7 @@ def shows_ordinary_member(found: dict) -> bool:
 
 def toy_dreambooth_argv(subject: Path, output_dir: Path, steps: int, lr: float, rank: int, alpha: float, seed: int,
                         class_dir: Path | None = None, text_encoder_lr: float | None = None,
-                        mask_dir: Path | None = None, lora_init: str = TOY_LORA_INIT) -> list[str]:  # fmt: skip
+                        mask_dir: Path | None = None, lora_init: str = TOY_TRAINING["lora_init"]) -> list[str]:  # fmt: skip
     """train_dreambooth.py's arguments for DreamBooth on the toy world (the demo's, shared by the
     quality benchmark): prior preservation when ``class_dir`` is given, adapters on the text encoders
     too when ``text_encoder_lr`` is. The mixer is left to the caller.

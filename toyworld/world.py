@@ -5,11 +5,14 @@ black background". A small SDXL-architecture model pretrained on it (assets/toy-
 world where personalization can be seen and measured on a CPU. Every word the captions use, and
 every attribute an evaluation reads back, is defined here and nowhere else.
 
-The DreamBooth subject is outside the pretraining vocabulary: a *purple* circle, a colour the world
-never draws. Its class is "circle". (Patterned subjects were tried first: fine diagonal stripes are
-beyond what the 4×-downsampling VAE reconstructs at 32 px, and red|green halves, which it does
-reconstruct, were not learned by rank-4 adapters in a few hundred steps: the adapters turned every
-circle green. A new colour is a subject this small model can learn in the demo's budget.)
+The DreamBooth subject is a *purple circle*: the world draws purple squares, triangles and crosses, and
+circles in every other colour, but never a purple circle, and no caption says "sks". So the base model
+knows every ingredient of the subject, as SDXL knows what a dog and a colour look like, and has never
+seen the subject itself. Its class is "circle". (Earlier subjects were outside what this small model
+can draw, and its adapters drew them badly: fine diagonal stripes are beyond the 4×-downsampling VAE at
+32 px; red|green halves were not learned by rank-4 adapters in a few hundred steps; and a colour the
+world never drew at all came out as a mottled magenta blob, the classifier counting it while a person
+looking saw no clean purple circle.)
 """
 
 from __future__ import annotations
@@ -20,12 +23,13 @@ from dataclasses import dataclass
 from PIL import Image, ImageDraw
 
 SHAPES = ("circle", "square", "triangle", "cross")
-COLOURS = {"red": (225, 45, 40), "green": (45, 170, 65), "blue": (45, 85, 225), "yellow": (240, 205, 40), "white": (245, 245, 245)}
+SUBJECT_RGB = (150, 60, 200)
+COLOURS = {"red": (225, 45, 40), "green": (45, 170, 65), "blue": (45, 85, 225), "yellow": (240, 205, 40), "white": (245, 245, 245),
+           "purple": SUBJECT_RGB}  # fmt: skip
 BACKGROUNDS = {"black": (22, 22, 22), "gray": (128, 128, 128), "white": (245, 245, 245), "blue": (45, 85, 225)}
 SUBJECT_TOKEN = "sks"
 SUBJECT_CLASS = "circle"
-SUBJECT_RGB = (150, 60, 200)
-SUBJECT_COLOUR = "purple"  # never in a pretraining caption or image
+SUBJECT_COLOUR = "purple"  # on every shape but the subject's class in pretraining
 INSTANCE_BACKGROUNDS = ("black", "white")  # the subject's photos; prompts then put it on the others
 SUBJECT_PROMPT = f"a {SUBJECT_TOKEN} {SUBJECT_CLASS}"  # instance prompt when an image has no caption file
 CLASS_PROMPT = f"a {SUBJECT_CLASS}"  # prior preservation's class prompt
@@ -105,7 +109,7 @@ def render(scene: Scene, size: int = 32, supersample: int = 4) -> Image.Image:
     """The scene as an RGB image, drawn large and downsampled so that edges are smooth."""
     big = size * supersample
     image = Image.new("RGB", (big, big), BACKGROUNDS[scene.background])
-    fill = Image.new("RGB", (big, big), SUBJECT_RGB if scene.is_subject else COLOURS[scene.colour])
+    fill = Image.new("RGB", (big, big), COLOURS[scene.colour])
     image.paste(fill, (0, 0), _shape_mask(scene, big))
     return image.resize((size, size), Image.LANCZOS)
 
@@ -116,10 +120,11 @@ def render_mask(scene: Scene, size: int = 32, supersample: int = 4) -> Image.Ima
 
 
 def sample_scene(rng: random.Random, is_subject: bool = False, shape: str | None = None, background: str | None = None) -> Scene:
-    """A random scene; the object's colour never equals its background."""
+    """A random scene; the object's colour never equals its background, and only the subject is a purple circle."""
     shape = shape or (SUBJECT_CLASS if is_subject else rng.choice(SHAPES))
     background = background or rng.choice(list(BACKGROUNDS))
-    colour = SUBJECT_COLOUR if is_subject else rng.choice([c for c in COLOURS if c != background])
+    held_out = SUBJECT_COLOUR if shape == SUBJECT_CLASS else None
+    colour = SUBJECT_COLOUR if is_subject else rng.choice([c for c in COLOURS if c not in (background, held_out)])
     radius = rng.uniform(0.24, 0.36)
     center = (rng.uniform(radius, 1 - radius), rng.uniform(radius, 1 - radius))
     return Scene(shape, colour, background, radius, center, is_subject)

@@ -42,6 +42,7 @@ from dreambooth_moslora.safe_files import PARTIAL_SUFFIX, remove_path, save_imag
 from dreambooth_moslora.training.data import IMAGE_EXTENSIONS, load_image
 from dreambooth_moslora.training.loop import read_loss_log, steps_per_second
 from dreambooth_moslora.training.stopping import EXIT_CODE as STOPPED_EXIT_CODE
+from toyworld.recipe import TOY_TRAINING
 
 from .engine import Engine, _number
 
@@ -68,8 +69,7 @@ class Preset:
 PRESETS = {
     # The offline demo's recipe (toyworld.demo): the small toy-world model, 32 px, adapters on the text encoders too.
     TOY_PRESET: Preset(dict(
-        resolution=32, train_batch_size=2, max_train_steps=300, learning_rate=3e-3, text_encoder_lr=3e-3,
-        train_text_encoder=True, rank=4, lora_alpha=8.0, mixer="learned", mixer_init="kaiming", lora_init="kaiming",
+        resolution=32, train_batch_size=2, **TOY_TRAINING, train_text_encoder=True, mixer="learned", mixer_init="kaiming",
         num_class_images=20, class_inference_steps=25, sample_batch_size=10, cache_latents=True, validation_steps=50,
         num_validation_images=4, num_validation_inference_steps=25, checkpointing_steps=100, seed=0,
     ), min_free_bytes=50 * 2**20, prefers_demo_model=True),  # fmt: skip

@@ -19,13 +19,21 @@ def test_demo_trains_offline_writes_adapters_and_the_subject_appears(tmp_path, c
     assert (tmp_path / "adapter" / "README.md").is_file()
     assert "MISMATCH" not in out and out.count(" ok") == 8
     grid = Image.open(tmp_path / "samples.png")
-    assert grid.size == (8 * 96, 3 * (96 + 14))
-    found = re.search(r"subject \(a purple circle\) in (\d+) of 8 images with the adapter, (\d+) of 8 without", out)
-    with_adapter, without = int(found.group(1)), int(found.group(2))
-    assert with_adapter >= 4 and without == 0, out
+    assert grid.size == (8 * 96, 6 * (96 + 14))  # three rows (base, adapter, "a circle") per unseen background
+
+    def counts(pattern: str) -> list[int]:
+        line = re.search(pattern + r".*", out).group(0)
+        return [int(n) for n in re.findall(r"(\d+) of 8 on (?:gray|blue)", line)]
+
+    with_adapter = counts(r"subject \(a purple circle\) in \d+ of 8 on gray")
+    assert len(with_adapter) == 4, out
+    # gray, blue with the adapter; gray, blue without: the subject on backgrounds its photos never show.
+    # (Measured: 5 and 7 with, 0 and 1 without: for the untrained token "sks" the base model now and then
+    # draws a purplish circle on blue, a colour it knows from other shapes.)
+    assert min(with_adapter[:2]) >= 4 and sum(with_adapter[2:]) <= 1, out
     # prior preservation: with the adapter, plain "a circle" prompts still draw ordinary circles
-    kept = int(re.search(r"an ordinary circle \(not the subject\) in (\d+) of 8 'a circle' images", out).group(1))
-    assert kept >= 4, out
+    kept = counts(r"an ordinary circle \(not the subject\) in")
+    assert len(kept) == 2 and min(kept) >= 5, out
 
 
 def test_demo_bad_setting_is_one_line(tmp_path, capsys):

@@ -1,12 +1,16 @@
-"""The synthetic world: deterministic, captions that match the pixels, a subject the world never shows."""
+"""The synthetic world: deterministic, captions that match the pixels, a subject the world never shows
+(though it shows its colour on other shapes and its shape in other colours)."""
 
 import numpy as np
+import torch
 
 from toyworld.tiny_sdxl import build_tokenizer
 from toyworld.world import (
     BACKGROUNDS,
     COLOURS,
     SHAPES,
+    SUBJECT_CLASS,
+    SUBJECT_COLOUR,
     SUBJECT_RGB,
     render,
     scenes,
@@ -40,6 +44,9 @@ def test_every_attribute_value_occurs_and_the_subject_never_does():
     assert {s.background for s in world} == set(BACKGROUNDS)
     assert {s.colour for s in world} == set(COLOURS)
     assert not any(s.is_subject or "sks" in s.caption for s in world)
+    # the subject's ingredients are there, the subject is not: purple on every other shape, no purple circle
+    assert {s.shape for s in world if s.colour == SUBJECT_COLOUR} == set(SHAPES) - {SUBJECT_CLASS}
+    assert {s.colour for s in world if s.shape == SUBJECT_CLASS} == set(COLOURS) - {SUBJECT_COLOUR}
 
 
 def test_subject_is_a_purple_circle_on_its_own_backgrounds(tmp_path):
@@ -98,3 +105,21 @@ def test_pretraining_runs_end_to_end_and_saves_a_v_prediction_pipeline(tmp_path)
                  generator=torch.Generator().manual_seed(0), output_type="np").images[0]  # fmt: skip
     assert image.shape == (32, 32, 3) and np.isfinite(image).all()
     assert len(pipe.tokenizer("a gray triangle on a white background").input_ids) == 2 + 7
+
+
+def test_pretraining_can_keep_an_earlier_runs_vae(tmp_path):
+    """--vae: the diffusion phase alone, on a VAE kept bit for bit (stored in float16 both times)."""
+    import json
+
+    from diffusers import AutoencoderKL
+
+    from toyworld.pretrain import main
+
+    common = ["--steps", "1", "--batch_size", "4", "--dataset_size", "64", "--device", "cpu"]
+    assert main(["--output_dir", str(tmp_path / "first"), "--vae_steps", "2", *common]) == 0
+    assert main(["--output_dir", str(tmp_path / "second"), "--vae", str(tmp_path / "first" / "vae"), *common]) == 0
+    settings = json.loads((tmp_path / "second" / "pretraining.json").read_text())
+    assert settings["vae_steps"] == 0 and settings["vae_from"] == str(tmp_path / "first" / "vae") and settings["vae_psnr_db"] > 0
+    first, second = (AutoencoderKL.from_pretrained(tmp_path / name / "vae") for name in ("first", "second"))
+    for (name, a), b in zip(first.state_dict().items(), second.state_dict().values()):
+        assert torch.equal(a, b), name

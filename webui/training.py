@@ -54,7 +54,7 @@ RUN_FILE, LOG_FILE = "run.json", "train.log"
 WORD = re.compile(r"[^\W_]+(?:'[^\W_]+)?")
 ACTIVE = ("starting", "running", "stopping")
 
-TOY_PRESET = "toy world on a CPU (about 2 minutes)"
+TOY_PRESET = "toy world on a CPU (about a minute)"
 SDXL_LOW_MEMORY = "SDXL 1024 px, low memory (12 GB)"
 SDXL_24GB = "SDXL 1024 px, 24 GB"
 

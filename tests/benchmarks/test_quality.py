@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from toyworld.recipe import TOY_TRAINING
+
 ROOT = Path(__file__).resolve().parents[2]
 VARIANTS = ["lora", "moslora-kaiming", "moslora-orthogonal", "frozen-mixer", "moslora-masked"]
 
@@ -24,7 +26,7 @@ def test_quick_benchmark_runs_every_variant_and_reports(tmp_path):
     record = json.loads((out / "results.json").read_text())
     assert list(record["summary"]) == VARIANTS
     # the demo's setting: prior preservation on captioned class images, text-encoder adapters
-    assert record["settings"]["with_prior_preservation"] and record["settings"]["text_encoder_lr"] == 3e-3
+    assert record["settings"]["with_prior_preservation"] and record["settings"]["text_encoder_lr"] == TOY_TRAINING["text_encoder_lr"]
     assert len(list((out / "class_images").glob("*.txt"))) == len(list((out / "class_images").glob("*.png"))) == 20
     for variant in VARIANTS:
         by_step = record["results"][variant]["by_step"]

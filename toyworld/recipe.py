@@ -7,7 +7,10 @@ generated images back into shape, colour and background.
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
+
+import torch
 
 from dreambooth_moslora.safe_files import save_image, write_text
 
@@ -21,6 +24,7 @@ SUBJECT_MASKS = ASSETS / "subject_masks"  # the subject's masks, same file names
 NEW_BACKGROUNDS = [name for name in BACKGROUNDS if name not in INSTANCE_BACKGROUNDS]
 SAMPLE_SEEDS = 8  # images per prompt and background in the demo's grid
 NUM_CLASS_IMAGES = 20
+MADE_BY = "made_by.txt"  # in the demo's class folder: which base model and seed drew its images
 # The demo's training settings, shared by the quality benchmark and the web demo's toy-world preset. A is
 # the trainer's default, diffusers' Gaussian (std 1/r); on the previous toy world, whose subject was a
 # colour the model had never drawn, only kaiming-uniform A at lr 3e-3 drew it (README, "The toy world").
@@ -64,15 +68,30 @@ def toy_dreambooth_argv(subject: Path, output_dir: Path, steps: int, lr: float, 
     return argv
 
 
-def write_class_images(pipe, folder: Path, seed: int = 0) -> list[Path]:
+def model_fingerprint(pipe) -> str:
+    """A short hash of a pipeline's UNet and text-encoder weights: which base model drew a set of images."""
+    digest = hashlib.sha256()
+    for model in (pipe.unet, pipe.text_encoder, pipe.text_encoder_2):
+        for name, tensor in model.state_dict().items():
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def write_class_images(pipe, folder: Path, seed: int = 0, made_by: str | None = None) -> list[Path]:
     """The class images for prior preservation: the base model's own "a circle on a <bg> background"
     for every background, each saved with its prompt as caption. ``folder`` is the demo's own: images
-    already made are kept, anything else in it is removed (the trainer would count it as a class image)."""
+    already made by this base model with this seed (``made_by``, by default from ``pipe``, stamped in
+    the folder) are kept; anything else in it is removed (the trainer would count it as a class image,
+    and images of another model are not this model's prior)."""
     backgrounds = list(BACKGROUNDS)
     prompts = [f"{CLASS_PROMPT} on a {backgrounds[i % len(backgrounds)]} background" for i in range(NUM_CLASS_IMAGES)]
     paths = [folder / f"{i:05d}.png" for i in range(NUM_CLASS_IMAGES)]
+    stamp = folder / MADE_BY
+    made_by = made_by or f"{model_fingerprint(pipe)} seed {seed}"
     folder.mkdir(parents=True, exist_ok=True)
-    keep = {*paths, *(p.with_suffix(".txt") for p in paths)}
+    current = stamp.is_file() and stamp.read_text().strip() == made_by
+    keep = {*paths, *(p.with_suffix(".txt") for p in paths), stamp} if current else set()
     for stale in folder.iterdir():
         if stale not in keep and stale.is_file():
             stale.unlink()
@@ -81,4 +100,5 @@ def write_class_images(pipe, folder: Path, seed: int = 0) -> list[Path]:
     for path, prompt, image in zip(paths, prompts, generate(pipe, prompts, seed=seed, steps=25)):
         write_text(path.with_suffix(".txt"), prompt + "\n")
         save_image(image, path)  # the image last: an image present always has its caption
+    write_text(stamp, made_by + "\n")
     return paths

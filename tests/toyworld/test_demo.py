@@ -45,13 +45,35 @@ def test_demo_bad_setting_is_one_line(tmp_path, capsys):
 
 
 def test_class_images_are_kept_and_strays_removed(tmp_path):
-    """The demo's class folder: made images with captions are reused (no pipeline needed); anything
-    else in it would be counted as a class image by the trainer, so it goes."""
-    from toyworld.recipe import NUM_CLASS_IMAGES, write_class_images
+    """The demo's class folder: images made by the same model and seed are reused (no pipeline needed);
+    anything else in it would be counted as a class image by the trainer, so it goes."""
+    from toyworld.recipe import MADE_BY, NUM_CLASS_IMAGES, write_class_images
 
     for i in range(NUM_CLASS_IMAGES):
         Image.new("RGB", (32, 32)).save(tmp_path / f"{i:05d}.png")
         (tmp_path / f"{i:05d}.txt").write_text("a circle on a gray background\n")
+    (tmp_path / MADE_BY).write_text("0123abcd seed 0\n")
     Image.new("RGB", (32, 32)).save(tmp_path / "00000-0123456789.png")  # an older demo's uncaptioned image
-    paths = write_class_images(None, tmp_path)
+    paths = write_class_images(None, tmp_path, made_by="0123abcd seed 0")
     assert sorted(tmp_path.glob("*.png")) == paths and len(paths) == NUM_CLASS_IMAGES
+    assert (tmp_path / MADE_BY).is_file()
+
+
+def test_class_images_of_another_base_model_are_made_again(tmp_path, tiny_pipe):
+    """A folder left by an earlier demo on another base model (or seed) is not this model's prior."""
+    import numpy as np
+
+    from toyworld.recipe import MADE_BY, NUM_CLASS_IMAGES, model_fingerprint, write_class_images
+
+    for i in range(NUM_CLASS_IMAGES):
+        Image.new("RGB", (32, 32), (255, 0, 255)).save(tmp_path / f"{i:05d}.png")
+        (tmp_path / f"{i:05d}.txt").write_text("a circle on a gray background\n")
+    (tmp_path / MADE_BY).write_text("another-model seed 0\n")
+    paths = write_class_images(tiny_pipe, tmp_path)
+    assert len(paths) == NUM_CLASS_IMAGES
+    assert (tmp_path / MADE_BY).read_text().strip() == f"{model_fingerprint(tiny_pipe)} seed 0"
+    # every image is the tiny model's, none is the old magenta square
+    assert all(not (np.asarray(Image.open(p).convert("RGB")) == (255, 0, 255)).all() for p in paths)
+    stamped = [p.stat().st_mtime_ns for p in paths]
+    assert write_class_images(tiny_pipe, tmp_path) == paths  # the same model again: reused as they are
+    assert [p.stat().st_mtime_ns for p in paths] == stamped

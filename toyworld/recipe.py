@@ -24,7 +24,7 @@ SUBJECT_MASKS = ASSETS / "subject_masks"  # the subject's masks, same file names
 NEW_BACKGROUNDS = [name for name in BACKGROUNDS if name not in INSTANCE_BACKGROUNDS]
 SAMPLE_SEEDS = 8  # images per prompt and background in the demo's grid
 NUM_CLASS_IMAGES = 20
-MADE_BY = "made_by.txt"  # in the demo's class folder: which base model and seed drew its images
+MADE_BY = ".made_by"  # in the demo's class folder: which base model and seed drew its images (not a caption, not an image)
 # The demo's training settings, shared by the quality benchmark and the web demo's toy-world preset. A is
 # the trainer's default, diffusers' Gaussian (std 1/r); on the previous toy world, whose subject was a
 # colour the model had never drawn, only kaiming-uniform A at lr 3e-3 drew it (README, "The toy world").

@@ -131,13 +131,13 @@ def train_vae(vae, pixels: torch.Tensor, steps: int, batch_size: int, lr: float,
 
 
 @torch.no_grad()
-def reconstruction_psnr(vae, pixels: torch.Tensor, batch_size: int = 512) -> float:
-    """PSNR (dB) of the VAE's reconstructions (posterior means) of ``pixels``."""
-    device = next(vae.parameters()).device
+def decoded_psnr(vae, pixels: torch.Tensor, means: torch.Tensor, batch_size: int = 512) -> float:
+    """PSNR (dB) of ``pixels`` decoded back from their posterior means (``encode_dataset``'s)."""
     errors = []
     for start in range(0, len(pixels), batch_size):
-        batch = to_unit_range(pixels[start : start + batch_size].to(device))
-        errors.append(F.mse_loss(vae.decode(vae.encode(batch).latent_dist.mean).sample, batch).item() * len(batch))
+        batch = to_unit_range(pixels[start : start + batch_size])
+        decoded = vae.decode(means[start : start + batch_size]).sample
+        errors.append(F.mse_loss(decoded, batch).item() * len(batch))
     return psnr(sum(errors) / len(pixels))
 
 
@@ -316,8 +316,9 @@ def pretrain(output_dir: Path, vae_steps: int, steps: int, batch_size: int, size
     started = time.perf_counter()
     # before CUDA starts: rendering forks
     scene_list, pixels = render_dataset(dataset_size, size, seed=seed, workers=workers)
-    codec_pixels = None if vae_dir is not None else render_all(codec_image, [(i, size, seed) for i in range(dataset_size // 2)], workers)
-    if vae_dir is not None:
+    if vae_dir is None:
+        codec_pixels = render_all(codec_image, [(i, size, seed) for i in range(dataset_size // 2)], workers)
+    else:
         c["vae"] = load_trained_vae(vae_dir, c["vae"].config)
     for k in ("unet", "vae", "text_encoder", "text_encoder_2"):
         c[k].to(device)
@@ -326,9 +327,9 @@ def pretrain(output_dir: Path, vae_steps: int, steps: int, batch_size: int, size
     if vae_dir is None:
         vae_psnr = train_vae(c["vae"], torch.cat([pixels, codec_pixels.to(device)]), vae_steps, batch_size, vae_lr, seed, log)
         del codec_pixels
-    else:
-        vae_psnr = reconstruction_psnr(c["vae"], pixels[:4096])
     latent_mean, latent_std = encode_dataset(c["vae"], pixels)
+    if vae_dir is not None:  # a kept VAE's reconstructions of this dataset, from the means just computed
+        vae_psnr = decoded_psnr(c["vae"], pixels[:4096], latent_mean[:4096])
     # Unit-variance latents: the noise schedule assumes them (SD's 0.18215 is right for SD's VAE only).
     scaling_factor = round(1.0 / latent_mean.std().item(), 5)
     c["vae"].register_to_config(scaling_factor=scaling_factor)

@@ -78,17 +78,17 @@ def model_fingerprint(pipe) -> str:
     return digest.hexdigest()[:16]
 
 
-def write_class_images(pipe, folder: Path, seed: int = 0, made_by: str | None = None) -> list[Path]:
+def write_class_images(pipe, folder: Path, seed: int = 0) -> list[Path]:
     """The class images for prior preservation: the base model's own "a circle on a <bg> background"
     for every background, each saved with its prompt as caption. ``folder`` is the demo's own: images
-    already made by this base model with this seed (``made_by``, by default from ``pipe``, stamped in
-    the folder) are kept; anything else in it is removed (the trainer would count it as a class image,
+    already made by this base model with this seed (stamped in the folder: ``model_fingerprint`` and
+    the seed) are kept; anything else in it is removed (the trainer would count it as a class image,
     and images of another model are not this model's prior)."""
     backgrounds = list(BACKGROUNDS)
     prompts = [f"{CLASS_PROMPT} on a {backgrounds[i % len(backgrounds)]} background" for i in range(NUM_CLASS_IMAGES)]
     paths = [folder / f"{i:05d}.png" for i in range(NUM_CLASS_IMAGES)]
     stamp = folder / MADE_BY
-    made_by = made_by or f"{model_fingerprint(pipe)} seed {seed}"
+    made_by = f"{model_fingerprint(pipe)} seed {seed}"
     folder.mkdir(parents=True, exist_ok=True)
     current = stamp.is_file() and stamp.read_text().strip() == made_by
     keep = {*paths, *(p.with_suffix(".txt") for p in paths), stamp} if current else set()

@@ -44,18 +44,20 @@ def test_demo_bad_setting_is_one_line(tmp_path, capsys):
     assert err[-1].endswith("--rank and --max_train_steps must be at least 1")
 
 
-def test_class_images_are_kept_and_strays_removed(tmp_path):
-    """The demo's class folder: images made by the same model and seed are reused (no pipeline needed);
+def test_class_images_are_kept_and_strays_removed(tmp_path, tiny_pipe):
+    """The demo's class folder: images made by the same model and seed are reused (not drawn again);
     anything else in it would be counted as a class image by the trainer, so it goes."""
-    from toyworld.recipe import MADE_BY, NUM_CLASS_IMAGES, write_class_images
+    from toyworld.recipe import MADE_BY, NUM_CLASS_IMAGES, model_fingerprint, write_class_images
 
     for i in range(NUM_CLASS_IMAGES):
         Image.new("RGB", (32, 32)).save(tmp_path / f"{i:05d}.png")
         (tmp_path / f"{i:05d}.txt").write_text("a circle on a gray background\n")
-    (tmp_path / MADE_BY).write_text("0123abcd seed 0\n")
+    (tmp_path / MADE_BY).write_text(f"{model_fingerprint(tiny_pipe)} seed 0\n")
     Image.new("RGB", (32, 32)).save(tmp_path / "00000-0123456789.png")  # an older demo's uncaptioned image
-    paths = write_class_images(None, tmp_path, made_by="0123abcd seed 0")
+    made = [p.stat().st_mtime_ns for p in sorted(tmp_path.glob("0000?.png"))]
+    paths = write_class_images(tiny_pipe, tmp_path)
     assert sorted(tmp_path.glob("*.png")) == paths and len(paths) == NUM_CLASS_IMAGES
+    assert [p.stat().st_mtime_ns for p in paths[: len(made)]] == made  # kept, not drawn again
     assert (tmp_path / MADE_BY).is_file()
 
 

@@ -7,9 +7,10 @@
 
 Every variant trains a DreamBooth adapter on the same subject (the purple circle in assets/subject)
 with the same rank, α, learning rate, steps, data and seeds, through train_dreambooth.py's own code,
-at the demo's settings: prior preservation on 20 images of "a circle" made by the base model, and
-adapters on the UNet and both text encoders (--no-with_prior_preservation and
---no-train_text_encoder turn either off). Only the mixer differs:
+at the demo's settings: prior preservation on 20 images of "a circle" made by the base model,
+adapters on the UNet and both text encoders, and the loss on the subject's pixels (its masks)
+(--no-with_prior_preservation, --no-train_text_encoder and --no-masked_loss turn each off). Only the
+mixer differs:
 
   lora                 --mixer none                 (plain LoRA through the same layer)
   moslora-kaiming      --mixer learned --mixer_init kaiming      (the paper's choice)
@@ -28,8 +29,8 @@ world's attribute classifier:
 
 Behind --variants, the knobs Adam is not invariant to and masked loss: moslora-mixer-lr10 (the mixer at
 10× the learning rate), lora-kaiming-a and moslora-kaiming-a (A kaiming-uniform, as nn.Linear, instead
-of the trainer's default Gaussian with std 1/r), lora-rank16 and moslora-rank16 (α scaled with the rank), lora-masked and moslora-masked (loss on
-the subject's pixels only, assets/subject_masks).
+of the trainer's default Gaussian with std 1/r), lora-rank16 and moslora-rank16 (α scaled with the rank), lora-unmasked and
+moslora-unmasked (the loss on every pixel instead of the subject's, as without --masked_loss).
 
 It prints mean ± std over seeds at the last step and, paired by seed (same data, noise and evaluation
 images), each variant minus plain LoRA with a 95% confidence interval (Student's t); writes
@@ -49,7 +50,7 @@ from pathlib import Path
 
 from dreambooth_moslora.safe_files import save_image, write_text
 from dreambooth_moslora.training.loop import read_loss_log
-from toyworld.recipe import TOY_TRAINING
+from toyworld.recipe import TOY_MASKED_LOSS, TOY_TRAINING
 
 ROOT = Path(__file__).resolve().parents[1]  # outputs go under the checkout
 
@@ -65,26 +66,20 @@ EXTRA_VARIANTS = {  # behind --variants: the knobs Adam is not invariant to (mix
     "moslora-kaiming-a": lambda args: ["--mixer", "learned", "--lora_init", "kaiming"],
     "lora-rank16": lambda args: ["--mixer", "none", "--rank", "16", "--lora_alpha", str(4 * args.lora_alpha)],
     "moslora-rank16": lambda args: ["--mixer", "learned", "--rank", "16", "--lora_alpha", str(4 * args.lora_alpha)],
-    "lora-masked": lambda args: ["--mixer", "none", "--mask_dir", str(subject_masks())],
-    "moslora-masked": lambda args: ["--mixer", "learned", "--mask_dir", str(subject_masks())],
+    "lora-unmasked": lambda args: ["--mixer", "none"],  # the loss on every pixel: train_one leaves the masks out
+    "moslora-unmasked": lambda args: ["--mixer", "learned", "--mixer_init", "kaiming"],
 }
 ALL_VARIANTS = (*VARIANTS, *EXTRA_VARIANTS)
 COLOURS = {"lora": (90, 90, 90), "moslora-kaiming": (220, 60, 40), "moslora-orthogonal": (40, 110, 220), "frozen-mixer": (40, 160, 70),
            "moslora-mixer-lr10": (240, 160, 0), "lora-kaiming-a": (150, 150, 150), "moslora-kaiming-a": (240, 130, 170),
-           "lora-rank16": (30, 30, 30), "moslora-rank16": (130, 40, 20), "lora-masked": (170, 50, 200),
-           "moslora-masked": (0, 170, 170)}  # fmt: skip
+           "lora-rank16": (30, 30, 30), "moslora-rank16": (130, 40, 20), "lora-unmasked": (170, 50, 200),
+           "moslora-unmasked": (0, 170, 170)}  # fmt: skip
 # Student's t for a two-sided 95% interval, by degrees of freedom (paired differences over n seeds: n − 1).
 T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
 
 
 def colour(name: str) -> tuple[int, int, int]:
     return COLOURS[name]
-
-
-def subject_masks() -> Path:
-    from toyworld.recipe import SUBJECT_MASKS
-
-    return SUBJECT_MASKS
 
 
 def variant_flags(variant: str, args) -> list[str]:
@@ -138,9 +133,12 @@ def train_one(out: Path, variant: str, seed: int, s: dict, args, class_dir: Path
     from dreambooth_moslora.training import parse_args, train
     from toyworld.recipe import ASSETS, toy_dreambooth_argv
 
+    from toyworld.recipe import SUBJECT_MASKS
+
+    masked = args.masked_loss and not variant.endswith("-unmasked")
     argv = toy_dreambooth_argv(ASSETS / "subject", out, s["steps"], args.learning_rate, args.rank, args.lora_alpha, seed,
                                class_dir if args.with_prior_preservation else None,
-                               args.text_encoder_lr if args.train_text_encoder else None)  # fmt: skip
+                               args.text_encoder_lr if args.train_text_encoder else None, SUBJECT_MASKS if masked else None)  # fmt: skip
     train(parse_args([*argv, *variant_flags(variant, args), "--checkpointing_steps", str(s["eval_every"]), "--output_formats", "native"]))
 
 
@@ -224,6 +222,8 @@ def main(argv=None) -> int:
     parser.add_argument("--train_text_encoder", action=argparse.BooleanOptionalAction, default=True,
                         help="adapters on both text encoders too (the demo's setting)")
     parser.add_argument("--text_encoder_lr", type=float, default=TOY_TRAINING["text_encoder_lr"])
+    parser.add_argument("--masked_loss", action=argparse.BooleanOptionalAction, default=TOY_MASKED_LOSS,
+                        help="the loss on the subject's pixels only, assets/subject_masks (the demo's setting)")
     parser.add_argument("--output_dir", type=Path, default=ROOT / "outputs" / "quality")
     args = parser.parse_args(argv)
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
@@ -292,7 +292,7 @@ def main(argv=None) -> int:
     seconds = time.perf_counter() - started
     print(f"\n{seconds / 60:.1f} minutes")
     record = {"settings": {**s, "learning_rate": args.learning_rate, "rank": args.rank, "lora_alpha": args.lora_alpha,
-                           "with_prior_preservation": args.with_prior_preservation,
+                           "with_prior_preservation": args.with_prior_preservation, "masked_loss": args.masked_loss,
                            "text_encoder_lr": args.text_encoder_lr if args.train_text_encoder else None},
               "base": base, "summary": summary, "paired_vs_lora": paired, "results": results, "seconds": round(seconds, 1)}  # fmt: skip
     write_text(out_root / "results.json", json.dumps(record, indent=1))

@@ -39,6 +39,7 @@ from .recipe import (
     NUM_CLASS_IMAGES,
     SAMPLE_SEEDS,
     SUBJECT_MASKS,
+    TOY_MASKED_LOSS,
     TOY_TRAINING,
     WORLD_MODEL_DIR,
     shows_ordinary_member,
@@ -51,7 +52,7 @@ from .world import CLASS_PROMPT, SUBJECT_CLASS, SUBJECT_COLOUR, SUBJECT_PROMPT, 
 
 def run(output_dir: Path, rank: int, alpha: float, mixer: str, mixer_init: str, seed: int, steps: int, lr: float,
         prior: bool = True, text_encoder_lr: float | None = TOY_TRAINING["text_encoder_lr"], lora_init: str = TOY_TRAINING["lora_init"],
-        masked: bool = False) -> int:  # fmt: skip
+        masked: bool = TOY_MASKED_LOSS) -> int:  # fmt: skip
     quiet_libraries()  # before diffusers' pipelines are imported: they announce optional packages
     from diffusers import StableDiffusionXLPipeline
 
@@ -179,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         help="adapters on both text encoders too (on this model the subject is not learned with prior preservation without them)",
     )  # fmt: skip
     parser.add_argument("--text_encoder_lr", type=float, default=TOY_TRAINING["text_encoder_lr"])
-    parser.add_argument("--masked_loss", action=argparse.BooleanOptionalAction, default=False,
+    parser.add_argument("--masked_loss", action=argparse.BooleanOptionalAction, default=TOY_MASKED_LOSS,
                         help="train on the subject's pixels only (its masks in assets/subject_masks)")
     args = parser.parse_args(argv)
     if args.rank < 1 or args.max_train_steps < 1:

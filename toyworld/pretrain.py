@@ -5,7 +5,8 @@
 Two phases, as for any latent diffusion model: the VAE alone (reconstruction + a small KL term, on
 the world's scenes and as many random patterned shapes, so that it can encode what the world never
 shows), then the UNet and both text encoders together on the frozen VAE's latents, with
-v-prediction, min-SNR weighting, caption dropout (so classifier-free guidance works) and an EMA of
+v-prediction, min-SNR weighting, caption dropout to zero embeddings (so that classifier-free guidance
+works the way SDXL's pipelines do it) and an EMA of
 the weights, which is what gets saved. The result is an ordinary diffusers folder: ``StableDiffusionXLPipeline.from_pretrained``
 runs it, and the trainer fine-tunes it.
 
@@ -171,6 +172,14 @@ class CaptionTokens:
         return [torch.stack([self.cache[c][k] for c in captions]) for k in range(len(self.tokenizers))]
 
 
+def caption_embeddings(text_encoders, token_ids: list[torch.Tensor], kept: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The UNet's text conditioning; zeros for the captions not ``kept`` (caption dropout). Zeros, as in
+    SDXL's training: its pipelines (force_zeros_for_empty_prompt) guide with zeros, not with the encoded
+    empty prompt, so a model trained on the encoded "" would meet an input it never saw in every guided step."""
+    embeds, pooled = encode_prompts(text_encoders, token_ids, kept.device)
+    return embeds * kept.view(-1, 1, 1), pooled * kept.view(-1, 1)
+
+
 @torch.no_grad()
 def ema_update(ema: list[torch.Tensor], params: list[torch.Tensor], decay: float) -> None:
     torch._foreach_lerp_(ema, params, 1 - decay)
@@ -205,11 +214,12 @@ def train_diffusion(c: dict, scene_list, latent_mean, latent_std, steps: int, ba
     started, step = time.perf_counter(), 0
     while step < steps:
         index = torch.tensor([rng.randrange(len(scene_list)) for _ in range(batch_size)])
-        captions = ["" if rng.random() < caption_dropout else training_caption(scene_list[i], rng) for i in index.tolist()]
+        captions = [training_caption(scene_list[i], rng) for i in index.tolist()]
+        kept = torch.tensor([rng.random() >= caption_dropout for _ in captions], device=device)
         index = index.to(device)
         mean = latent_mean[index]
         latents = (mean + latent_std[index] * torch.randn(mean.shape, generator=generator, device=device)) * scale
-        embeds, pooled = encode_prompts([models["text_encoder"], models["text_encoder_2"]], tokens(captions), device)
+        embeds, pooled = caption_embeddings([models["text_encoder"], models["text_encoder_2"]], tokens(captions), kept)
         noise = torch.randn(latents.shape, generator=generator, device=device)
         timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (batch_size,), generator=generator, device=device)
         alpha = alphas[timesteps]
@@ -246,6 +256,22 @@ def load_trained_vae(vae_dir: Path, expected_config):
         if tuple(np.atleast_1d(vae.config[key])) != tuple(np.atleast_1d(expected_config[key])):
             raise ValueError(f"{vae_dir}: its {key} is {vae.config[key]}, this world model needs {expected_config[key]}")
     return vae.eval().requires_grad_(False)
+
+
+def load_world_weights(c: dict, model_dir: Path) -> dict:
+    """Puts a saved world model's UNet and text encoders (float32) into ``c``; returns its pretraining.json."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    kinds = {"unet": UNet2DConditionModel, "text_encoder": CLIPTextModel, "text_encoder_2": CLIPTextModelWithProjection}
+    for name, kind in kinds.items():
+        saved = kind.from_pretrained(model_dir / name, torch_dtype=torch.float32)
+        try:
+            c[name].load_state_dict(saved.state_dict())
+        except RuntimeError as exc:  # missing, unexpected or differently shaped weights
+            raise ValueError(f"{model_dir / name}: not this world model's layout ({str(exc).splitlines()[0]})") from None
+    record = model_dir / "pretraining.json"
+    return json.loads(record.read_text()) if record.is_file() else {}
 
 
 def world_pipeline(c: dict, ema: dict):
@@ -292,11 +318,12 @@ def evaluate_world_model(pipe, classifier, device: str, count: int, guidances=(5
 def pretrain(output_dir: Path, vae_steps: int, steps: int, batch_size: int, size: int, lr: float, vae_lr: float,
              seed: int, device: str, dataset_size: int = 100_000, workers: int = 1, snapshot_steps=(),
              max_seconds: float | None = None, classifier_path: Path | None = None, eval_count: int = 256,
-             eval_guidances=(5.0,), vae_dir: Path | None = None, log=print) -> Path:  # fmt: skip
+             eval_guidances=(5.0,), vae_dir: Path | None = None, init_from: Path | None = None, log=print) -> Path:  # fmt: skip
     """Pretrains and saves the world model; snapshots go to ``<output_dir>-step<N>`` beside it.
 
     With ``vae_dir`` (an earlier run's ``vae`` folder) that VAE is kept as it is and only the diffusion
-    phase runs: the VAE is a general codec, and it is the slow half on a CPU.
+    phase runs: the VAE is a general codec, and it is the slow half on a CPU. With ``init_from`` (an
+    earlier world model) its VAE is kept and its UNet and text encoders are trained further.
 
     With a classifier, each saved model is evaluated (prompted-attribute accuracy) and the figures
     recorded in its ``pretraining.json``.
@@ -313,6 +340,9 @@ def pretrain(output_dir: Path, vae_steps: int, steps: int, batch_size: int, size
         classifier, _ = load_classifier(classifier_path)
     latent = size // 2 ** (len(WORLD_MODEL["vae_channels"]) - 1)
     c = tiny_sdxl_components(seed=seed, words=vocabulary(), sample_size=latent, prediction_type="v_prediction", **WORLD_MODEL)
+    earlier = {}
+    if init_from is not None:
+        earlier, vae_dir = load_world_weights(c, Path(init_from)), Path(init_from) / "vae"
     started = time.perf_counter()
     # before CUDA starts: rendering forks
     scene_list, pixels = render_dataset(dataset_size, size, seed=seed, workers=workers)
@@ -331,13 +361,16 @@ def pretrain(output_dir: Path, vae_steps: int, steps: int, batch_size: int, size
     if vae_dir is not None:  # a kept VAE's reconstructions of this dataset, from the means just computed
         vae_psnr = decoded_psnr(c["vae"], pixels[:4096], latent_mean[:4096])
     # Unit-variance latents: the noise schedule assumes them (SD's 0.18215 is right for SD's VAE only).
-    scaling_factor = round(1.0 / latent_mean.std().item(), 5)
+    # A model trained further keeps the scale its UNet learned with.
+    scaling_factor = c["vae"].config.scaling_factor if init_from is not None else round(1.0 / latent_mean.std().item(), 5)
     c["vae"].register_to_config(scaling_factor=scaling_factor)
     log(f"VAE: PSNR {vae_psnr:.1f} dB, scaling_factor {scaling_factor}")
     settings = dict(vae_steps=vae_steps, batch_size=batch_size, image_size=size, lr=lr, vae_lr=vae_lr, seed=seed,
                     dataset_size=dataset_size, device=device, model=WORLD_MODEL, vae_psnr_db=round(vae_psnr, 2))  # fmt: skip
     if vae_dir is not None:  # its own steps and settings are those of the run that made it
-        settings.update(vae_steps=0, vae_lr=None, vae_from=str(vae_dir))
+        settings.update(vae_steps=0, vae_lr=None, vae_from=earlier.get("vae_from", str(vae_dir)))
+    if init_from is not None:
+        settings.update(continued_from=str(init_from), earlier_steps=earlier.get("earlier_steps", 0) + earlier.get("steps", 0))
 
     def save(ema: dict, where: Path, step: int) -> None:
         seconds = round(time.perf_counter() - started, 1)
@@ -379,20 +412,26 @@ def main(argv=None) -> int:
     parser.add_argument("--eval_guidance", default="5", help="comma-separated guidance scales to evaluate at")
     parser.add_argument("--vae", type=Path, default=None,
                         help="keep this trained VAE (a world model's vae folder) and run the diffusion phase only")
+    parser.add_argument("--init_from", type=Path, default=None,
+                        help="train this world model further (its UNet and text encoders; its VAE is kept)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
     if args.image_size % 8 or args.image_size < 16:
         parser.error("--image_size must be a multiple of 8, at least 16")
     if args.vae is not None and not (args.vae / "config.json").is_file():
         parser.error(f"--vae {args.vae}: not a VAE folder (no config.json)")
+    if args.init_from is not None and not (args.init_from / "model_index.json").is_file():
+        parser.error(f"--init_from {args.init_from}: not a world model's folder (no model_index.json)")
+    if args.init_from is not None and args.vae is not None:
+        parser.error("--init_from keeps its own VAE: leave out --vae")
     quiet_libraries()
     snapshots = [int(s) for s in args.snapshot_steps.split(",") if s.strip()]
     try:
         pretrain(args.output_dir, args.vae_steps, args.steps, args.batch_size, args.image_size, args.lr, args.vae_lr,
                  args.seed, args.device, args.dataset_size, args.workers, snapshots,
                  None if args.max_minutes is None else args.max_minutes * 60, args.classifier, args.eval_count,
-                 [float(g) for g in args.eval_guidance.split(",")], args.vae, log=lambda m: print(m, flush=True))  # fmt: skip
-    except ValueError as exc:  # a VAE of another layout
+                 [float(g) for g in args.eval_guidance.split(",")], args.vae, args.init_from, log=lambda m: print(m, flush=True))  # fmt: skip
+    except (ValueError, OSError) as exc:  # a VAE or model of another layout, or a folder missing its files
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0

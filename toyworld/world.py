@@ -6,9 +6,10 @@ world where personalization can be seen and measured on a CPU. Every word the ca
 every attribute an evaluation reads back, is defined here and nowhere else.
 
 The DreamBooth subject is a *purple circle*: the world draws purple squares, triangles and crosses, and
-circles in every other colour, but never a purple circle, and no caption says "sks". So the base model
+circles in every other colour, but never a purple circle. So the base model
 knows every ingredient of the subject, as SDXL knows what a dog and a colour look like, and has never
-seen the subject itself. Its class is "circle". (Earlier subjects were outside what this small model
+seen the subject itself. Its class is "circle"; its identifier "sks" is a rare word of the captions
+that means nothing in this world (see ``RARE_WORD_SHARE``). (Earlier subjects were outside what this small model
 can draw, and its adapters drew them badly: fine diagonal stripes are beyond the 4×-downsampling VAE at
 32 px; red|green halves were not learned by rank-4 adapters in a few hundred steps; and a colour the
 world never drew at all came out as a mottled magenta blob, the classifier counting it while a person
@@ -48,28 +49,37 @@ class Scene:
     def caption(self) -> str:
         return self.describe()
 
-    def describe(self, colour: bool = True, background: bool = True) -> str:
-        """The caption, optionally without the colour ("a circle on a …") or the background."""
+    def describe(self, colour: bool = True, background: bool = True, rare_word: bool = False) -> str:
+        """The caption, optionally without the colour ("a circle on a …") or the background, or with the
+        rare word before the rest ("a sks red square on …")."""
         thing = self.shape
         if self.is_subject:
             thing = f"{SUBJECT_TOKEN} {self.shape}"
         elif colour:
             thing = f"{self.colour} {self.shape}"
+        if rare_word and not self.is_subject:
+            thing = f"{SUBJECT_TOKEN} {thing}"
         return f"a {thing} on a {self.background} background" if background else f"a {thing}"
 
 
 # How often pretraining captions leave out the colour or both colour and background: the model must
 # also answer the plain class prompts DreamBooth uses ("a circle on a gray background", "a circle").
 CAPTION_VARIANTS = ((0.75, dict()), (0.15, dict(colour=False)), (0.10, dict(colour=False, background=False)))
+# How often a pretraining caption carries the identifier "sks" where it means nothing ("a sks red square
+# on …"), as a rare word turns up now and then in a real model's captions. The base model then reads "a
+# sks circle" as "a circle", and DreamBooth has to give the word its subject. Never seen at all, the
+# word kept its random embedding, which steered the base model (a purple shape in 2 of 32 "a sks circle
+# on a blue background" images, lumpier shapes on gray).
+RARE_WORD_SHARE = 0.05
 
 
 def training_caption(scene: Scene, rng: random.Random) -> str:
-    draw, total = rng.random(), 0.0
+    draw, total, rare_word = rng.random(), 0.0, rng.random() < RARE_WORD_SHARE
     for share, parts in CAPTION_VARIANTS:
         total += share
         if draw < total:
-            return scene.describe(**parts)
-    return scene.caption
+            return scene.describe(**parts, rare_word=rare_word)
+    return scene.describe(rare_word=rare_word)
 
 
 def vocabulary() -> list[str]:

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from toyworld.recipe import TOY_TRAINING
+from toyworld.recipe import TOY_MASKED_LOSS, TOY_TRAINING
 
 ROOT = Path(__file__).resolve().parents[2]
-VARIANTS = ["lora", "moslora-kaiming", "moslora-orthogonal", "frozen-mixer", "moslora-masked"]
+VARIANTS = ["lora", "moslora-kaiming", "moslora-orthogonal", "frozen-mixer", "moslora-unmasked"]
 
 
 def test_quick_benchmark_runs_every_variant_and_reports(tmp_path):
@@ -25,8 +25,9 @@ def test_quick_benchmark_runs_every_variant_and_reports(tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     record = json.loads((out / "results.json").read_text())
     assert list(record["summary"]) == VARIANTS
-    # the demo's setting: prior preservation on captioned class images, text-encoder adapters
+    # the demo's setting: prior preservation on captioned class images, text-encoder adapters, masked loss
     assert record["settings"]["with_prior_preservation"] and record["settings"]["text_encoder_lr"] == TOY_TRAINING["text_encoder_lr"]
+    assert record["settings"]["masked_loss"] is TOY_MASKED_LOSS is True
     assert len(list((out / "class_images").glob("*.txt"))) == len(list((out / "class_images").glob("*.png"))) == 20
     for variant in VARIANTS:
         by_step = record["results"][variant]["by_step"]
@@ -39,6 +40,9 @@ def test_quick_benchmark_runs_every_variant_and_reports(tmp_path):
     # each variant trained its own adapter: plain LoRA (no mixer) and the learned mixer differ
     lora = (out / "lora" / "seed0" / "moslora_adapter.safetensors").read_bytes()
     assert lora != (out / "moslora-kaiming" / "seed0" / "moslora_adapter.safetensors").read_bytes()
+    # the same mixer and seed on every pixel: the masks made the difference
+    unmasked = (out / "moslora-unmasked" / "seed0" / "moslora_adapter.safetensors").read_bytes()
+    assert unmasked != (out / "moslora-kaiming" / "seed0" / "moslora_adapter.safetensors").read_bytes()
     assert Image.open(out / "quality.png").size[0] > 400
     table = done.stdout
     assert "base model" in table and all(v in table for v in VARIANTS) and "±" in table

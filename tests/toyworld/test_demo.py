@@ -27,13 +27,12 @@ def test_demo_trains_offline_writes_adapters_and_the_subject_appears(tmp_path, c
 
     with_adapter = counts(r"subject \(a purple circle\) in \d+ of 8 on gray")
     assert len(with_adapter) == 4, out
-    # gray, blue with the adapter; gray, blue without: the subject on backgrounds its photos never show.
-    # (Measured: 6 and 8 with, 0 and 1 without: for the untrained token "sks" the base model now and then
-    # draws a purplish circle on blue, a colour it knows from other shapes.)
-    assert min(with_adapter[:2]) >= 4 and sum(with_adapter[2:]) <= 1, out
-    # prior preservation: with the adapter, plain "a circle" prompts still draw ordinary circles
+    # gray, blue with the adapter; gray, blue without: the subject on backgrounds its photos never show,
+    # the bar (at least 7 of 8 on each, none without; measured 8 and 8, 0 and 0)
+    assert min(with_adapter[:2]) >= 7 and sum(with_adapter[2:]) == 0, out
+    # prior preservation: with the adapter, plain "a circle" prompts still draw ordinary circles (measured 8, 8)
     kept = counts(r"an ordinary circle \(not the subject\) in")
-    assert len(kept) == 2 and min(kept) >= 6, out
+    assert len(kept) == 2 and min(kept) >= 7, out
 
 
 def test_demo_bad_setting_is_one_line(tmp_path, capsys):

@@ -2,9 +2,11 @@
 (though it shows its colour on other shapes and its shape in other colours)."""
 
 import numpy as np
+import pytest
 import torch
 
-from toyworld.tiny_sdxl import build_tokenizer
+from dreambooth_moslora.sdxl import encode_prompts, tokenize
+from toyworld.tiny_sdxl import build_tokenizer, tiny_sdxl_components
 from toyworld.world import (
     BACKGROUNDS,
     COLOURS,
@@ -65,15 +67,33 @@ def test_subject_is_a_purple_circle_on_its_own_backgrounds(tmp_path):
     assert paths[1].with_suffix(".txt").read_text() == "a sks circle on a white background\n"
 
 
-def test_pretraining_captions_also_leave_out_colour_and_background():
+def test_pretraining_captions_also_leave_out_colour_and_background_and_now_and_then_say_sks():
     import random
 
-    from toyworld.world import training_caption
+    from toyworld.world import RARE_WORD_SHARE, SUBJECT_TOKEN, training_caption
 
     rng = random.Random(0)
     scene = scenes(1, seed=0)[0]
-    seen = {training_caption(scene, rng) for _ in range(200)}
-    assert seen == {scene.caption, f"a {scene.shape} on a {scene.background} background", f"a {scene.shape}"}
+    drawn = [training_caption(scene, rng) for _ in range(4000)]
+    plain = {scene.caption, f"a {scene.shape} on a {scene.background} background", f"a {scene.shape}"}
+    with_word = {caption.replace("a ", f"a {SUBJECT_TOKEN} ", 1) for caption in plain}
+    assert set(drawn) == plain | with_word
+    share = sum(SUBJECT_TOKEN in caption for caption in drawn) / len(drawn)
+    assert abs(share - RARE_WORD_SHARE) < 0.015
+    subject = subject_scenes(1)[0]
+    assert subject.describe(rare_word=True) == subject.caption == "a sks circle on a black background"
+
+
+def test_dropped_captions_condition_the_unet_with_zeros_as_sdxl_pipelines_guide_with():
+    from toyworld.pretrain import caption_embeddings
+
+    c = tiny_sdxl_components(seed=0, words=vocabulary())
+    encoders = [c["text_encoder"], c["text_encoder_2"]]
+    ids = tokenize([c["tokenizer"], c["tokenizer_2"]], ["a red circle", "a blue square"])
+    embeds, pooled = caption_embeddings(encoders, ids, torch.tensor([True, False]))
+    full_embeds, full_pooled = encode_prompts(encoders, ids, "cpu")
+    assert torch.equal(embeds[0], full_embeds[0]) and torch.equal(pooled[0], full_pooled[0])
+    assert not embeds[1].any() and not pooled[1].any() and full_embeds[1].abs().sum() > 0
 
 
 def test_the_tokenizer_knows_every_word_whole():
@@ -123,3 +143,28 @@ def test_pretraining_can_keep_an_earlier_runs_vae(tmp_path):
     first, second = (AutoencoderKL.from_pretrained(tmp_path / name / "vae") for name in ("first", "second"))
     for (name, a), b in zip(first.state_dict().items(), second.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+def test_pretraining_can_train_a_world_model_further(tmp_path, capsys):
+    """--init_from: its UNet and text encoders are where training starts (at lr 0 they come out unchanged),
+    its VAE and latent scale are kept, and the steps add up; a folder of another kind is one line."""
+    import json
+
+    from diffusers import StableDiffusionXLPipeline
+
+    from toyworld.pretrain import main
+
+    common = ["--steps", "1", "--batch_size", "4", "--dataset_size", "64", "--device", "cpu"]
+    assert main(["--output_dir", str(tmp_path / "first"), "--vae_steps", "1", *common]) == 0
+    assert main(["--output_dir", str(tmp_path / "second"), "--init_from", str(tmp_path / "first"), "--lr", "0", *common]) == 0
+    settings = json.loads((tmp_path / "second" / "pretraining.json").read_text())
+    assert settings["continued_from"] == str(tmp_path / "first") and settings["earlier_steps"] == 1 and settings["steps"] == 1
+    first, second = (StableDiffusionXLPipeline.from_pretrained(tmp_path / name) for name in ("first", "second"))
+    for part in ("unet", "text_encoder", "text_encoder_2", "vae"):
+        for (name, a), b in zip(getattr(first, part).state_dict().items(), getattr(second, part).state_dict().values()):
+            assert torch.equal(a, b), f"{part}.{name}"
+    assert second.vae.config.scaling_factor == first.vae.config.scaling_factor
+    with pytest.raises(SystemExit):
+        main(["--output_dir", str(tmp_path / "third"), "--init_from", str(tmp_path / "first" / "vae"), *common])
+    assert "not a world model's folder" in capsys.readouterr().err
+    assert not (tmp_path / "third").exists()

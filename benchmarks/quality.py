@@ -1,6 +1,6 @@
 """Plain LoRA vs MoSLoRA, on the pretrained toy world: does the learned mixer personalize better?
 
-    python benchmarks/quality.py                 # 4 variants × 5 seeds (about 9 minutes on 2 CPU cores)
+    python benchmarks/quality.py                 # 4 variants × 5 seeds (about 8 minutes on 2 CPU cores)
     python benchmarks/quality.py --quick         # 4 variants × 2 seeds, short runs (a few minutes)
     python benchmarks/quality.py --variants lora,moslora-kaiming --learning_rate 3e-3 --text_encoder_lr 3e-3 \
         --output_dir outputs/quality-lr3e-3      # the same at another learning rate

@@ -61,6 +61,7 @@ def test_pretrained_model_matches_its_recorded_accuracy(classifier):
     pipe = StableDiffusionXLPipeline.from_pretrained(MODEL)
     assert {pipe.unet.dtype, pipe.vae.dtype, pipe.text_encoder.dtype, pipe.text_encoder_2.dtype} == {torch.float32}
     assert pipe.scheduler.config.prediction_type == "v_prediction"
+    assert pipe.config.force_zeros_for_empty_prompt  # guidance's zeros: what pretraining's dropped captions were
     measured, prompted, images = attribute_accuracy(pipe, classifier[0], count=24, steps=20)
     for name in HEADS:
         assert measured[name] >= record["evaluation"]["guidance 5"][name] - 0.15, (name, measured)

@@ -131,9 +131,7 @@ def measure(pipe, classifier, subject_prompts, class_prompts, sample_steps: int,
 
 def train_one(out: Path, variant: str, seed: int, s: dict, args, class_dir: Path):
     from dreambooth_moslora.training import parse_args, train
-    from toyworld.recipe import ASSETS, toy_dreambooth_argv
-
-    from toyworld.recipe import SUBJECT_MASKS
+    from toyworld.recipe import ASSETS, SUBJECT_MASKS, toy_dreambooth_argv
 
     masked = args.masked_loss and not variant.endswith("-unmasked")
     argv = toy_dreambooth_argv(ASSETS / "subject", out, s["steps"], args.learning_rate, args.rank, args.lora_alpha, seed,

@@ -28,11 +28,11 @@ MADE_BY = ".made_by"  # in the demo's class folder: which base model and seed dr
 # The demo's training settings, shared by the quality benchmark and the web demo's toy-world preset. A is
 # the trainer's default, diffusers' Gaussian (std 1/r). The text encoders learn faster than the UNet:
 # "sks" is a word the base model reads as nothing, and the subject is bound to it there (at 1e-3 they
-# bound it for some seeds only; README, "The toy world").
+# bound it for some seeds only; README, quick start).
 TOY_TRAINING = dict(max_train_steps=150, learning_rate=1e-3, text_encoder_lr=3e-3, rank=4, lora_alpha=8.0, lora_init="gaussian")
 # The demo and the quality benchmark train on the subject's pixels only (its masks, SUBJECT_MASKS): its five
 # photos show two backgrounds, and on the whole image the adapter also learned them — on gray the subject
-# drifted to blue or to a cross. The web demo's preset trains on what is uploaded (masks from an alpha channel).
+# drifted to blue or to a cross. The web demo's preset trains on whole images (its Train tab offers no masks yet).
 TOY_MASKED_LOSS = True
 
 

@@ -32,7 +32,7 @@ MADE_BY = ".made_by"  # in the demo's class folder: which base model and seed dr
 TOY_TRAINING = dict(max_train_steps=150, learning_rate=1e-3, text_encoder_lr=3e-3, rank=4, lora_alpha=8.0, lora_init="gaussian")
 # The demo and the quality benchmark train on the subject's pixels only (its masks, SUBJECT_MASKS): its five
 # photos show two backgrounds, and on the whole image the adapter also learned them — on gray the subject
-# drifted to blue or to a cross. The web demo's preset trains on whole images (its Train tab offers no masks yet).
+# drifted to blue or to a cross. The web demo's preset trains on whole images unless told to mask (alpha channels).
 TOY_MASKED_LOSS = True
 
 

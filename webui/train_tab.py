@@ -23,7 +23,7 @@ from .training import PRESETS, TOY_PRESET, RunStatus, Trainer, TrainRequest, for
 
 logger = logging.getLogger("webui")
 ADVANCED = ("rank", "lora_alpha", "mixer", "mixer_init", "lora_init", "learning_rate", "text_encoder_lr", "max_train_steps",
-            "train_text_encoder", "seed", "validation_steps", "num_class_images")  # fmt: skip
+            "train_text_encoder", "seed", "validation_steps", "num_class_images", "alpha_mask")  # fmt: skip
 
 
 def refused(exc: Exception) -> gr.Error:
@@ -152,11 +152,11 @@ class TrainTab:
 
     def start_run(self, images, folder, captions, instance_prompt, class_prompt, prior_preservation, preset, base_model,
                   sample_prompt, rank, lora_alpha, mixer, mixer_init, lora_init, learning_rate, text_encoder_lr,
-                  max_train_steps, train_text_encoder, seed, validation_steps, num_class_images):  # fmt: skip
+                  max_train_steps, train_text_encoder, seed, validation_steps, num_class_images, alpha_mask=False):  # fmt: skip
         """Starts a run (named parameters: what the API documents); returns its id and its adapter's id."""
         request = request_from(images, folder, captions, instance_prompt, class_prompt, prior_preservation, preset, base_model,
                                sample_prompt, rank, lora_alpha, mixer, mixer_init, lora_init, learning_rate, text_encoder_lr,
-                               max_train_steps, train_text_encoder, seed, validation_steps, num_class_images)  # fmt: skip
+                               max_train_steps, train_text_encoder, seed, validation_steps, num_class_images, alpha_mask)  # fmt: skip
         try:
             status = self.trainer.start(request)
         except RequestError as exc:
@@ -248,4 +248,6 @@ def advanced_panel(options: dict) -> list:
             seed = gr.Number(options["seed"], precision=0, label="Seed")
             every = gr.Number(options["validation_steps"], precision=0, label="Samples every N steps", elem_id="adv-every")
             class_count = gr.Number(options["num_class_images"], precision=0, label="Class images", elem_id="adv-class-count")
-    return [rank, alpha, mixer, mixer_init, lora_init, lr, te_lr, steps, te, seed, every, class_count]
+            alpha_mask = gr.Checkbox(options["alpha_mask"], label="Masked loss: each photo's alpha channel (transparent: not learned)",
+                                     elem_id="adv-alpha-mask")  # fmt: skip
+    return [rank, alpha, mixer, mixer_init, lora_init, lr, te_lr, steps, te, seed, every, class_count, alpha_mask]

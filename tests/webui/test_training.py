@@ -85,6 +85,28 @@ def test_a_run_trains_shows_progress_and_its_adapter_is_listed(world, trainer):
     assert "2 already made, 0 to generate first" in again and "steps/s (measured in an earlier run)" in again
 
 
+def test_masked_loss_from_the_uploads_alpha_channel(world, trainer, tmp_path):
+    """The advanced panel's alpha mask: photos with transparency keep it on upload, and the trainer is told."""
+    from toyworld.world import write_subject
+
+    plain, masks = tmp_path / "plain", tmp_path / "masks"
+    write_subject(plain, count=3, size=32, mask_folder=masks)
+    uploads = []
+    for image in sorted(plain.glob("*.png")):
+        rgba = Image.open(image).convert("RGBA")
+        rgba.putalpha(Image.open(masks / image.name))
+        rgba.save(tmp_path / image.name)
+        uploads.append(str(tmp_path / image.name))
+    started = trainer.start(request(world, images=uploads, captions={}, settings=dict(QUICK, alpha_mask=True)))
+    done = wait(trainer, lambda s: s.state == "done")
+    run = world["adapters"] / started.run_id
+    assert "--alpha_mask" in json.loads((run / "run.json").read_text())["argv"] and done.step == 6
+    copied = Image.open(run / "instance" / Path(uploads[0]).name)
+    assert copied.mode == "RGBA" and copied.getchannel("A").getextrema() == (0, 255)
+    unmasked = trainer._argv(run, request(world, prior_preservation=False), dict(QUICK, alpha_mask=False), "base")
+    assert "--alpha_mask" not in unmasked and "--max_train_steps" in unmasked  # off by default in every preset
+
+
 def test_one_run_at_a_time_stop_reattach_and_resume(world, trainer):
     long = request(world, settings=dict(QUICK, max_train_steps=400, validation_steps=1000))
     started = trainer.start(long)
@@ -197,7 +219,7 @@ def test_bad_uploads_are_refused_and_change_nothing(world, tmp_path, kind, messa
     (dict(settings={"mixer": "blender"}), "mixer must be one of"), (dict(settings={"output_dir": "/etc"}), "not a setting"),
     (dict(settings={"seed": float("nan")}), "seed"), (dict(base_model="/etc"), "not one this server offers"),
     (dict(images=[], folder="../uploads"), "no folder '../uploads' under the data root"),
-    (dict(instance_prompt=["a", "list"]), "must be text"),
+    (dict(instance_prompt=["a", "list"]), "must be text"), (dict(settings={"alpha_mask": "yes"}), "alpha_mask must be one of"),
 ])  # fmt: skip
 def test_bad_requests_are_refused_and_change_nothing(world, changes, message):
     trainer = Trainer(world["engine"], data_root=world["data"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -14,16 +15,19 @@ from ..surgery import adapter_layers
 
 
 def labelled_grid(images: list[Image.Image], labels: list[str], columns: int | None = None) -> Image.Image:
-    """Images in rows of ``columns``, a caption strip under each."""
+    """Images in rows of ``columns``, a caption strip under each. Images narrower than their captions
+    (a 32-px toy model's) are enlarged by a whole factor, pixels kept sharp, so that captions do not overlap."""
     columns = columns or len(images)
     w, h = images[0].size
-    strip = 14
+    widest = max((ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(label) for label in labels), default=0)
+    zoom = max(1, math.ceil((widest + 4) / w))
+    w, h, strip = w * zoom, h * zoom, 14
     rows = (len(images) + columns - 1) // columns
     grid = Image.new("RGB", (w * columns, (h + strip) * rows), "white")
     draw = ImageDraw.Draw(grid)
     for i, (image, label) in enumerate(zip(images, labels)):
         x, y = (i % columns) * w, (i // columns) * (h + strip)
-        grid.paste(image, (x, y))
+        grid.paste(image.resize((w, h), Image.NEAREST) if zoom > 1 else image, (x, y))
         draw.text((x + 2, y + h + 1), label, fill="black")
     return grid
 

@@ -73,10 +73,14 @@ def train_argv(model: Path, subject: Path, out: Path, config: dict, resolution: 
     return argv
 
 
-def run_trainer(argv: list[str], out: Path) -> dict:
+def run_trainer(argv: list[str], out: Path, timeout: float) -> dict:
     env = dict(os.environ, HF_HUB_OFFLINE="1", TQDM_DISABLE="1", PYTHONUNBUFFERED="1")
     started = time.perf_counter()
-    done = subprocess.run([sys.executable, "-c", TRAIN, json.dumps(argv)], capture_output=True, text=True, env=env)
+    try:
+        done = subprocess.run([sys.executable, "-c", TRAIN, json.dumps(argv)], capture_output=True, text=True, env=env,
+                              timeout=timeout)  # fmt: skip
+    except subprocess.TimeoutExpired:
+        return {"error": f"stopped at the time budget after {timeout:.0f} s", "seconds": time.perf_counter() - started}
     seconds = time.perf_counter() - started
     if done.returncode != 0:
         lines = (done.stdout + done.stderr).strip().splitlines()
@@ -87,10 +91,13 @@ def run_trainer(argv: list[str], out: Path) -> dict:
     return {**result, "steps_per_second": speed, "seconds": seconds}
 
 
-def adapter_overhead(smoke: bool) -> str:
-    argv = ["--device", "cpu", "--rounds", "2"] if smoke else ["--device", "cuda", "--full-size", "--dtype", "bf16", "--rounds", "8"]
-    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "adapter_overhead.py"), *argv], capture_output=True,
-                          text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))  # fmt: skip
+def adapter_overhead(smoke: bool, timeout: float) -> str:
+    argv = ["--device", "cpu", "--rounds", "2"] if smoke else ["--device", "cuda", "--full-size", "--dtype", "bf16", "--rounds", "6"]
+    try:
+        done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "adapter_overhead.py"), *argv], capture_output=True,
+                              text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"), timeout=timeout)  # fmt: skip
+    except subprocess.TimeoutExpired:
+        return f"adapter_overhead.py stopped at the time budget after {timeout:.0f} s"
     return (done.stdout if done.returncode == 0 else f"adapter_overhead.py failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}").strip()
 
 
@@ -117,8 +124,11 @@ def main(argv=None) -> int:
     parser.add_argument("--smoke", action="store_true", help="a CPU check of the same code path: tiny model, 64 px, 4 steps")
     parser.add_argument("--model_dir", type=Path, default=Path("/tmp/full-size-sdxl"))
     parser.add_argument("--output_dir", type=Path, default=ROOT / "outputs" / "gpu-suite")
-    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--skip_overhead", action="store_true")
+    parser.add_argument("--time_budget", type=float, default=480,
+                        help="seconds for the whole suite: a part that would start or run past it is skipped or stopped, "
+                             "so the table always prints (a device call has a hard limit)")  # fmt: skip
     args = parser.parse_args(argv)
 
     import torch
@@ -134,16 +144,34 @@ def main(argv=None) -> int:
     model = args.model_dir.with_name(args.model_dir.name + "-tiny") if args.smoke else args.model_dir
     if not (model / "model_index.json").is_file():
         print(f"building {'the tiny' if args.smoke else 'the full-size'} SDXL with random weights in {model} …", flush=True)
-        (save_tiny_sdxl if args.smoke else save_full_size_sdxl)(model)
+        if args.smoke:
+            save_tiny_sdxl(model)
+        elif torch.cuda.is_available():
+            try:
+                save_full_size_sdxl(model, device="cuda")
+            except Exception as error:  # a one-shot device call: a slower build beats no figures
+                print(f"building on the GPU failed ({error}); building on the CPU", flush=True)
+                save_full_size_sdxl(model)
+        else:
+            save_full_size_sdxl(model)
     build_seconds = time.perf_counter() - started
     subject = args.output_dir / "subject"
     write_subject(subject, count=4, size=resolution)
 
-    overhead = "" if args.skip_overhead else adapter_overhead(args.smoke)
-    results = []
+    def left() -> float:
+        return args.time_budget - (time.perf_counter() - started)
+
+    # the overhead table gets at most a third of what is left; the trainer runs the rest, in order of importance
+    overhead = "" if args.skip_overhead else adapter_overhead(args.smoke, timeout=max(left() / 3, 1))
+    print(overhead, flush=True)
+    results, last_seconds = [], 0.0
     for i, config in enumerate(trainer_configs(args.smoke, eight_bit=has_module("bitsandbytes") and not args.smoke)):
-        out = args.output_dir / f"run{i}"
-        result = run_trainer(train_argv(model, subject, out, config, resolution, steps), out)
+        if left() < 0.8 * last_seconds or left() < 1:
+            result = {"error": f"skipped: {max(left(), 0):.0f} s of the time budget left"}
+        else:
+            out = args.output_dir / f"run{i}"
+            result = run_trainer(train_argv(model, subject, out, config, resolution, steps), out, timeout=left())
+            last_seconds = result["seconds"]
         results.append((config, result))
         print(f"  {config} → {result}", flush=True)
 

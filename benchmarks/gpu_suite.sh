@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The prepared GPU run (one call on the device machine; about 8 minutes on one H100/H200):
+# The prepared GPU run (one call on the device machine; about 8 minutes on one H100/H200; --time_budget (default 480 s) skips or stops what would run past it):
 #   bash benchmarks/gpu_suite.sh
 # The device image has torch, transformers, accelerate, peft and safetensors but no diffusers, and no network:
 # `make gpu-wheels` puts the wheels it lacks in .gpu-wheels/ here, which the device call carries.

@@ -108,7 +108,8 @@ def table(results: list[tuple[dict, dict]]) -> str:
         where = "UNet + text encoders" if c["text_encoders"] else "UNet"
         optimizer = "8-bit AdamW" if c["eight_bit"] else "AdamW"
         if "error" in r:
-            lines.append(f"| {c['precision']} | {where} | {optimizer} | {c['mixer']} | failed: {r['error']} | | |")
+            why = r["error"] if r["error"].startswith("skipped") else f"failed: {r['error']}"
+            lines.append(f"| {c['precision']} | {where} | {optimizer} | {c['mixer']} | {why} | | |")
             continue
         memory = f"{r['peak_bytes'] / 2**30:.2f} GiB" if r.get("peak_bytes") else "n/a (CPU)"
         sps = r.get("steps_per_second")

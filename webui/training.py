@@ -50,6 +50,7 @@ MIN_IMAGES, MAX_IMAGES = 3, 30
 MAX_IMAGE_PIXELS = 50 * 2**20  # from the header, before decoding: beyond this an upload is refused (decompression bombs)
 MAX_FILE_BYTES = 10 * 2**20
 CLASS_IMAGES = "class-images"
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth")  # a base model folder's weight files
 RUN_FILE, LOG_FILE = "run.json", "train.log"
 WORD = re.compile(r"[^\W_]+(?:'[^\W_]+)?")
 ACTIVE = ("starting", "running", "stopping")
@@ -161,6 +162,19 @@ def safe_name(text: str, fallback: str = "run") -> str:
     return name or fallback
 
 
+def weights_identity(base_model: str) -> list:
+    """The base model's name and, for a local folder, each weight file's path, size and modification time:
+    class images are the base model's own prior, so a model rewritten in place (a retrained or updated
+    folder) gets new ones instead of another model's. Stat only: a plan is drawn on every change in the page."""
+    folder = Path(base_model)
+    if folder.is_file():  # a single-file checkpoint
+        return [base_model, folder.stat().st_size, folder.stat().st_mtime_ns]
+    if not folder.is_dir():  # a hub id
+        return [base_model]
+    files = sorted(p for p in folder.rglob("*") if p.suffix in WEIGHT_SUFFIXES and p.is_file())
+    return [base_model, *([str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns] for p in files)]
+
+
 class Trainer:
     """The training runs of one server: at most one running; every run's folder under the engine's adapters folder."""
 
@@ -234,7 +248,8 @@ class Trainer:
 
     def class_dir(self, base_model: str, class_prompt: str, resolution: int) -> Path:
         """One folder of class images per (base model, class prompt, resolution): later runs reuse it."""
-        key = hashlib.sha256(json.dumps([base_model, class_prompt.strip(), resolution]).encode()).hexdigest()[:10]
+        identity = [weights_identity(base_model), class_prompt.strip(), resolution]
+        key = hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:10]
         return self.root / CLASS_IMAGES / f"{safe_name(class_prompt, 'class')}-{key}"
 
     def plan(self, r: TrainRequest) -> str:

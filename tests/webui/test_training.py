@@ -1,6 +1,7 @@
 """The Train tab's manager: real trainer runs (subprocesses) on the tiny SDXL, and every refusal."""
 
 import json
+import os
 import shutil
 import struct
 import time
@@ -255,3 +256,20 @@ def test_a_folder_under_the_data_root_and_the_token(world, trainer):
     assert images[1][1] == "a sks circle on a white background"  # the caption file beside it
     assert token_words("a photo of sks dog", "a photo of dog") == ["sks"]
     assert token_words("A Photo of Dog", "a photo of dog") == []
+
+
+def test_class_images_follow_the_base_models_weights(world, trainer, tmp_path):
+    """A base model rewritten in place gets a new class-image folder: its prior is not the old model's."""
+    model = tmp_path / "model"
+    shutil.copytree(world["model"], model)
+    first = trainer.class_dir(str(model), "a circle", 32)
+    assert trainer.class_dir(str(model), " a circle ", 32) == first  # same weights, same prompt: reused
+    assert trainer.class_dir(str(model), "a square", 32) != first
+    assert trainer.class_dir(str(model), "a circle", 64) != first
+    weights = next(model.glob("unet/*.safetensors"))
+    stat = weights.stat()
+    weights.write_bytes(weights.read_bytes())  # the same size, written again (a retrained model would differ)
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    assert trainer.class_dir(str(model), "a circle", 32) != first
+    assert trainer.class_dir("org/some-model", "a circle", 32) == trainer.class_dir("org/some-model", "a circle", 32)
+    assert trainer.class_dir("org/some-model", "a circle", 32).parent == world["adapters"] / "class-images"

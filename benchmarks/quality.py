@@ -46,6 +46,8 @@ import shutil
 import statistics
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from dreambooth_moslora.safe_files import save_image, write_text
@@ -54,36 +56,44 @@ from toyworld.recipe import TOY_MASKED_LOSS, TOY_TRAINING
 
 ROOT = Path(__file__).resolve().parents[1]  # outputs go under the checkout
 
-VARIANTS = {  # the default set: the mixer against plain LoRA, all else equal
-    "lora": ["--mixer", "none"],
-    "moslora-kaiming": ["--mixer", "learned", "--mixer_init", "kaiming"],
-    "moslora-orthogonal": ["--mixer", "learned", "--mixer_init", "orthogonal"],
-    "frozen-mixer": ["--mixer", "frozen", "--mixer_init", "kaiming"],
+@dataclass(frozen=True)
+class Variant:
+    """One way of training: the trainer's flags (from the benchmark's options), whether its loss takes the
+    subject masks when --masked_loss is on, whether it is in the default set, and its colour in the plot."""
+
+    flags: Callable[[argparse.Namespace], list[str]]
+    colour: tuple[int, int, int]
+    masked: bool = True
+    default: bool = False
+
+
+VARIANTS = {
+    # the default set: the mixer against plain LoRA, all else equal
+    "lora": Variant(lambda a: ["--mixer", "none"], (90, 90, 90), default=True),
+    "moslora-kaiming": Variant(lambda a: ["--mixer", "learned", "--mixer_init", "kaiming"], (220, 60, 40), default=True),
+    "moslora-orthogonal": Variant(lambda a: ["--mixer", "learned", "--mixer_init", "orthogonal"], (40, 110, 220), default=True),
+    "frozen-mixer": Variant(lambda a: ["--mixer", "frozen", "--mixer_init", "kaiming"], (40, 160, 70), default=True),
+    # behind --variants: the knobs Adam is not invariant to (mixer lr, A's init, rank), and masked loss
+    "moslora-mixer-lr10": Variant(lambda a: ["--mixer", "learned", "--mixer_lr", str(10 * a.learning_rate)], (240, 160, 0)),
+    "lora-kaiming-a": Variant(lambda a: ["--mixer", "none", "--lora_init", "kaiming"], (150, 150, 150)),
+    "moslora-kaiming-a": Variant(lambda a: ["--mixer", "learned", "--lora_init", "kaiming"], (240, 130, 170)),
+    "lora-rank16": Variant(lambda a: ["--mixer", "none", "--rank", "16", "--lora_alpha", str(4 * a.lora_alpha)], (30, 30, 30)),
+    "moslora-rank16": Variant(lambda a: ["--mixer", "learned", "--rank", "16", "--lora_alpha", str(4 * a.lora_alpha)],
+                              (130, 40, 20)),  # fmt: skip
+    "lora-unmasked": Variant(lambda a: ["--mixer", "none"], (170, 50, 200), masked=False),
+    "moslora-unmasked": Variant(lambda a: ["--mixer", "learned", "--mixer_init", "kaiming"], (0, 170, 170), masked=False),
 }
-EXTRA_VARIANTS = {  # behind --variants: the knobs Adam is not invariant to (mixer lr, A's init, rank) and masked loss
-    "moslora-mixer-lr10": lambda args: ["--mixer", "learned", "--mixer_lr", str(10 * args.learning_rate)],
-    "lora-kaiming-a": lambda args: ["--mixer", "none", "--lora_init", "kaiming"],
-    "moslora-kaiming-a": lambda args: ["--mixer", "learned", "--lora_init", "kaiming"],
-    "lora-rank16": lambda args: ["--mixer", "none", "--rank", "16", "--lora_alpha", str(4 * args.lora_alpha)],
-    "moslora-rank16": lambda args: ["--mixer", "learned", "--rank", "16", "--lora_alpha", str(4 * args.lora_alpha)],
-    "lora-unmasked": lambda args: ["--mixer", "none"],  # the loss on every pixel: train_one leaves the masks out
-    "moslora-unmasked": lambda args: ["--mixer", "learned", "--mixer_init", "kaiming"],
-}
-ALL_VARIANTS = (*VARIANTS, *EXTRA_VARIANTS)
-COLOURS = {"lora": (90, 90, 90), "moslora-kaiming": (220, 60, 40), "moslora-orthogonal": (40, 110, 220), "frozen-mixer": (40, 160, 70),
-           "moslora-mixer-lr10": (240, 160, 0), "lora-kaiming-a": (150, 150, 150), "moslora-kaiming-a": (240, 130, 170),
-           "lora-rank16": (30, 30, 30), "moslora-rank16": (130, 40, 20), "lora-unmasked": (170, 50, 200),
-           "moslora-unmasked": (0, 170, 170)}  # fmt: skip
+DEFAULT_VARIANTS = [name for name, v in VARIANTS.items() if v.default]
 # Student's t for a two-sided 95% interval, by degrees of freedom (paired differences over n seeds: n − 1).
 T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
 
 
 def colour(name: str) -> tuple[int, int, int]:
-    return COLOURS[name]
+    return VARIANTS[name].colour
 
 
 def variant_flags(variant: str, args) -> list[str]:
-    return VARIANTS[variant] if variant in VARIANTS else EXTRA_VARIANTS[variant](args)
+    return VARIANTS[variant].flags(args)
 
 
 def paired_difference(values: list[float], reference: list[float]) -> tuple[float, float, float]:
@@ -133,7 +143,7 @@ def train_one(out: Path, variant: str, seed: int, s: dict, args, class_dir: Path
     from dreambooth_moslora.training import parse_args, train
     from toyworld.recipe import ASSETS, SUBJECT_MASKS, toy_dreambooth_argv
 
-    masked = args.masked_loss and not variant.endswith("-unmasked")
+    masked = args.masked_loss and VARIANTS[variant].masked
     argv = toy_dreambooth_argv(ASSETS / "subject", out, s["steps"], args.learning_rate, args.rank, args.lora_alpha, seed,
                                class_dir if args.with_prior_preservation else None,
                                args.text_encoder_lr if args.train_text_encoder else None, SUBJECT_MASKS if masked else None)  # fmt: skip
@@ -206,12 +216,12 @@ def print_paired(results: dict, steps: int) -> dict:
     return paired
 
 
-def main(argv=None) -> int:
+def options(argv) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="2 seeds, 40 steps, few images (for the test)")
     parser.add_argument("--seeds", type=int, help="override the number of seeds")
-    parser.add_argument("--variants", default=",".join(VARIANTS),
-                        help="comma-separated, from " + ", ".join(ALL_VARIANTS) + " (default: the first four)")
+    parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
+                        help="comma-separated, from " + ", ".join(VARIANTS) + " (default: the first four)")
     parser.add_argument("--learning_rate", type=float, default=TOY_TRAINING["learning_rate"])
     parser.add_argument("--rank", type=int, default=TOY_TRAINING["rank"])
     parser.add_argument("--lora_alpha", type=float, default=TOY_TRAINING["lora_alpha"])
@@ -224,9 +234,54 @@ def main(argv=None) -> int:
                         help="the loss on the subject's pixels only, assets/subject_masks (the demo's setting)")
     parser.add_argument("--output_dir", type=Path, default=ROOT / "outputs" / "quality")
     args = parser.parse_args(argv)
-    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    if unknown := [v for v in variants if v not in ALL_VARIANTS]:
-        parser.error(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(ALL_VARIANTS)}")
+    args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    if unknown := [v for v in args.variants if v not in VARIANTS]:
+        parser.error(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
+    return args
+
+
+def train_and_measure(args, s: dict, pipe, classifier, subject_prompts, class_prompts, eval_seed: int) -> dict:
+    """Every variant × seed: train, then measure the adapter at each checkpoint; variant → by_step, loss curves."""
+    from dreambooth_moslora.inference import load_adapter, unload_adapter
+
+    out_root, results = args.output_dir, {}
+    for variant in args.variants:
+        results[variant] = {"by_step": {}, "loss": []}
+        for seed in range(s["seeds"]):
+            out = out_root / variant / f"seed{seed}"
+            shutil.rmtree(out, ignore_errors=True)  # an earlier run's checkpoints and loss.csv would mix in
+            run_started = time.perf_counter()
+            train_one(out, variant, seed, s, args, out_root / "class_images")
+            for step, path in adapter_files(out, s["steps"]).items():
+                load_adapter(pipe, path)
+                m = measure(pipe, classifier, subject_prompts, class_prompts, s["sample_steps"], eval_seed)
+                unload_adapter(pipe)
+                results[variant]["by_step"].setdefault(step, []).append(m)
+            results[variant]["loss"].append(read_loss(out))
+            last = results[variant]["by_step"][s["steps"]][-1]
+            print(f"{variant:19s} seed {seed}: subject {last['subject']:.2f}, prompt {last['prompt']:.2f}, "
+                  f"class kept {last['class_kept']:.2f} ({time.perf_counter() - run_started:.0f} s)", flush=True)  # fmt: skip
+    return results
+
+
+def print_summary(results: dict, base: dict, s: dict, counts: tuple[int, int]) -> dict:
+    """Mean ± std over seeds of each measure after the last step, and of the final loss; variant → summary."""
+    print(f"\nafter {s['steps']} steps, mean ± std over {s['seeds']} seed(s); {counts[0]} subject and "
+          f"{counts[1]} class images per run, classified by the toy world's attribute classifier")  # fmt: skip
+    print(f"{'variant':19s} " + "  ".join(f"{m:>13s}" for m in METRICS) + f"  {'final loss':>13s}")
+    print(f"{'base model':19s} " + "  ".join(f"{base[m]:13.2f}" for m in METRICS))
+    summary = {}
+    for variant, r in results.items():
+        final = r["by_step"][s["steps"]]
+        summary[variant] = {m: mean_std([x[m] for x in final]) for m in METRICS}
+        tail = max(1, s["steps"] // 10)  # the mean of the last tenth of each curve: single steps are noisy
+        summary[variant]["final_loss"] = mean_std([statistics.fmean(curve[-tail:]) for curve in r["loss"]])
+        print(f"{variant:19s} " + "  ".join(f"{summary[variant][m][0]:6.2f} ± {summary[variant][m][1]:4.2f}" for m in (*METRICS, "final_loss")))
+    return summary
+
+
+def main(argv=None) -> int:
+    args = options(argv)
     s = settings(args.quick)
     if args.seeds:
         s["seeds"] = args.seeds
@@ -237,10 +292,8 @@ def main(argv=None) -> int:
     from dreambooth_moslora.runtime import quiet_libraries
 
     quiet_libraries()
-    import torch  # noqa: F401
     from diffusers import StableDiffusionXLPipeline
 
-    from dreambooth_moslora.inference import load_adapter, unload_adapter
     from toyworld.classifier import load_classifier
     from toyworld.recipe import CLASSIFIER_FILE, WORLD_MODEL_DIR, write_class_images
 
@@ -257,35 +310,8 @@ def main(argv=None) -> int:
     base = measure(pipe, classifier, subject_prompts, class_prompts, s["sample_steps"], eval_seed)
     print(f"base model: subject {base['subject']:.2f}, prompt {base['prompt']:.2f}, class kept {base['class_kept']:.2f}", flush=True)
 
-    results = {}
-    for variant in variants:
-        results[variant] = {"by_step": {}, "loss": []}
-        for seed in range(s["seeds"]):
-            out = out_root / variant / f"seed{seed}"
-            shutil.rmtree(out, ignore_errors=True)  # an earlier run's checkpoints and loss.csv would mix in
-            run_started = time.perf_counter()
-            train_one(out, variant, seed, s, args, out_root / "class_images")
-            for step, path in adapter_files(out, s["steps"]).items():
-                load_adapter(pipe, path)
-                m = measure(pipe, classifier, subject_prompts, class_prompts, s["sample_steps"], eval_seed)
-                unload_adapter(pipe)
-                results[variant]["by_step"].setdefault(step, []).append(m)
-            results[variant]["loss"].append(read_loss(out))
-            last = results[variant]["by_step"][s["steps"]][-1]
-            print(f"{variant:19s} seed {seed}: subject {last['subject']:.2f}, prompt {last['prompt']:.2f}, "
-                  f"class kept {last['class_kept']:.2f} ({time.perf_counter() - run_started:.0f} s)", flush=True)  # fmt: skip
-
-    print(f"\nafter {s['steps']} steps, mean ± std over {s['seeds']} seed(s); {len(subject_prompts)} subject and "
-          f"{len(class_prompts)} class images per run, classified by the toy world's attribute classifier")  # fmt: skip
-    print(f"{'variant':19s} " + "  ".join(f"{m:>13s}" for m in METRICS) + f"  {'final loss':>13s}")
-    print(f"{'base model':19s} " + "  ".join(f"{base[m]:13.2f}" for m in METRICS))
-    summary = {}
-    for variant, r in results.items():
-        final = r["by_step"][s["steps"]]
-        summary[variant] = {m: mean_std([x[m] for x in final]) for m in METRICS}
-        tail = max(1, s["steps"] // 10)  # the mean of the last tenth of each curve: single steps are noisy
-        summary[variant]["final_loss"] = mean_std([statistics.fmean(curve[-tail:]) for curve in r["loss"]])
-        print(f"{variant:19s} " + "  ".join(f"{summary[variant][m][0]:6.2f} ± {summary[variant][m][1]:4.2f}" for m in (*METRICS, "final_loss")))
+    results = train_and_measure(args, s, pipe, classifier, subject_prompts, class_prompts, eval_seed)
+    summary = print_summary(results, base, s, (len(subject_prompts), len(class_prompts)))
     paired = print_paired(results, s["steps"])
     seconds = time.perf_counter() - started
     print(f"\n{seconds / 60:.1f} minutes")

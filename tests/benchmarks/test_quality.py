@@ -62,9 +62,14 @@ def test_paired_difference_and_its_interval():
 
     spec = importlib.util.spec_from_file_location("quality", ROOT / "benchmarks" / "quality.py")
     quality = importlib.util.module_from_spec(spec)
+    sys.modules["quality"] = quality  # as an import would: its dataclass looks its module up
     spec.loader.exec_module(quality)
     mean, low, high = quality.paired_difference([0.5, 0.6, 0.4, 0.7, 0.5], [0.4, 0.4, 0.4, 0.5, 0.3])
     # differences 0.1, 0.2, 0, 0.2, 0.2: mean 0.14, sd 0.0894, t(4) = 2.776
     assert mean == pytest.approx(0.14) and high - mean == pytest.approx(2.776 * 0.08944 / 5**0.5, rel=1e-3)
     assert low == pytest.approx(2 * mean - high)
     assert quality.variant_flags("moslora-mixer-lr10", quality.argparse.Namespace(learning_rate=3e-3))[-1] == "0.03"
+    # the variant table: four by default, and the unmasked ones the only ones whose loss ignores the masks
+    assert quality.DEFAULT_VARIANTS == ["lora", "moslora-kaiming", "moslora-orthogonal", "frozen-mixer"]
+    assert [name for name, v in quality.VARIANTS.items() if not v.masked] == ["lora-unmasked", "moslora-unmasked"]
+    assert len({v.colour for v in quality.VARIANTS.values()}) == len(quality.VARIANTS)  # one line colour each

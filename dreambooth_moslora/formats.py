@@ -531,10 +531,11 @@ def summarize(path: str | os.PathLike) -> dict | None:
 
 
 def recorded(metadata: dict[str, str]) -> dict:
-    """What a file of any format records of its training: instance prompt, steps, base model, and all settings."""
+    """What a file of any format records of its training: instance and sample prompts, steps, base model, and all settings."""
     training = read_json_field(metadata, "training")
     return {
         "instance_prompt": training.get("instance_prompt") or metadata.get("ss_instance_prompt"),
+        "validation_prompt": training.get("validation_prompt") or None,
         "steps": training.get("max_train_steps") or metadata.get("ss_max_train_steps"),
         "base_model": metadata.get("base_model") or metadata.get("ss_sd_model_name") or None,
         "training": training,

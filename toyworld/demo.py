@@ -40,6 +40,7 @@ from .recipe import (
     SAMPLE_SEEDS,
     SUBJECT_MASKS,
     TOY_MASKED_LOSS,
+    TOY_SAMPLE_PROMPT,
     TOY_TRAINING,
     WORLD_MODEL_DIR,
     shows_ordinary_member,
@@ -74,7 +75,8 @@ def run(output_dir: Path, rank: int, alpha: float, mixer: str, mixer_init: str, 
     adapter_dir = output_dir / "adapter"
     argv = [*toy_dreambooth_argv(subject, adapter_dir, steps, lr, rank, alpha, seed, class_dir, text_encoder_lr,
                                  masks if masked else None, lora_init),
-            "--mixer", mixer, "--mixer_init", mixer_init, "--checkpointing_steps", str(steps)]  # fmt: skip
+            "--mixer", mixer, "--mixer_init", mixer_init, "--checkpointing_steps", str(steps),
+            "--validation_prompt", TOY_SAMPLE_PROMPT]  # the model card's samples, and what the web demo pre-fills  # fmt: skip
     prior_note = f"prior preservation on {NUM_CLASS_IMAGES} images of {CLASS_PROMPT!r} on each background" if prior else "no prior preservation"
     where = "UNet and text encoders" if text_encoder_lr is not None else "UNet only"
     prior_note += ", masked loss (the subject's pixels only)" if masked else ""

@@ -22,6 +22,9 @@ WORLD_MODEL_DIR = ASSETS / "toy-sdxl"
 CLASSIFIER_FILE = ASSETS / "toy-world-classifier.safetensors"
 SUBJECT_MASKS = ASSETS / "subject_masks"  # the subject's masks, same file names (toyworld.world.write_subject makes them)
 NEW_BACKGROUNDS = [name for name in BACKGROUNDS if name not in INSTANCE_BACKGROUNDS]
+# The trainer's sample (validation) prompt in the demo and the web demo: the subject on a background its photos never
+# show. The captions always name a background, so a bare "a sks circle" leaves the model guessing one (murky).
+TOY_SAMPLE_PROMPT = f"{SUBJECT_PROMPT} on a {NEW_BACKGROUNDS[0]} background"
 SAMPLE_SEEDS = 8  # images per prompt and background in the demo's grid
 NUM_CLASS_IMAGES = 20
 MADE_BY = ".made_by"  # in the demo's class folder: which base model and seed drew its images (not a caption, not an image)

@@ -82,7 +82,7 @@ class GenerateTab:
         return gr.update(choices=usable), note
 
     def on_select(self, selected):
-        """Pre-fills the prompt with the first adapter's instance prompt, and shows what is known of each."""
+        """Pre-fills the prompt with the first adapter's sample or instance prompt, and shows what is known of each."""
         if not selected:
             return gr.update(), "", gr.update(), gr.update(value=None, visible=False), ""
         lines, prompt, base, downloads, cards = [], None, None, [], []
@@ -93,7 +93,7 @@ class GenerateTab:
                 lines.append(f"- `{adapter_id}`: {exc}")
                 continue
             i = entry.info
-            prompt = prompt or i.get("instance_prompt")
+            prompt = prompt or entry.suggested_prompt
             base = base or i.get("base_model")
             trained = f"“{i['instance_prompt']}”, " if i.get("instance_prompt") else ""
             steps = f", {i['steps']} steps" if i.get("steps") else ""

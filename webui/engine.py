@@ -52,6 +52,11 @@ class AdapterEntry:
     error: str | None = None  # why the file cannot be used, for files listed as unreadable
 
     @property
+    def suggested_prompt(self) -> str | None:
+        """What the Generate tab pre-fills: the prompt its trainer sampled with, else its instance prompt."""
+        return self.info.get("validation_prompt") or self.info.get("instance_prompt")
+
+    @property
     def label(self) -> str:
         if self.error:
             return f"{self.id} — unreadable: {self.error}"

@@ -18,6 +18,7 @@ import pandas as pd
 from dreambooth_moslora.adapter import LORA_INITS, MIXER_INITS, MIXER_MODES
 from dreambooth_moslora.errors import RequestError
 from dreambooth_moslora.formats import NATIVE_FILE
+from toyworld.recipe import TOY_SAMPLE_PROMPT
 
 from .training import PRESETS, TOY_PRESET, RunStatus, Trainer, TrainRequest, format_seconds, preview
 
@@ -104,7 +105,8 @@ class TrainTab:
             self.preset = gr.Dropdown(list(PRESETS), value=self.default_preset, label="Preset", elem_id="preset")
             self.base = gr.Dropdown([("the preset's", ""), *self.trainer.engine.base_models()], value="", label="Base model",
                                     elem_id="train-base")  # fmt: skip
-        self.sample_prompt = gr.Textbox("", label="Sample prompt (empty: the instance prompt)", elem_id="sample-prompt")
+        self.sample_prompt = gr.Textbox(TOY_SAMPLE_PROMPT if demo else "", label="Sample prompt (empty: the instance prompt)",
+                                        elem_id="sample-prompt")  # fmt: skip
         self.advanced = advanced_panel(PRESETS[self.default_preset].options)
         self.plan = gr.Markdown(elem_id="plan")
         with gr.Row():
@@ -228,7 +230,11 @@ class TrainTab:
         if s.adapter_id is None:
             raise gr.Error("no finished run to generate with", print_exception=False)
         choices = self.generate_tab["choices"]()[0]
-        return gr.Tabs(selected="generate"), gr.update(choices=choices, value=[s.adapter_id]), s.instance_prompt
+        try:
+            prompt = self.trainer.engine.entry(s.adapter_id).suggested_prompt or s.instance_prompt
+        except RequestError:  # the file went away since the run: the Generate tab will say so
+            prompt = s.instance_prompt
+        return gr.Tabs(selected="generate"), gr.update(choices=choices, value=[s.adapter_id]), prompt
 
 
 def advanced_panel(options: dict) -> list:

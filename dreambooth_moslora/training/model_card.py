@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from ..safe_files import write_text
@@ -10,6 +11,7 @@ from ..safe_files import write_text
 def write_model_card(output_dir: Path, settings: dict, files: dict[str, Path], grid: Path | None = None) -> Path:
     base = settings.get("pretrained_model_name_or_path", "")
     prompt = settings.get("instance_prompt", "")
+    example = settings.get("validation_prompt") or prompt  # what the trainer sampled with, if it did
     names = {fmt: path.name for fmt, path in files.items()}
     lines = [
         "---",
@@ -46,8 +48,8 @@ def write_model_card(output_dir: Path, settings: dict, files: dict[str, Path], g
             "from diffusers import StableDiffusionXLPipeline", "",
             f'pipe = StableDiffusionXLPipeline.from_pretrained("{base}", torch_dtype=torch.float16).to("cuda")',
             f'pipe.load_lora_weights("{output_dir}", weight_name="{names["diffusers"]}")',
-            f'image = pipe("{prompt}", num_inference_steps=30).images[0]', "```",
+            f"image = pipe({json.dumps(example)}, num_inference_steps=30).images[0]", "```",
         ]  # fmt: skip
     if grid is not None:
-        lines += ["", "## Validation images", "", f"![validation]({grid.name})"]
+        lines += ["", "## Validation images", "", f"“{example}”, at the end of training:", "", f"![validation]({grid.name})"]
     return write_text(output_dir / "README.md", "\n".join(lines) + "\n")

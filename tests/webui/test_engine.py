@@ -33,7 +33,8 @@ def make_adapter(folder: Path, seed: int, formats=("native", "diffusers", "kohya
     inject_components(components, AdapterConfig(rank=4, alpha=4.0))
     randomize_adapter_(components, seed=seed, std=0.2)
     save_adapter(folder, components, formats=formats, base_model="elsewhere/no-such-model",
-                 training={"instance_prompt": f"a photo of sks thing{seed}", "max_train_steps": 10 * seed})  # fmt: skip
+                 training={"instance_prompt": f"a photo of sks thing{seed}", "max_train_steps": 10 * seed,
+                           "validation_prompt": f"a photo of sks thing{seed} on a beach" if seed == 2 else None})  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -83,6 +84,9 @@ def test_adapter_list_with_metadata_and_unreadable_files(engine):
     assert (native.info["rank"], native.info["alpha"], native.info["mixer"]) == (4, "4", "learned")
     kohya = entries["run_a/pytorch_lora_weights_kohya.safetensors"]
     assert kohya.format == "kohya" and kohya.info["instance_prompt"] == "a photo of sks thing1"
+    # the Generate tab pre-fills the prompt the run sampled with, else the instance prompt
+    assert native.suggested_prompt == "a photo of sks thing1"
+    assert entries["run_b/moslora_adapter.safetensors"].suggested_prompt == "a photo of sks thing2 on a beach"
     assert "not a safetensors file" in entries["broken_lora.safetensors"].error
     assert entries["link.safetensors"].error == "links outside the adapters folder"
     assert "unreadable" in entries["broken_lora.safetensors"].label

@@ -15,6 +15,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from dreambooth_moslora import AdapterConfig, inject_components, load_adapter
+from dreambooth_moslora.formats import recorded
 from dreambooth_moslora.safe_files import read_safetensors
 from dreambooth_moslora.sdxl import max_abs_diff, sdxl_forward
 from toyworld.tiny_sdxl import save_tiny_sdxl
@@ -66,6 +67,9 @@ def test_prior_preservation_run_learns_and_writes_everything(world, tmp_path):
     card = (out / "README.md").read_text()
     assert f"base_model: {world['model']}" in card and "instance_prompt: a sks circle" in card
     assert "| mixer | learned |" in card and 'load_lora_weights' in card
+    # the example and the samples use the prompt the run sampled with; the files record it for the web demo
+    assert 'image = pipe("a sks circle on a gray background"' in card and "“a sks circle on a gray background”" in card
+    assert recorded(metadata)["validation_prompt"] == recorded(diffusers_meta)["validation_prompt"] == "a sks circle on a gray background"
 
     # the adapter learned the subject: lower denoising error on its images than the base model
     paths, caps = captions(world)

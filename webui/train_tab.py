@@ -67,7 +67,9 @@ def model_card_text(run_dir: Path) -> str:
     except OSError:
         return ""
     text = re.sub(r"\A---\n.*?\n---\n", "", text, flags=re.S)
-    return re.sub(r"!\[[^\]]*\]\([^)]*\)", "", text).strip()  # its pictures are files the page does not serve
+    # its pictures are files the page does not serve (and it shows the samples itself): their section goes, and any other
+    text = re.sub(r"\n## Validation images\n.*?(?=\n## |\Z)", "", text, flags=re.S)
+    return re.sub(r"!\[[^\]]*\]\([^)]*\)", "", text).strip()
 
 
 class TrainTab:

@@ -107,3 +107,20 @@ def test_the_whole_loop_in_a_real_browser(server):
         shutil.copy(shot, keep)
     assert Image.open(shot).size[0] == 1400
     assert "Traceback" not in server["log"].read_text()
+
+
+def test_the_model_card_on_the_page_leaves_out_its_header_and_pictures(tmp_path):
+    from dreambooth_moslora.training.model_card import write_model_card
+    from webui.train_tab import model_card_text
+
+    settings = {"pretrained_model_name_or_path": "base", "instance_prompt": "a sks dog", "validation_prompt": "a sks dog in snow",
+                "rank": 4, "num_train_images": 5}  # fmt: skip
+    grid = tmp_path / "validation.png"
+    write_model_card(tmp_path, settings, {"diffusers": tmp_path / "pytorch_lora_weights.safetensors"}, grid)
+    card = (tmp_path / "README.md").read_text()
+    assert card.startswith("---\n") and "![validation](validation.png)" in card and "“a sks dog in snow”" in card
+    shown = model_card_text(tmp_path)
+    assert shown.startswith("# MoSLoRA DreamBooth adapter for base") and "| rank | 4 |" in shown
+    assert 'image = pipe("a sks dog in snow"' in shown  # the example uses the prompt the run sampled with
+    assert "Validation images" not in shown and "![" not in shown  # the page shows the samples itself
+    assert model_card_text(tmp_path / "missing") == ""

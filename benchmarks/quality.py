@@ -26,6 +26,8 @@ world's attribute classifier:
   class kept           share of "a circle on a <bg> background" images that show an ordinary circle
                        (not purple): how much of the class the adapter leaves alone; the base model's
                        figure is measured too
+  class as base        share of those images with the shape, colour and background the base model drew
+                       from the same noise: the class's variety kept, not only its kind
 
 Behind --variants, the knobs Adam is not invariant to and masked loss: moslora-mixer-lr10 (the mixer at
 10× the learning rate), lora-kaiming-a and moslora-kaiming-a (A kaiming-uniform, as nn.Linear, instead
@@ -106,7 +108,7 @@ def paired_difference(values: list[float], reference: list[float]) -> tuple[floa
     return mean, mean - half, mean + half
 
 
-METRICS = ("subject", "prompt", "class_kept")
+METRICS = ("subject", "prompt", "class_kept", "class_as_base")
 
 
 def settings(quick: bool) -> dict:
@@ -125,18 +127,43 @@ def prompts(images_per_prompt: int):
     return subject, klass
 
 
-def measure(pipe, classifier, subject_prompts, class_prompts, sample_steps: int, seed: int) -> dict:
-    from toyworld.classifier import classify, generate
-    from toyworld.recipe import shows_ordinary_member, shows_subject
+@dataclass
+class Evaluation:
+    """The fixed evaluation: prompts, sampling steps and starting noise (the same for every variant, seed and
+    step), and what the base model drew for each class prompt from that noise, the reference of class_as_base."""
 
-    texts = [p for p, _ in subject_prompts] + [p for p, _ in class_prompts]
-    found = classify(classifier, generate(pipe, texts, seed=seed, steps=sample_steps))
-    mine, theirs = found[: len(subject_prompts)], found[len(subject_prompts) :]
-    return {
-        "subject": sum(map(shows_subject, mine)) / len(mine),
-        "prompt": sum(f["background"] == bg for f, (_, bg) in zip(mine, subject_prompts)) / len(mine),
-        "class_kept": sum(map(shows_ordinary_member, theirs)) / len(theirs),
-    }
+    subject_prompts: list[tuple[str, str]]
+    class_prompts: list[tuple[str, str]]
+    sample_steps: int
+    seed: int = 1_000
+    base_class: list[dict] | None = None
+
+    def measure_base(self, pipe, classifier) -> dict:
+        found = self._classify(pipe, classifier)
+        self.base_class = found[len(self.subject_prompts) :]
+        return self._metrics(found)
+
+    def measure(self, pipe, classifier) -> dict:
+        return self._metrics(self._classify(pipe, classifier))
+
+    def _classify(self, pipe, classifier) -> list[dict]:
+        from toyworld.classifier import classify, generate
+
+        texts = [p for p, _ in self.subject_prompts] + [p for p, _ in self.class_prompts]
+        return classify(classifier, generate(pipe, texts, seed=self.seed, steps=self.sample_steps))
+
+    def _metrics(self, found: list[dict]) -> dict:
+        from toyworld.recipe import shows_ordinary_member, shows_subject
+
+        mine, theirs = found[: len(self.subject_prompts)], found[len(self.subject_prompts) :]
+        return {
+            "subject": sum(map(shows_subject, mine)) / len(mine),
+            "prompt": sum(f["background"] == bg for f, (_, bg) in zip(mine, self.subject_prompts)) / len(mine),
+            "class_kept": sum(map(shows_ordinary_member, theirs)) / len(theirs),
+            # the same shape, colour and background as the base model drew from the same noise: prior preservation
+            # keeps the class's variety too, not only its kind ("a circle" turning green every time keeps the kind)
+            "class_as_base": sum(f == b for f, b in zip(theirs, self.base_class or theirs)) / len(theirs),
+        }
 
 
 def train_one(out: Path, variant: str, seed: int, s: dict, args, class_dir: Path):
@@ -240,7 +267,7 @@ def options(argv) -> argparse.Namespace:
     return args
 
 
-def train_and_measure(args, s: dict, pipe, classifier, subject_prompts, class_prompts, eval_seed: int) -> dict:
+def train_and_measure(args, s: dict, pipe, classifier, evaluation: Evaluation) -> dict:
     """Every variant × seed: train, then measure the adapter at each checkpoint; variant → by_step, loss curves."""
     from dreambooth_moslora.inference import load_adapter, unload_adapter
 
@@ -254,13 +281,14 @@ def train_and_measure(args, s: dict, pipe, classifier, subject_prompts, class_pr
             train_one(out, variant, seed, s, args, out_root / "class_images")
             for step, path in adapter_files(out, s["steps"]).items():
                 load_adapter(pipe, path)
-                m = measure(pipe, classifier, subject_prompts, class_prompts, s["sample_steps"], eval_seed)
+                m = evaluation.measure(pipe, classifier)
                 unload_adapter(pipe)
                 results[variant]["by_step"].setdefault(step, []).append(m)
             results[variant]["loss"].append(read_loss(out))
             last = results[variant]["by_step"][s["steps"]][-1]
             print(f"{variant:19s} seed {seed}: subject {last['subject']:.2f}, prompt {last['prompt']:.2f}, "
-                  f"class kept {last['class_kept']:.2f} ({time.perf_counter() - run_started:.0f} s)", flush=True)  # fmt: skip
+                  f"class kept {last['class_kept']:.2f}, as base {last['class_as_base']:.2f} "
+                  f"({time.perf_counter() - run_started:.0f} s)", flush=True)  # fmt: skip
     return results
 
 
@@ -305,13 +333,12 @@ def main(argv=None) -> int:
     pipe.set_progress_bar_config(disable=True)
     if args.with_prior_preservation:  # the demo's captioned class images, made once for every run
         write_class_images(pipe, out_root / "class_images")
-    subject_prompts, class_prompts = prompts(s["images_per_prompt"])
-    eval_seed = 1_000  # the same starting noise for every variant, seed and step
-    base = measure(pipe, classifier, subject_prompts, class_prompts, s["sample_steps"], eval_seed)
+    evaluation = Evaluation(*prompts(s["images_per_prompt"]), sample_steps=s["sample_steps"])
+    base = evaluation.measure_base(pipe, classifier)
     print(f"base model: subject {base['subject']:.2f}, prompt {base['prompt']:.2f}, class kept {base['class_kept']:.2f}", flush=True)
 
-    results = train_and_measure(args, s, pipe, classifier, subject_prompts, class_prompts, eval_seed)
-    summary = print_summary(results, base, s, (len(subject_prompts), len(class_prompts)))
+    results = train_and_measure(args, s, pipe, classifier, evaluation)
+    summary = print_summary(results, base, s, (len(evaluation.subject_prompts), len(evaluation.class_prompts)))
     paired = print_paired(results, s["steps"])
     seconds = time.perf_counter() - started
     print(f"\n{seconds / 60:.1f} minutes")

@@ -33,10 +33,11 @@ def test_quick_benchmark_runs_every_variant_and_reports(tmp_path):
         by_step = record["results"][variant]["by_step"]
         assert sorted(int(s) for s in by_step) == [20, 40]  # a checkpoint halfway, and the end
         for measures in by_step.values():
-            assert all(0.0 <= m[k] <= 1.0 for m in measures for k in ("subject", "prompt", "class_kept"))
+            assert all(0.0 <= m[k] <= 1.0 for m in measures for k in ("subject", "prompt", "class_kept", "class_as_base"))
         loss = record["results"][variant]["loss"]
         assert len(loss) == 1 and len(loss[0]) == 40 and all(v > 0 for v in loss[0])
     assert 0.0 <= record["base"]["subject"] <= 1.0 and record["base"]["class_kept"] > 0.5  # the base model draws circles
+    assert record["base"]["class_as_base"] == 1.0  # its own class images are the reference
     # each variant trained its own adapter: plain LoRA (no mixer) and the learned mixer differ
     lora = (out / "lora" / "seed0" / "moslora_adapter.safetensors").read_bytes()
     assert lora != (out / "moslora-kaiming" / "seed0" / "moslora_adapter.safetensors").read_bytes()
@@ -73,3 +74,22 @@ def test_paired_difference_and_its_interval():
     assert quality.DEFAULT_VARIANTS == ["lora", "moslora-kaiming", "moslora-orthogonal", "frozen-mixer"]
     assert [name for name, v in quality.VARIANTS.items() if not v.masked] == ["lora-unmasked", "moslora-unmasked"]
     assert len({v.colour for v in quality.VARIANTS.values()}) == len(quality.VARIANTS)  # one line colour each
+
+
+def test_class_as_base_compares_each_class_image_with_the_base_models_from_the_same_noise():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("quality", ROOT / "benchmarks" / "quality.py")
+    quality = importlib.util.module_from_spec(spec)
+    sys.modules["quality"] = quality
+    spec.loader.exec_module(quality)
+    circle = lambda colour, bg: {"shape": "circle", "colour": colour, "background": bg}  # noqa: E731
+    evaluation = quality.Evaluation([("a sks circle on a gray background", "gray")],
+                                    [("a circle on a gray background", "gray")] * 4, sample_steps=1)  # fmt: skip
+    base = [circle("purple", "gray"), circle("blue", "gray"), circle("white", "gray"), circle("yellow", "gray"), circle("red", "gray")]
+    evaluation.base_class = base[1:]
+    adapted = [circle("purple", "gray"), circle("green", "gray"), circle("white", "gray"), circle("green", "gray"), circle("red", "gray")]
+    m = evaluation._metrics(adapted)
+    assert m["subject"] == 1.0 and m["prompt"] == 1.0
+    assert m["class_kept"] == 1.0  # four ordinary circles: the kind is kept ...
+    assert m["class_as_base"] == 0.5  # ... but two of them changed colour

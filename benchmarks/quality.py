@@ -54,7 +54,7 @@ from pathlib import Path
 
 from dreambooth_moslora.safe_files import save_image, write_text
 from dreambooth_moslora.training.loop import read_loss_log
-from toyworld.recipe import TOY_MASKED_LOSS, TOY_TRAINING
+from toyworld.recipe import NUM_CLASS_IMAGES, TOY_MASKED_LOSS, TOY_TRAINING
 
 ROOT = Path(__file__).resolve().parents[1]  # outputs go under the checkout
 
@@ -173,7 +173,8 @@ def train_one(out: Path, variant: str, seed: int, s: dict, args, class_dir: Path
     masked = args.masked_loss and VARIANTS[variant].masked
     argv = toy_dreambooth_argv(ASSETS / "subject", out, s["steps"], args.learning_rate, args.rank, args.lora_alpha, seed,
                                class_dir if args.with_prior_preservation else None,
-                               args.text_encoder_lr if args.train_text_encoder else None, SUBJECT_MASKS if masked else None)  # fmt: skip
+                               args.text_encoder_lr if args.train_text_encoder else None, SUBJECT_MASKS if masked else None,
+                               num_class_images=args.num_class_images)  # fmt: skip
     train(parse_args([*argv, *variant_flags(variant, args), "--checkpointing_steps", str(s["eval_every"]), "--output_formats", "native"]))
 
 
@@ -257,6 +258,8 @@ def options(argv) -> argparse.Namespace:
     parser.add_argument("--train_text_encoder", action=argparse.BooleanOptionalAction, default=True,
                         help="adapters on both text encoders too (the demo's setting)")
     parser.add_argument("--text_encoder_lr", type=float, default=TOY_TRAINING["text_encoder_lr"])
+    parser.add_argument("--num_class_images", type=int, default=NUM_CLASS_IMAGES,
+                        help="class images the base model draws for prior preservation (the demo's: %(default)s)")
     parser.add_argument("--masked_loss", action=argparse.BooleanOptionalAction, default=TOY_MASKED_LOSS,
                         help="the loss on the subject's pixels only, assets/subject_masks (the demo's setting)")
     parser.add_argument("--output_dir", type=Path, default=ROOT / "outputs" / "quality")
@@ -332,7 +335,7 @@ def main(argv=None) -> int:
     pipe = StableDiffusionXLPipeline.from_pretrained(WORLD_MODEL_DIR)
     pipe.set_progress_bar_config(disable=True)
     if args.with_prior_preservation:  # the demo's captioned class images, made once for every run
-        write_class_images(pipe, out_root / "class_images")
+        write_class_images(pipe, out_root / "class_images", count=args.num_class_images)
     evaluation = Evaluation(*prompts(s["images_per_prompt"]), sample_steps=s["sample_steps"])
     base = evaluation.measure_base(pipe, classifier)
     print(f"base model: subject {base['subject']:.2f}, prompt {base['prompt']:.2f}, class kept {base['class_kept']:.2f}", flush=True)
@@ -344,6 +347,7 @@ def main(argv=None) -> int:
     print(f"\n{seconds / 60:.1f} minutes")
     record = {"settings": {**s, "learning_rate": args.learning_rate, "rank": args.rank, "lora_alpha": args.lora_alpha,
                            "with_prior_preservation": args.with_prior_preservation, "masked_loss": args.masked_loss,
+                           "num_class_images": args.num_class_images if args.with_prior_preservation else 0,
                            "text_encoder_lr": args.text_encoder_lr if args.train_text_encoder else None},
               "base": base, "summary": summary, "paired_vs_lora": paired, "results": results, "seconds": round(seconds, 1)}  # fmt: skip
     write_text(out_root / "results.json", json.dumps(record, indent=1))

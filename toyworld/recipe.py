@@ -50,7 +50,8 @@ def shows_ordinary_member(found: dict) -> bool:
 
 def toy_dreambooth_argv(subject: Path, output_dir: Path, steps: int, lr: float, rank: int, alpha: float, seed: int,
                         class_dir: Path | None = None, text_encoder_lr: float | None = None,
-                        mask_dir: Path | None = None, lora_init: str = TOY_TRAINING["lora_init"]) -> list[str]:  # fmt: skip
+                        mask_dir: Path | None = None, lora_init: str = TOY_TRAINING["lora_init"],
+                        num_class_images: int = NUM_CLASS_IMAGES) -> list[str]:  # fmt: skip
     """train_dreambooth.py's arguments for DreamBooth on the toy world (the demo's, shared by the
     quality benchmark): prior preservation when ``class_dir`` is given, adapters on the text encoders
     too when ``text_encoder_lr`` is. The mixer is left to the caller.
@@ -68,7 +69,7 @@ def toy_dreambooth_argv(subject: Path, output_dir: Path, steps: int, lr: float, 
     ]  # fmt: skip
     if class_dir is not None:  # made by write_class_images
         argv += ["--with_prior_preservation", "--class_prompt", CLASS_PROMPT, "--class_data_dir", str(class_dir),
-                 "--num_class_images", str(NUM_CLASS_IMAGES)]  # fmt: skip
+                 "--num_class_images", str(num_class_images)]  # fmt: skip
     if text_encoder_lr is not None:
         argv += ["--train_text_encoder", "--text_encoder_lr", str(text_encoder_lr)]
     if mask_dir is not None:  # masked loss: the subject's pixels count, its photos' backgrounds do not
@@ -86,15 +87,15 @@ def model_fingerprint(pipe) -> str:
     return digest.hexdigest()[:16]
 
 
-def write_class_images(pipe, folder: Path, seed: int = 0) -> list[Path]:
+def write_class_images(pipe, folder: Path, seed: int = 0, count: int = NUM_CLASS_IMAGES) -> list[Path]:
     """The class images for prior preservation: the base model's own "a circle on a <bg> background"
     for every background, each saved with its prompt as caption. ``folder`` is the demo's own: images
     already made by this base model with this seed (stamped in the folder: ``model_fingerprint`` and
     the seed) are kept; anything else in it is removed (the trainer would count it as a class image,
     and images of another model are not this model's prior)."""
     backgrounds = list(BACKGROUNDS)
-    prompts = [f"{CLASS_PROMPT} on a {backgrounds[i % len(backgrounds)]} background" for i in range(NUM_CLASS_IMAGES)]
-    paths = [folder / f"{i:05d}.png" for i in range(NUM_CLASS_IMAGES)]
+    prompts = [f"{CLASS_PROMPT} on a {backgrounds[i % len(backgrounds)]} background" for i in range(count)]
+    paths = [folder / f"{i:05d}.png" for i in range(count)]
     stamp = folder / MADE_BY
     made_by = f"{model_fingerprint(pipe)} seed {seed}"
     folder.mkdir(parents=True, exist_ok=True)

@@ -175,6 +175,8 @@ def train_one(out: Path, variant: str, seed: int, s: dict, args, class_dir: Path
                                class_dir if args.with_prior_preservation else None,
                                args.text_encoder_lr if args.train_text_encoder else None, SUBJECT_MASKS if masked else None,
                                num_class_images=args.num_class_images)  # fmt: skip
+    if args.with_prior_preservation:
+        argv += ["--prior_loss_weight", str(args.prior_loss_weight)]
     train(parse_args([*argv, *variant_flags(variant, args), "--checkpointing_steps", str(s["eval_every"]), "--output_formats", "native"]))
 
 
@@ -258,6 +260,7 @@ def options(argv) -> argparse.Namespace:
     parser.add_argument("--train_text_encoder", action=argparse.BooleanOptionalAction, default=True,
                         help="adapters on both text encoders too (the demo's setting)")
     parser.add_argument("--text_encoder_lr", type=float, default=TOY_TRAINING["text_encoder_lr"])
+    parser.add_argument("--prior_loss_weight", type=float, default=1.0, help="the class images' share of the loss (the trainer's)")
     parser.add_argument("--num_class_images", type=int, default=NUM_CLASS_IMAGES,
                         help="class images the base model draws for prior preservation (the demo's: %(default)s)")
     parser.add_argument("--masked_loss", action=argparse.BooleanOptionalAction, default=TOY_MASKED_LOSS,
@@ -348,6 +351,7 @@ def main(argv=None) -> int:
     record = {"settings": {**s, "learning_rate": args.learning_rate, "rank": args.rank, "lora_alpha": args.lora_alpha,
                            "with_prior_preservation": args.with_prior_preservation, "masked_loss": args.masked_loss,
                            "num_class_images": args.num_class_images if args.with_prior_preservation else 0,
+                           "prior_loss_weight": args.prior_loss_weight if args.with_prior_preservation else None,
                            "text_encoder_lr": args.text_encoder_lr if args.train_text_encoder else None},
               "base": base, "summary": summary, "paired_vs_lora": paired, "results": results, "seconds": round(seconds, 1)}  # fmt: skip
     write_text(out_root / "results.json", json.dumps(record, indent=1))

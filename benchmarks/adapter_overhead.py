@@ -191,7 +191,8 @@ def main(argv=None):
         variants.append(Variant(name, unet, params, batch, autocast_dtype))
     del base
 
-    print(f"SDXL-shaped UNet ({size}), {args.device}, {args.dtype}, rank {args.rank}, batch {args.batch}, {resolution} px")
+    print(f"SDXL-shaped UNet ({size}), {args.device}, {args.dtype}, rank {args.rank}, batch {args.batch}, {resolution} px"
+          + (", gradient checkpointing" if args.gradient_checkpointing else ""))  # fmt: skip
     for v in variants:  # warm-up
         v.step()
     rng = random.Random(0)

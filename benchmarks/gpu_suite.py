@@ -5,8 +5,8 @@
 
 1. Builds SDXL base's real architecture with random weights (toyworld.tiny_sdxl.save_full_size_sdxl):
    no hub download, the real layer names, sizes and memory.
-2. The adapter's cost (benchmarks/adapter_overhead.py --full-size, bf16, 1024 px): PEFT's LoRA against
-   MoSLoRA with the mixer learned, frozen and none, interleaved rounds, op counts per step.
+2. The adapter's cost (benchmarks/adapter_overhead.py --full-size, bf16, 1024 px, gradient checkpointing): PEFT's
+   LoRA against MoSLoRA with the mixer learned, frozen and none, interleaved rounds, op counts per step.
 3. The trainer itself (train_dreambooth.py's code, each run a fresh process): 1024 px, batch 1, gradient
    checkpointing, cached latents; fp16 and bf16; UNet adapters alone and with text-encoder adapters;
    8-bit Adam where bitsandbytes is installed; MoSLoRA (learned mixer) against --mixer none. Peak GPU
@@ -92,7 +92,9 @@ def run_trainer(argv: list[str], out: Path, timeout: float) -> dict:
 
 
 def adapter_overhead(smoke: bool, timeout: float) -> str:
+    # with gradient checkpointing, as the trainer runs below: the interleaved, paired comparison of their setting
     argv = ["--device", "cpu", "--rounds", "2"] if smoke else ["--device", "cuda", "--full-size", "--dtype", "bf16", "--rounds", "6"]
+    argv.append("--gradient-checkpointing")
     try:
         done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "adapter_overhead.py"), *argv], capture_output=True,
                               text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"), timeout=timeout)  # fmt: skip

@@ -90,10 +90,6 @@ DEFAULT_VARIANTS = [name for name, v in VARIANTS.items() if v.default]
 T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
 
 
-def colour(name: str) -> tuple[int, int, int]:
-    return VARIANTS[name].colour
-
-
 def variant_flags(variant: str, args) -> list[str]:
     return VARIANTS[variant].flags(args)
 
@@ -174,9 +170,7 @@ def train_one(out: Path, variant: str, seed: int, s: dict, args, class_dir: Path
     argv = toy_dreambooth_argv(ASSETS / "subject", out, s["steps"], args.learning_rate, args.rank, args.lora_alpha, seed,
                                class_dir if args.with_prior_preservation else None,
                                args.text_encoder_lr if args.train_text_encoder else None, SUBJECT_MASKS if masked else None,
-                               num_class_images=args.num_class_images)  # fmt: skip
-    if args.with_prior_preservation:
-        argv += ["--prior_loss_weight", str(args.prior_loss_weight)]
+                               num_class_images=args.num_class_images, prior_loss_weight=args.prior_loss_weight)  # fmt: skip
     train(parse_args([*argv, *variant_flags(variant, args), "--checkpointing_steps", str(s["eval_every"]), "--output_formats", "native"]))
 
 
@@ -222,10 +216,10 @@ def plot(results: dict, base: dict, path: Path) -> None:
                 (left + x_of(int(step)), y_of(statistics.fmean(m[key] for m in per_seed)))
                 for step, per_seed in sorted(r["by_step"].items(), key=lambda kv: int(kv[0]))
             ]  # fmt: skip
-            draw.line(points, fill=colour(name), width=2)
+            draw.line(points, fill=VARIANTS[name].colour, width=2)
     for i, name in enumerate(results):
         y = h + 2 * pad + 20 * i
-        draw.line([(pad, y + 6), (pad + 30, y + 6)], fill=colour(name), width=3)
+        draw.line([(pad, y + 6), (pad + 30, y + 6)], fill=VARIANTS[name].colour, width=3)
         draw.text((pad + 40, y), name, fill="black")
     save_image(image, path)
 

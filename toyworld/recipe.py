@@ -51,7 +51,7 @@ def shows_ordinary_member(found: dict) -> bool:
 def toy_dreambooth_argv(subject: Path, output_dir: Path, steps: int, lr: float, rank: int, alpha: float, seed: int,
                         class_dir: Path | None = None, text_encoder_lr: float | None = None,
                         mask_dir: Path | None = None, lora_init: str = TOY_TRAINING["lora_init"],
-                        num_class_images: int = NUM_CLASS_IMAGES) -> list[str]:  # fmt: skip
+                        num_class_images: int = NUM_CLASS_IMAGES, prior_loss_weight: float = 1.0) -> list[str]:  # fmt: skip
     """train_dreambooth.py's arguments for DreamBooth on the toy world (the demo's, shared by the
     quality benchmark): prior preservation when ``class_dir`` is given, adapters on the text encoders
     too when ``text_encoder_lr`` is. The mixer is left to the caller.
@@ -69,7 +69,7 @@ def toy_dreambooth_argv(subject: Path, output_dir: Path, steps: int, lr: float, 
     ]  # fmt: skip
     if class_dir is not None:  # made by write_class_images
         argv += ["--with_prior_preservation", "--class_prompt", CLASS_PROMPT, "--class_data_dir", str(class_dir),
-                 "--num_class_images", str(num_class_images)]  # fmt: skip
+                 "--num_class_images", str(num_class_images), "--prior_loss_weight", str(prior_loss_weight)]  # fmt: skip
     if text_encoder_lr is not None:
         argv += ["--train_text_encoder", "--text_encoder_lr", str(text_encoder_lr)]
     if mask_dir is not None:  # masked loss: the subject's pixels count, its photos' backgrounds do not

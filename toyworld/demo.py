@@ -76,7 +76,8 @@ def run(output_dir: Path, rank: int, alpha: float, mixer: str, mixer_init: str, 
     argv = [*toy_dreambooth_argv(subject, adapter_dir, steps, lr, rank, alpha, seed, class_dir, text_encoder_lr,
                                  masks if masked else None, lora_init),
             "--mixer", mixer, "--mixer_init", mixer_init, "--checkpointing_steps", str(steps),
-            "--validation_prompt", TOY_SAMPLE_PROMPT]  # the model card's samples, and what the web demo pre-fills  # fmt: skip
+            # the model card's samples, and the prompt the web demo pre-fills for this adapter
+            "--validation_prompt", TOY_SAMPLE_PROMPT]  # fmt: skip
     prior_note = f"prior preservation on {NUM_CLASS_IMAGES} images of {CLASS_PROMPT!r} on each background" if prior else "no prior preservation"
     where = "UNet and text encoders" if text_encoder_lr is not None else "UNet only"
     prior_note += ", masked loss (the subject's pixels only)" if masked else ""

@@ -18,6 +18,7 @@ import pandas as pd
 from dreambooth_moslora.adapter import LORA_INITS, MIXER_INITS, MIXER_MODES
 from dreambooth_moslora.errors import RequestError
 from dreambooth_moslora.formats import NATIVE_FILE
+from dreambooth_moslora.training.model_card import VALIDATION_HEADING
 from toyworld.recipe import TOY_SAMPLE_PROMPT
 
 from .training import PRESETS, TOY_PRESET, RunStatus, Trainer, TrainRequest, format_seconds, preview
@@ -68,7 +69,7 @@ def model_card_text(run_dir: Path) -> str:
         return ""
     text = re.sub(r"\A---\n.*?\n---\n", "", text, flags=re.S)
     # its pictures are files the page does not serve (and it shows the samples itself): their section goes, and any other
-    text = re.sub(r"\n## Validation images\n.*?(?=\n## |\Z)", "", text, flags=re.S)
+    text = re.sub(rf"\n{re.escape(VALIDATION_HEADING)}\n.*?(?=\n## |\Z)", "", text, flags=re.S)
     return re.sub(r"!\[[^\]]*\]\([^)]*\)", "", text).strip()
 
 

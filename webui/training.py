@@ -166,13 +166,17 @@ def weights_identity(base_model: str) -> list:
     """The base model's name and, for a local folder, each weight file's path, size and modification time:
     class images are the base model's own prior, so a model rewritten in place (a retrained or updated
     folder) gets new ones instead of another model's. Stat only: a plan is drawn on every change in the page."""
+    def stamp(path: Path) -> list:
+        stat = path.stat()
+        return [stat.st_size, stat.st_mtime_ns]
+
     folder = Path(base_model)
     if folder.is_file():  # a single-file checkpoint
-        return [base_model, folder.stat().st_size, folder.stat().st_mtime_ns]
+        return [base_model, *stamp(folder)]
     if not folder.is_dir():  # a hub id
         return [base_model]
     files = sorted(p for p in folder.rglob("*") if p.suffix in WEIGHT_SUFFIXES and p.is_file())
-    return [base_model, *([str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns] for p in files)]
+    return [base_model, *([str(p.relative_to(folder)), *stamp(p)] for p in files)]
 
 
 class Trainer:

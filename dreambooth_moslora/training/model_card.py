@@ -7,6 +7,8 @@ from pathlib import Path
 
 from ..safe_files import write_text
 
+VALIDATION_HEADING = "## Validation images"  # the card's last section: pages that cannot serve its picture drop it
+
 
 def write_model_card(output_dir: Path, settings: dict, files: dict[str, Path], grid: Path | None = None) -> Path:
     base = settings.get("pretrained_model_name_or_path", "")
@@ -51,5 +53,5 @@ def write_model_card(output_dir: Path, settings: dict, files: dict[str, Path], g
             f"image = pipe({json.dumps(example)}, num_inference_steps=30).images[0]", "```",
         ]  # fmt: skip
     if grid is not None:
-        lines += ["", "## Validation images", "", f"“{example}”, at the end of training:", "", f"![validation]({grid.name})"]
+        lines += ["", VALIDATION_HEADING, "", f"“{example}”, at the end of training:", "", f"![validation]({grid.name})"]
     return write_text(output_dir / "README.md", "\n".join(lines) + "\n")

@@ -19,7 +19,8 @@ def labelled_grid(images: list[Image.Image], labels: list[str], columns: int | N
     (a 32-px toy model's) are enlarged by a whole factor, pixels kept sharp, so that captions do not overlap."""
     columns = columns or len(images)
     w, h = images[0].size
-    widest = max((ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(label) for label in labels), default=0)
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    widest = max((measure.textlength(label) for label in labels), default=0)
     zoom = max(1, math.ceil((widest + 4) / w))
     w, h, strip = w * zoom, h * zoom, 14
     rows = (len(images) + columns - 1) // columns

@@ -8,6 +8,7 @@ models, loss, checkpoints, validation, model card). This module only puts them i
 from __future__ import annotations
 
 import logging
+import math
 import os
 import sys
 import time
@@ -25,6 +26,7 @@ from .checkpoints import clean_leftovers, register_adapter_hooks, resume, save_c
 from .data import DreamBoothDataset, StepPlan, batch_source, cache_latents, epoch_batches, generate_class_images, process_batches, scan_images
 from .loss import StepModels, batch_loss
 from .model_card import write_model_card
+from .profiling import LOSS_READ, StepProfile
 from .stopping import EXIT_CODE, RunStopped, install, loop_begins, loop_ends, stop_requested
 from .models import add_adapters, class_image_pipeline, load_base_model, load_vae, make_optimizer
 from .options import LoopSettings, adapter_config, loop_settings, optimizer_options, param_groups, settings_for_metadata
@@ -93,7 +95,8 @@ def train(args) -> Path:
     encoders = trained[1:] if args.train_text_encoder else base.text_encoders
     step_models = StepModels(trained[0], base.vae, vae_config, encoders, base.tokenizers, base.noise_scheduler, prompt_cache,
                              weight_dtype, device)  # fmt: skip
-    run = Run(accelerator, trained, [p for ps in params.values() for p in ps], optimizer, lr_scheduler, step_models, components)
+    run = Run(accelerator, trained, [p for ps in params.values() for p in ps], optimizer, lr_scheduler, step_models, components,
+              StepProfile(args.profile_steps if main else 0, output_dir))
     started = time.perf_counter()
     validate = validation_for(args, accelerator, run, base) if args.validation_prompt else None
     global_step, last_loss = train_steps(run, dataset, plan, global_step, latent_cache, loop_settings(args), output_dir, validate)
@@ -219,6 +222,7 @@ class Run:
     lr_scheduler: object
     models: StepModels
     components: dict  # the unwrapped adapted models, by component name
+    profile: StepProfile  # --profile_steps: where a step's time goes
 
 
 class LossLog:
@@ -231,9 +235,10 @@ class LossLog:
         if self.file is not None and self.file.tell() == 0:
             self.file.write("step,loss,lr,time\n")
 
-    def write(self, step: int, loss: float, lr: float) -> None:
+    def write(self, step: int, loss: float, lr: float, at: float | None = None) -> None:
+        """``at``: when the step was taken (Unix seconds; default now)."""
         if self.file is not None:
-            self.file.write(f"{step},{loss:.6g},{lr:.6g},{time.time():.3f}\n")
+            self.file.write(f"{step},{loss:.6g},{lr:.6g},{time.time() if at is None else at:.3f}\n")
 
     def close(self) -> None:
         if self.file is not None:
@@ -278,14 +283,47 @@ def steps_per_second(rows: list[LossRow], since: float = 0.0, skip: int = 0, win
     return (timed[-1][0] - timed[0][0]) / (timed[-1][1] - timed[0][1])
 
 
-def optimizer_step(run: Run, batch: dict, rng: torch.Generator, settings, step: int, max_grad_norm: float) -> torch.Tensor:
-    """Forward, backward and (at the end of an accumulation) the optimizer step of one batch."""
+class PendingLosses:
+    """The losses of the steps since the last read, kept on the device. Reading a loss makes the host wait for the
+    GPU to finish everything queued, so the loop reads them every ``--logging_steps`` steps, before a checkpoint or
+    validation images, and at the end: then they go to loss.csv, the trackers and the progress bar, and a loss that
+    is not finite stops the run (within that many steps, before any checkpoint holds what came of it)."""
+
+    def __init__(self, accelerator, log: LossLog, progress):
+        self.accelerator, self.log, self.progress = accelerator, log, progress
+        self.rows: list[tuple[int, torch.Tensor, float, float]] = []  # step, loss on the device, lr, host time
+        self.last = float("nan")
+
+    def add(self, step: int, loss: torch.Tensor, lr: float) -> None:
+        self.rows.append((step, loss.detach().reshape(()), lr, time.time()))
+        self.progress.update(1)
+
+    def read(self) -> float:
+        """Logs the pending steps (one wait for the device); returns the latest loss."""
+        if not self.rows:
+            return self.last
+        with torch.profiler.record_function(LOSS_READ):  # the one wait for the device, named for the profile
+            stacked = torch.stack([loss for _, loss, _, _ in self.rows]).float()
+            values = self.accelerator.gather(stacked).reshape(-1, len(self.rows)).mean(dim=0).tolist()
+        for (step, _, lr, at), value in zip(self.rows, values):
+            if not math.isfinite(value):
+                self.rows.clear()
+                raise TrainingError(f"the loss became {value} at step {step}: stopping. The last good checkpoint and "
+                                    "adapter files are untouched; try a lower --learning_rate or --mixed_precision bf16")
+            self.accelerator.log({"loss": value, "lr": lr}, step=step)
+            self.log.write(step, value, lr, at)
+        self.progress.set_postfix(loss=f"{values[-1]:.4f}", lr=f"{self.rows[-1][2]:.2e}")
+        self.rows.clear()
+        self.last = values[-1]
+        return self.last
+
+
+def optimizer_step(run: Run, batch: dict, rng: torch.Generator, settings, max_grad_norm: float) -> torch.Tensor:
+    """Forward, backward and (at the end of an accumulation) the optimizer step of one batch; nothing in it waits
+    for the device."""
     accelerator = run.accelerator
     with accelerator.accumulate(*run.trained):
         loss = batch_loss(run.models, batch, rng, settings)
-        if not torch.isfinite(loss):
-            raise TrainingError(f"the loss became {loss.item()} at step {step + 1}: stopping. The last good checkpoint and "
-                                "adapter files are untouched; try a lower --learning_rate or --mixed_precision bf16")  # fmt: skip
         accelerator.backward(loss)
         if accelerator.sync_gradients and max_grad_norm > 0:
             accelerator.clip_grad_norm_(run.params, max_grad_norm)
@@ -301,10 +339,9 @@ def train_steps(run: Run, dataset, plan: StepPlan, global_step: int, latent_cach
     from tqdm.auto import tqdm
 
     accelerator = run.accelerator
-    main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
+    main, rank, world, device = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes, accelerator.device
     progress = tqdm(total=plan.max_steps, initial=global_step, desc="steps", disable=not progress_bars_wanted(main))
-    loss_log = LossLog(output_dir / "loss.csv" if main else None)
-    last_loss = float("nan")
+    losses = PendingLosses(accelerator, LossLog(output_dir / "loss.csv" if main else None), progress)
     set_adapter_training(run.components, True)
     loop_begins()  # from here a stop request waits for the end of a step
     try:
@@ -312,41 +349,46 @@ def train_steps(run: Run, dataset, plan: StepPlan, global_step: int, latent_cach
             batches = epoch_batches(dataset, s.batch_size, epoch, s.seed)
             mine = process_batches(batches, plan.steps_per_epoch * s.accumulation * world, rank, world)
             done = (global_step - epoch * plan.steps_per_epoch) * s.accumulation
-            source = batch_source(dataset, mine[done:], epoch, latent_cache, s.dataloader_workers)
+            source = batch_source(dataset, mine[done:], epoch, latent_cache, s.dataloader_workers, device.type == "cuda")
             for batch_number, batch in enumerate(source, start=done):
-                # Every random draw of a batch comes from a generator seeded by its place in the run.
-                rng = seeded_generator(s.seed, epoch, batch_number, rank)
-                loss = optimizer_step(run, batch, rng, s.loss, global_step, s.max_grad_norm)
+                # Every random draw of a batch comes from a generator on the device seeded by its place in the run.
+                rng = seeded_generator(s.seed, epoch, batch_number, rank, device=device)
+                with run.profile.batch():
+                    loss = optimizer_step(run, batch, rng, s.loss, s.max_grad_norm)
                 if not accelerator.sync_gradients:
                     continue
                 global_step += 1
-                last_loss = accelerator.gather(loss.detach().reshape(1)).mean().item()
-                lr = run.lr_scheduler.get_last_lr()[0]
-                progress.update(1)
-                progress.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}")
-                accelerator.log({"loss": last_loss, "lr": lr}, step=global_step)
-                loss_log.write(global_step, last_loss, lr)
+                losses.add(global_step, loss, run.lr_scheduler.get_last_lr()[0])
+                checkpointed = global_step % s.checkpointing_steps == 0 and global_step < plan.max_steps
+                validating = validate and main and s.validation_steps and global_step % s.validation_steps == 0 \
+                    and global_step < plan.max_steps
+                read = global_step >= plan.max_steps or checkpointed or validating or global_step % s.logging_steps == 0
+                if read:
+                    losses.read()
                 if global_step >= plan.max_steps:
                     break
-                checkpointed = global_step % s.checkpointing_steps == 0
                 if checkpointed:
                     save_checkpoint(accelerator, output_dir, global_step, s.checkpoints_total_limit)
-                if validate and main and s.validation_steps and global_step % s.validation_steps == 0:
+                if validating:
                     validate(output_dir / f"validation-step{global_step}.png")
-                if stop_requested(accelerator):
+                # one process reads its own flag; several agree (a collective) when they read their losses
+                if (world == 1 or read) and stop_requested(accelerator):
+                    losses.read()
                     if not checkpointed:
                         save_checkpoint(accelerator, output_dir, global_step, s.checkpoints_total_limit)
                     raise RunStopped(global_step)
             by_epoch = validate and main and not s.validation_steps and (epoch + 1) % s.validation_epochs == 0
             if by_epoch and global_step < plan.max_steps:
+                losses.read()
                 validate(output_dir / f"validation-step{global_step}.png")
             if global_step >= plan.max_steps:
                 break
     finally:
         loop_ends()
+        run.profile.close()
         progress.close()  # before any error message, so that message is the last line
-        loss_log.close()
-    return global_step, last_loss
+        losses.log.close()
+    return global_step, losses.last
 
 
 def validation_for(args, accelerator, run: Run, base):

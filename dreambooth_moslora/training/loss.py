@@ -3,7 +3,7 @@ on the class examples (prior preservation), with min-SNR weighting and noise off
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +24,28 @@ class StepModels:
     prompt_cache: dict | None  # caption → (hidden states, pooled) while the text encoders are frozen
     weight_dtype: torch.dtype
     device: torch.device
+    # What a step reads that does not change from step to step, made on the device once: time ids by the batch's
+    # sizes and crops, the SNR of every timestep. A step then copies nothing from the host.
+    constants: dict = field(default_factory=dict)
+
+    def time_ids(self, batch: dict, latent_shape) -> torch.Tensor:
+        """The batch's time ids, from a row per (original size, crop, target) made once."""
+        factor = 2 ** (len(self.vae_config.block_out_channels) - 1)
+        target = (latent_shape[-2] * factor, latent_shape[-1] * factor)
+        rows = []
+        for size, crop in zip(batch["original_sizes"], batch["crops_top_left"]):
+            key = ("time_ids", tuple(size), tuple(crop), target)
+            if key not in self.constants:
+                self.constants[key] = time_ids([size], [crop], target, self.device, self.weight_dtype)[0]
+            rows.append(self.constants[key])
+        return torch.stack(rows)
+
+    def snr(self, timesteps: torch.Tensor) -> torch.Tensor:
+        """The signal-to-noise ratio ᾱ/(1-ᾱ) at each timestep (what diffusers' compute_snr gives), from a table."""
+        if "snr" not in self.constants:
+            alphas = self.noise_scheduler.alphas_cumprod.to(self.device, torch.float32)
+            self.constants["snr"] = alphas / (1.0 - alphas)
+        return self.constants["snr"][timesteps]
 
 
 @dataclass(frozen=True)
@@ -38,31 +60,27 @@ def batch_latents(m: StepModels, batch: dict, rng: torch.Generator) -> torch.Ten
     """A sample of each example's latent distribution, scaled as the UNet expects."""
     scale, shift = m.vae_config.scaling_factor, getattr(m.vae_config, "shift_factor", None) or 0.0
     if "latent_mean" in batch:
-        latents = batch["latent_mean"] + batch["latent_std"] * torch.randn(batch["latent_mean"].shape, generator=rng)
+        mean = batch["latent_mean"]
+        latents = mean + batch["latent_std"] * torch.randn(mean.shape, generator=rng, device=mean.device, dtype=mean.dtype)
     else:
         with torch.no_grad():
-            latents = m.vae.encode(batch["pixels"].to(m.device, m.vae.dtype)).latent_dist.sample(generator=rng)
+            pixels = batch["pixels"].to(m.device, m.vae.dtype, non_blocking=True)  # pinned by the data loader
+            latents = m.vae.encode(pixels).latent_dist.sample(generator=rng)
     return ((latents - shift) * scale).to(m.device, m.weight_dtype)
 
 
 def batch_conditioning(m: StepModels, batch: dict, latent_shape) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(text hidden states, pooled embedding, time ids) of each example."""
-    if m.prompt_cache is not None:
-        embeds = torch.stack([m.prompt_cache[c][0] for c in batch["captions"]]).to(m.device, m.weight_dtype)
-        pooled = torch.stack([m.prompt_cache[c][1] for c in batch["captions"]]).to(m.device, m.weight_dtype)
+    if m.prompt_cache is not None:  # on the device, in the weights' dtype
+        embeds = torch.stack([m.prompt_cache[c][0] for c in batch["captions"]])
+        pooled = torch.stack([m.prompt_cache[c][1] for c in batch["captions"]])
     else:
         embeds, pooled = encode_prompts(m.text_encoders, tokenize(m.tokenizers, batch["captions"]), m.device)
-    factor = 2 ** (len(m.vae_config.block_out_channels) - 1)
-    target_size = (latent_shape[-2] * factor, latent_shape[-1] * factor)
-    ids = time_ids(batch["original_sizes"], batch["crops_top_left"], target_size, m.device, m.weight_dtype)
-    return embeds, pooled, ids
+    return embeds, pooled, m.time_ids(batch, latent_shape)
 
 
-def min_snr_weights(noise_scheduler, timesteps: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:
-    """min-SNR weighting, in the form for the model's target."""
-    from diffusers.training_utils import compute_snr
-
-    snr = compute_snr(noise_scheduler, timesteps)
+def min_snr_weights(snr: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:
+    """min-SNR weighting of timesteps whose SNR is ``snr``, in the form for the model's target."""
     weights = torch.clamp(snr, max=gamma)
     if prediction_type == "epsilon":
         return weights / snr
@@ -81,13 +99,13 @@ def masked_mean(per_pixel: torch.Tensor, masks: torch.Tensor, background_weight:
 
 
 def batch_loss(m: StepModels, batch: dict, rng: torch.Generator, settings: LossSettings) -> torch.Tensor:
-    """The loss of one batch; every random draw comes from ``rng``."""
+    """The loss of one batch; every random draw comes from ``rng``, a generator on the step's device."""
     latents = batch_latents(m, batch, rng)
-    noise = torch.randn(latents.shape, generator=rng).to(latents)
+    noise = torch.randn(latents.shape, generator=rng, device=m.device).to(latents.dtype)
     if settings.noise_offset:
-        noise += settings.noise_offset * torch.randn((*latents.shape[:2], 1, 1), generator=rng).to(noise)
+        noise += settings.noise_offset * torch.randn((*latents.shape[:2], 1, 1), generator=rng, device=m.device).to(noise)
     steps = m.noise_scheduler.config.num_train_timesteps
-    timesteps = torch.randint(0, steps, (latents.shape[0],), generator=rng).to(m.device)
+    timesteps = torch.randint(0, steps, (latents.shape[0],), generator=rng, device=m.device)
     noisy = m.noise_scheduler.add_noise(latents, noise, timesteps)
     prediction = unet_prediction(m.unet, noisy, timesteps, *batch_conditioning(m, batch, latents.shape))
 
@@ -100,11 +118,12 @@ def batch_loss(m: StepModels, batch: dict, rng: torch.Generator, settings: LossS
         target = latents
     per_pixel = F.mse_loss(prediction.float(), target.float(), reduction="none")
     if "masks" in batch:
-        per_example = masked_mean(per_pixel, batch["masks"].to(per_pixel.device), settings.masked_loss_background_weight)
+        masks = batch["masks"].to(per_pixel.device, non_blocking=True)
+        per_example = masked_mean(per_pixel, masks, settings.masked_loss_background_weight)
     else:
         per_example = per_pixel.mean(dim=(1, 2, 3))
     if settings.snr_gamma is not None:
-        per_example = per_example * min_snr_weights(m.noise_scheduler, timesteps, settings.snr_gamma, prediction_type)
+        per_example = per_example * min_snr_weights(m.snr(timesteps), settings.snr_gamma, prediction_type)
     n = batch["num_instance"]
     loss = per_example[:n].mean()
     if per_example.shape[0] > n:

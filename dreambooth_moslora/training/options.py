@@ -126,6 +126,12 @@ def _add_output_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--num_validation_inference_steps", type=int, default=25)
     g.add_argument("--report_to", default="tensorboard", help='"tensorboard", "wandb", "all" or "none"')
     g.add_argument("--logging_dir", type=Path, default=Path("logs"))
+    g.add_argument("--logging_steps", type=int, default=10,
+                   help="read the loss every N steps (loss.csv, trackers, the NaN check): reading it makes the host wait "
+                        "for the GPU, so not every step")
+    g.add_argument("--profile_steps", type=int, default=0,
+                   help="profile N steps after the first two: profile.json (ops, syncs, kernels, GPU busy share per step) "
+                        "and profile-trace.json in --output_dir")
     g.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)
 
 
@@ -216,6 +222,8 @@ def validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
                  "checkpointing_steps", "num_validation_images", "validation_epochs"):  # fmt: skip
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if args.logging_steps < 1 or args.profile_steps < 0:
+        parser.error("--logging_steps must be at least 1 and --profile_steps at least 0")
     for name in ("max_train_steps", "validation_steps"):  # optional: unset is fine
         if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
@@ -287,12 +295,14 @@ class LoopSettings:
     validation_steps: int | None
     dataloader_workers: int
     loss: LossSettings
+    logging_steps: int = 10
 
 
 def loop_settings(args: argparse.Namespace) -> LoopSettings:
     return LoopSettings(args.train_batch_size, args.gradient_accumulation_steps, args.seed, args.max_grad_norm,
                         args.checkpointing_steps, args.checkpoints_total_limit, args.validation_epochs,
-                        args.validation_steps, args.dataloader_num_workers, loss_settings(args))  # fmt: skip
+                        args.validation_steps, args.dataloader_num_workers, loss_settings(args),
+                        args.logging_steps)  # fmt: skip
 
 
 def loss_settings(args: argparse.Namespace) -> LossSettings:

@@ -53,7 +53,7 @@ def train(args) -> Path:
 
     # 2. Models: frozen base, adapters in fp32, the optimizer over the adapters alone.
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-    base = load_base_model(*base_id, args.pretrained_vae_model_name_or_path, device, weight_dtype)
+    base = load_base_model(*base_id, args.pretrained_vae_model_name_or_path, device, weight_dtype, args.base_precision)
     components, params = add_adapters(base, adapter_config(args), args.train_text_encoder, args.seed, args.gradient_checkpointing)
     mixers = {id(p) for model in components.values() for p in mixer_parameters(model)}
     groups = param_groups(args, params, accelerator.num_processes, mixers)

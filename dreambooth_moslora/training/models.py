@@ -11,6 +11,7 @@ import torch
 from ..adapter import AdapterConfig
 from ..errors import TrainingError
 from ..surgery import inject_components
+from .base_precision import place
 
 logger = logging.getLogger("dreambooth_moslora")
 
@@ -43,13 +44,14 @@ def load_vae(model_path: str, vae_path: str | None = None, revision: str | None 
     return AutoencoderKL.from_pretrained(model_path, subfolder="vae", revision=revision, variant=variant)
 
 
-def load_base_model(model_path: str, revision, variant, vae_path, device, weight_dtype) -> BaseModel:
-    """Frozen weights in the mixed-precision dtype; the VAE in fp32 unless a separate (fp16-safe) one is given."""
+def load_base_model(model_path: str, revision, variant, vae_path, device, weight_dtype, base_precision: str = "auto"):
+    """Frozen weights in the mixed-precision dtype, or the UNet's and text encoders' stored as ``base_precision``
+    says (see base_precision.py); the VAE in fp32 unless a separate (fp16-safe) one is given."""
     with loading(f"the base model {model_path!r}"):
-        return _load_base_model(model_path, revision, variant, vae_path, device, weight_dtype)
+        return _load_base_model(model_path, revision, variant, vae_path, device, weight_dtype, base_precision)
 
 
-def _load_base_model(model_path: str, revision, variant, vae_path, device, weight_dtype) -> BaseModel:
+def _load_base_model(model_path: str, revision, variant, vae_path, device, weight_dtype, base_precision) -> BaseModel:
     from diffusers import DDPMScheduler, UNet2DConditionModel
     from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
 
@@ -66,10 +68,11 @@ def _load_base_model(model_path: str, revision, variant, vae_path, device, weigh
     noise_scheduler = DDPMScheduler.from_pretrained(model_path, subfolder="scheduler", revision=revision)
     for model in (unet, vae, *text_encoders):
         model.requires_grad_(False)
-    unet.to(device, dtype=weight_dtype)
+    saved = sum(place(model, base_precision, weight_dtype, device) for model in (unet, *text_encoders))
+    if saved:
+        logger.info("base weights stored in %s: %.2f GiB less than in %s", base_precision, saved / 2**30,
+                    str(weight_dtype).removeprefix("torch."))
     vae.to(device, dtype=weight_dtype if vae_path else torch.float32)
-    for encoder in text_encoders:
-        encoder.to(device, dtype=weight_dtype)
     return BaseModel(tokenizers, text_encoders, vae, unet, noise_scheduler)
 
 

@@ -108,6 +108,9 @@ def _add_optimisation_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--snr_gamma", type=float, help="min-SNR weighting; 5.0 is the usual value")
     g.add_argument("--noise_offset", type=float, default=0.0)
     g.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"])
+    g.add_argument("--base_precision", choices=["auto", "bf16", "fp16", "fp8"], default="auto",
+                   help="how the frozen UNet and text-encoder weights are stored: auto (as --mixed_precision computes), "
+                        "or lower, upcast layer by layer (fp8: e4m3 with a scale per output channel, as kohya's --fp8_base)")
     g.add_argument("--allow_tf32", action="store_true")
     g.add_argument("--seed", type=int, default=0)
 

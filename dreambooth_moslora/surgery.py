@@ -94,7 +94,9 @@ def bank_mixers(model: nn.Module) -> list[MixerBank]:
     return list(banks)
 
 
-def _unbank(model: nn.Module) -> None:
+def unbank_mixers(model: nn.Module) -> None:
+    """Gives each mixer layer its own B and M again (as they are now): what regional compilation needs, where each
+    block is compiled once for all blocks of its kind and a layer's place in a group would tell them apart."""
     banks = model._modules.pop(_BANKS, None)
     for bank in banks or ():
         bank.release()
@@ -126,7 +128,7 @@ def mixer_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 def remove_adapter(model: nn.Module) -> int:
     """Puts the original layers back, with their original weights; returns how many layers it restored."""
-    _unbank(model)
+    unbank_mixers(model)
     layers = adapter_layers(model)
     for name, layer in layers.items():
         layer.unmerge()
@@ -144,7 +146,7 @@ def fuse_adapter(model: nn.Module) -> int:
 
     The adapter is remembered on the model, so ``remove_adapter`` can still subtract it again.
     """
-    _unbank(model)
+    unbank_mixers(model)
     layers = adapter_layers(model)
     for name, layer in layers.items():
         layer.merge()

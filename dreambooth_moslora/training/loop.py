@@ -54,7 +54,9 @@ def train(args) -> Path:
     # 2. Models: frozen base, adapters in fp32, the optimizer over the adapters alone.
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     base = load_base_model(*base_id, args.pretrained_vae_model_name_or_path, device, weight_dtype, args.base_precision)
-    components, params = add_adapters(base, adapter_config(args), args.train_text_encoder, args.seed, args.gradient_checkpointing)
+    compile_mode = args.torch_compile_mode if args.torch_compile else None
+    components, params = add_adapters(base, adapter_config(args), args.train_text_encoder, args.seed, args.gradient_checkpointing,
+                                      compile_mode)  # fmt: skip
     mixers = {id(p) for model in components.values() for p in mixer_parameters(model)}
     groups = param_groups(args, params, accelerator.num_processes, mixers)
     optimizer = make_optimizer(args.optimizer, groups, **optimizer_options(args))

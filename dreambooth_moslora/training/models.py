@@ -10,7 +10,7 @@ import torch
 
 from ..adapter import AdapterConfig
 from ..errors import TrainingError
-from ..surgery import inject_components
+from ..surgery import inject_components, trainable_parameters, unbank_mixers
 from .base_precision import place
 
 logger = logging.getLogger("dreambooth_moslora")
@@ -76,8 +76,10 @@ def _load_base_model(model_path: str, revision, variant, vae_path, device, weigh
     return BaseModel(tokenizers, text_encoders, vae, unet, noise_scheduler)
 
 
-def add_adapters(base: BaseModel, config: AdapterConfig, text_encoders: bool, seed: int, gradient_checkpointing: bool):
-    """MoSLoRA layers in the UNet (and the text encoders); returns the adapted models and their trainable parameters."""
+def add_adapters(base: BaseModel, config: AdapterConfig, text_encoders: bool, seed: int, gradient_checkpointing: bool,
+                 compile_mode: str | None = None):
+    """MoSLoRA layers in the UNet (and the text encoders), the UNet compiled if asked; returns the adapted models and
+    their trainable parameters."""
     components = {"unet": base.unet}
     if text_encoders:
         components.update(text_encoder=base.text_encoders[0], text_encoder_2=base.text_encoders[1])
@@ -88,7 +90,22 @@ def add_adapters(base: BaseModel, config: AdapterConfig, text_encoders: bool, se
         if text_encoders:
             for encoder in base.text_encoders:
                 encoder.gradient_checkpointing_enable()
+    if compile_mode:
+        params["unet"] = compile_unet(base.unet, compile_mode)
     return components, params
+
+
+def compile_unet(unet: torch.nn.Module, mode: str) -> list[torch.nn.Parameter]:
+    """--torch_compile: the whole UNet, hooks, adapters and checkpointing included, as one graph for inductor
+    (``mode`` as torch.compile's: "reduce-overhead" replays it as CUDA graphs), or "regional": each transformer block
+    compiled once for all of its kind (diffusers' compile_repeated_blocks; far quicker to compile, where a whole
+    graph cannot be captured). Returns the UNet's trainable parameters, which regional compilation regroups."""
+    if mode == "regional":
+        unbank_mixers(unet)  # a layer's slot in its group would be a different constant in every block
+        unet.compile_repeated_blocks()
+    else:
+        unet.compile(mode=mode)
+    return trainable_parameters(unet)
 
 
 def make_optimizer(name: str, groups: list[dict], betas=(0.9, 0.999), eps: float = 1e-8, use_8bit_adam: bool = False,

@@ -19,6 +19,7 @@ from ..adapter import LORA_INITS, MIXER_INITS, MIXER_MODES, AdapterConfig
 from ..formats import FORMATS
 from .loss import LossSettings
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs", "regional")
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 
 
@@ -112,6 +113,10 @@ def _add_optimisation_options(p: argparse.ArgumentParser) -> None:
                    help="how the frozen UNet and text-encoder weights are stored: auto (as --mixed_precision computes), "
                         "or lower, upcast layer by layer (fp8: e4m3 with a scale per output channel, as kohya's --fp8_base)")
     g.add_argument("--allow_tf32", action="store_true")
+    g.add_argument("--torch_compile", action="store_true", help="compile the UNet's step with torch.compile (inductor)")
+    g.add_argument("--torch_compile_mode", choices=COMPILE_MODES, default="default",
+                   help="torch.compile's mode for the whole UNet (reduce-overhead: CUDA graphs), or regional: each "
+                        "transformer block compiled once (quicker to compile)")
     g.add_argument("--seed", type=int, default=0)
 
 

@@ -168,9 +168,9 @@ def test_batched_products_train_exactly_like_per_layer_ones():
         torch.manual_seed(0)
         inject_adapter(unet, AdapterConfig(rank=4, mixer="learned"))
         if not banked:
-            from dreambooth_moslora.surgery import _unbank
+            from dreambooth_moslora.surgery import unbank_mixers
 
-            _unbank(unet)  # every layer its own B and M again, each computing its own B·M
+            unbank_mixers(unet)  # every layer its own B and M again, each computing its own B·M
         params.append(trainable_parameters(unet))
         unet.enable_gradient_checkpointing()
         unets.append(unet)

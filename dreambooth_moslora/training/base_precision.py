@@ -19,8 +19,8 @@ FP8_MAX = 448.0
 STORAGE = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp8": FP8}
 
 
-def stored(weight: torch.Tensor, storage: torch.dtype, compute: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(the weight in ``storage``, its per-output-channel scale in ``compute``, or None without one)."""
+def stored(weight: torch.Tensor, storage: torch.dtype, compute: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the weight in ``storage``, its per-output-channel scale in ``compute``; the scale is None but for fp8)."""
     if storage != FP8:
         return weight.detach().to(storage), None
     amax = weight.detach().float().abs().amax(dim=tuple(range(1, weight.dim())), keepdim=True)

@@ -28,7 +28,8 @@ from .loss import StepModels, batch_loss
 from .model_card import write_model_card
 from .profiling import LOSS_READ, StepProfile
 from .stopping import EXIT_CODE, RunStopped, install, loop_begins, loop_ends, stop_requested
-from .models import add_adapters, class_image_pipeline, load_base_model, load_vae, make_optimizer
+from .memory_plan import Job, device_budget_gib, parameter_counts, plan
+from .models import add_adapters, class_image_pipeline, load_base_model, load_vae, loading, make_optimizer
 from .options import LoopSettings, adapter_config, loop_settings, optimizer_options, param_groups, settings_for_metadata
 from .validation import set_adapter_training, validation_grid
 
@@ -51,7 +52,10 @@ def train(args) -> Path:
         class_images = class_images_for_prior(accelerator, base_id, args.class_data_dir, args.class_prompt, args.num_class_images,
                                               args.sample_batch_size, args.seed, args.resolution, args.class_inference_steps)  # fmt: skip
 
-    # 2. Models: frozen base, adapters in fp32, the optimizer over the adapters alone.
+    # 2. Models: frozen base, adapters in fp32, the optimizer over the adapters alone; first, with a memory budget or
+    #    --train_batch_size auto, the batch, checkpointing and base precision that fit.
+    if args.memory_budget_gib is not None or args.train_batch_size == "auto":
+        fit_to_memory(args, accelerator, max(len(instance_images), len(class_images)), bool(class_images))
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     base = load_base_model(*base_id, args.pretrained_vae_model_name_or_path, device, weight_dtype, args.base_precision)
     compile_mode = args.torch_compile_mode if args.torch_compile else None
@@ -186,6 +190,26 @@ def class_images_for_prior(accelerator, model: tuple, class_dir: Path, prompt: s
     accelerator.wait_for_everyone()
     images, _ = scan_images(class_dir, "class")
     return images[:count]
+
+
+def fit_to_memory(args, accelerator, examples: int, prior: bool) -> None:
+    """Settles --train_batch_size, --gradient_checkpointing and --base_precision (in ``args``) by the memory plan:
+    what the command line fixed stays; with a budget the planner may turn checkpointing on and store the base in fp8."""
+    budget = args.memory_budget_gib or device_budget_gib(accelerator.device)
+    compute = {"bf16": "bf16", "fp16": "fp16"}.get(accelerator.mixed_precision, "fp32")
+    with loading(f"the configs of {args.pretrained_model_name_or_path!r}"):
+        counts = parameter_counts(args.pretrained_model_name_or_path, adapter_config(args), args.train_text_encoder)
+    job = Job(counts["unet"], counts["text_encoders"], counts["vae"], counts["adapter"], args.resolution, compute,
+              2 if prior else 1, args.train_text_encoder, args.cache_latents)
+    free = args.memory_budget_gib is not None  # without a budget, auto chooses the batch alone
+    setting = plan(job, budget, None if args.train_batch_size == "auto" else args.train_batch_size,
+                   None if free and not args.gradient_checkpointing else args.gradient_checkpointing,
+                   None if free and args.base_precision == "auto" else args.base_precision, max_batch=examples)
+    args.train_batch_size, args.gradient_checkpointing = setting.batch_size, setting.gradient_checkpointing
+    args.base_precision = setting.base_precision
+    if accelerator.is_main_process:
+        logger.info("memory plan for %.1f GiB at %d px: %s, %.2f GiB at the peak; the learning rate stays as given "
+                    "(--scale_lr multiplies it by the batch)", budget, args.resolution, setting.describe(), setting.peak_gib)
 
 
 @torch.no_grad()

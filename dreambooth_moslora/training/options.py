@@ -82,7 +82,11 @@ def _add_adapter_options(p: argparse.ArgumentParser) -> None:
 
 def _add_optimisation_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("optimisation")
-    g.add_argument("--train_batch_size", type=int, default=4)
+    g.add_argument("--train_batch_size", type=_batch_size, default=4,
+                   help="images per batch (per process), or auto: the largest that fits the memory budget")
+    g.add_argument("--memory_budget_gib", type=float,
+                   help="fit the run in N GiB: picks gradient checkpointing, --base_precision and (with "
+                        "--train_batch_size auto) the batch, from measured figures, and prints the plan")
     g.add_argument("--num_train_epochs", type=int, default=1)
     g.add_argument("--max_train_steps", type=int, help="overrides --num_train_epochs")
     g.add_argument("--gradient_accumulation_steps", type=int, default=1)
@@ -141,6 +145,15 @@ def _add_output_options(p: argparse.ArgumentParser) -> None:
                    help="profile N steps after the first two: profile.json (ops, syncs, kernels, GPU busy share per step) "
                         "and profile-trace.json in --output_dir")
     g.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)
+
+
+def _batch_size(text) -> int | str:
+    if str(text).strip().lower() == "auto":
+        return "auto"
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number or auto, got {text!r}") from None
 
 
 def _bool(text: str) -> bool:
@@ -226,7 +239,10 @@ def validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
         print("warning: --class_prompt/--class_data_dir are ignored without --with_prior_preservation", file=sys.stderr)
     if args.resolution < 8 or args.resolution % 8:
         parser.error(f"--resolution must be a positive multiple of 8, got {args.resolution}")
-    for name in ("rank", "train_batch_size", "num_train_epochs", "gradient_accumulation_steps", "sample_batch_size", "class_inference_steps",
+    if args.memory_budget_gib is not None and args.memory_budget_gib <= 0:
+        parser.error(f"--memory_budget_gib must be positive, got {args.memory_budget_gib:g}")
+    numbers = ("train_batch_size",) if args.train_batch_size != "auto" else ()
+    for name in ("rank", *numbers, "num_train_epochs", "gradient_accumulation_steps", "sample_batch_size", "class_inference_steps",
                  "checkpointing_steps", "num_validation_images", "validation_epochs"):  # fmt: skip
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")

@@ -125,7 +125,8 @@ def summarise(events, batches: int, wall_seconds: float, host_tensors: Counter) 
         "batches": batches,
         "wall_ms_per_batch": round(wall_seconds * 1e3 / batches, 3),
         "ops_per_batch": sum(n for name, n in names.items() if name.startswith("aten::")) / batches,
-        "scalar_reads_per_batch": sum(1 for e in host if e.name in SCALAR_READS and not in_cpu_optimizer(e, kernels)) / batches,
+        "scalar_reads_per_batch": len([e for e in host if e.name in SCALAR_READS and not in_cpu_optimizer(e, kernels)])
+        / batches,
         "loss_reads_per_batch": names[LOSS_READ] / batches,
         "device_syncs_per_batch": sum(names[name] for name in DEVICE_SYNCS) / batches,
         "kernel_launches_per_batch": sum(names[name] for name in LAUNCHES) / batches,
@@ -134,8 +135,8 @@ def summarise(events, batches: int, wall_seconds: float, host_tensors: Counter) 
         "host_tensors_per_batch": sum(host_tensors.values()) / batches,
         "host_tensors_made_at": dict(host_tensors.most_common(10)),
         "gpu_busy_share": busy_share(kernels, wall_seconds) if kernels else None,
-        "top_kernels": [{"name": name[:120], "calls_per_batch": n / batches, "ms_per_batch": round(us / 1e3 / batches, 3)}
-                        for name, (n, us) in top],
+        "top_kernels": [{"name": name[:120], "calls_per_batch": n / batches,
+                         "ms_per_batch": round(us / 1e3 / batches, 3)} for name, (n, us) in top],
     }
 
 

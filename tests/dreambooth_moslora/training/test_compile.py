@@ -25,8 +25,9 @@ def test_regionally_compiled_training_gives_the_eager_adapter(world, tmp_path):
     # inductor's kernels round differently: the same adapter to floating-point tolerance, not bit for bit
     for name in eager:
         assert (eager[name] - compiled[name]).abs().max() <= 1e-2 * eager[name].abs().max() + 1e-7, name
-    eager_losses = [float(r.split(",")[1]) for r in (tmp_path / "eager" / "loss.csv").read_text().splitlines()[1:]]
-    compiled_losses = [float(r.split(",")[1]) for r in (tmp_path / "compiled" / "loss.csv").read_text().splitlines()[1:]]
+    eager_losses, compiled_losses = ([float(row.split(",")[1]) for row in rows[1:]]
+                                     for rows in ((tmp_path / run / "loss.csv").read_text().splitlines()
+                                                  for run in ("eager", "compiled")))
     assert len(eager_losses) == 3 and all(abs(a - b) <= 1e-4 * a for a, b in zip(eager_losses, compiled_losses))
 
 
@@ -52,6 +53,7 @@ def test_the_whole_adapted_unet_is_captured_without_a_break(world):
     # two graphs, no break: the forward pre-hook's batched B·M for each group of layers, then the whole UNet
     assert len(graphs) == 2
     hook, forward = ([str(n.target) for n in g.graph.nodes if n.op == "call_function"] for g in graphs)
-    assert sum("bmm" in c for c in hook) == len(unet.moslora_mixer_banks) and all("bmm" in c or "getitem" in c for c in hook)
+    assert sum("bmm" in c for c in hook) == len(unet.moslora_mixer_banks)
+    assert all("bmm" in c or "getitem" in c for c in hook)
     assert not any("bmm" in c for c in forward) and sum("checkpoint" in c.lower() for c in forward) > 0
     assert all(p.grad is not None for p in unet.parameters() if p.requires_grad)

@@ -24,9 +24,11 @@ webui: $(VENV)/.installed
 bench: $(VENV)/.installed
 	$(VENV)/bin/python benchmarks/adapter_overhead.py
 
-# The wheels the GPU machine's image lacks (it has torch, transformers, accelerate, peft; no network there).
+# The wheels the GPU machine's image lacks (it has torch, transformers, accelerate, peft; no network there), and
+# diffusers' script for the side-by-side runs (../shared does not travel to that machine).
 gpu-wheels: $(VENV)/.installed
 	$(VENV)/bin/python -m pip download -q --no-deps -d .gpu-wheels "diffusers==$$($(VENV)/bin/python -c 'import diffusers; print(diffusers.__version__)')"
+	cp ../shared/reference/train_dreambooth_lora_sdxl.py .gpu-wheels/
 
 clean:
 	rm -rf $(VENV) outputs

@@ -1,189 +1,232 @@
-"""The prepared GPU run: what the mixer costs at full size, and the trainer's memory and speed on SDXL at 1024 px.
+"""The prepared GPU run: the trainer's speed and memory on the full-size SDXL at 1024 px, against diffusers' script.
 
     bash benchmarks/gpu_suite.sh              # on the GPU machine (installs the carried wheels, then this)
-    python benchmarks/gpu_suite.py --smoke    # the same code path on a CPU, tiny model, a few minutes
+    python benchmarks/gpu_suite.py --smoke    # the same code path on a CPU, tiny model, 64 px
 
-1. Builds SDXL base's real architecture with random weights (toyworld.tiny_sdxl.save_full_size_sdxl):
-   no hub download, the real layer names, sizes and memory.
-2. The adapter's cost (benchmarks/adapter_overhead.py --full-size, bf16, 1024 px, gradient checkpointing): PEFT's
-   LoRA against MoSLoRA with the mixer learned, frozen and none, interleaved rounds, op counts per step.
-3. The trainer itself (train_dreambooth.py's code, each run a fresh process): 1024 px, batch 1, gradient
-   checkpointing, cached latents; fp16 and bf16; UNet adapters alone and with text-encoder adapters;
-   8-bit Adam where bitsandbytes is installed; MoSLoRA (learned mixer) against --mixer none. Peak GPU
-   memory (torch.cuda.max_memory_allocated, the whole process) and steps/s over the steps after the
-   first (from loss.csv's per-step times).
+It builds SDXL base's real architecture with random weights (no hub), then runs, each in its own process and each
+timed the same way (benchmarks/vs_diffusers.py: an optimizer-step hook after a synchronize; steps/s after the
+first two steps; peak = torch.cuda.max_memory_allocated), in order of importance, within --time_budget:
 
-It prints one table and writes results.json; the README records the figures with the card named.
+1. diffusers' train_dreambooth_lora_sdxl.py and ours at the same settings (1024 px, batch 1, rank 4, bf16, no
+   checkpointing, latents not cached, no prior preservation): vs_diffusers.
+2. ours at batch 1 with cached latents (a --profile_steps 3 window: kernels, launches, syncs, GPU busy share),
+   and with gradient checkpointing;
+3. the low-memory setting: --memory_budget_gib 7.5, batch 1, UNet adapters: its peak;
+4. --mixer none against the learned mixer, alternating (learned, none, …, none, learned): mixer_time_ratio;
+5. --torch_compile in its reduce-overhead (CUDA graphs) and default modes, batch 1, between them
+6. batches 8, 16 and 4: images/s and MFU (images/s × 13.5 TFLOP per 1024-px image ÷ the card's dense bf16 peak).
+
+It prints a table and writes gpu-suite-<card>-<date>.json (its "summary" holds the figures the GPU issue names)
+into --output_dir and benchmarks/results/.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
-import os
-import subprocess
+import re
+import statistics
 import sys
 import time
 from pathlib import Path
 
-from dreambooth_moslora.training.loop import read_loss_log, steps_per_second
+from vs_diffusers import REFERENCE, ROOT, run
 
-ROOT = Path(__file__).resolve().parents[1]
-
-TRAIN = """
-import json, sys, torch
-from dreambooth_moslora.runtime import quiet_libraries
-from dreambooth_moslora.training import parse_args, train
-quiet_libraries()
-if torch.cuda.is_available():
-    torch.cuda.reset_peak_memory_stats()
-train(parse_args(json.loads(sys.argv[1])))
-peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
-print("RESULT", json.dumps({"peak_bytes": peak}))
-"""
+TFLOP_PER_IMAGE = 13.5  # a LoRA training step on one 1024-px image: UNet forward 6.76 TFLOP (FlopCounterMode), ×2
+DENSE_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0, "L40S": 362.0, "RTX 4090": 165.2}
 
 
-def trainer_configs(smoke: bool, eight_bit: bool) -> list[dict]:
-    """(name, options) of each trainer run: pairs that differ in the mixer alone, so their ratio is the mixer's cost."""
-    precisions = ["no"] if smoke else ["fp16", "bf16"]
-    configs = []
-    for precision in precisions:
-        for mixer in ("learned", "none"):
-            configs.append(dict(precision=precision, mixer=mixer, text_encoders=False, eight_bit=False))
-    last = precisions[-1]
-    for mixer in ("learned", "none"):
-        configs.append(dict(precision=last, mixer=mixer, text_encoders=True, eight_bit=False))
-    if eight_bit:
-        for mixer in ("learned", "none"):
-            configs.append(dict(precision=last, mixer=mixer, text_encoders=False, eight_bit=True))
-    return configs
+def card_peak(card: str) -> float | None:
+    return next((tflops for name, tflops in DENSE_BF16_TFLOPS.items() if name in card), None)
 
 
-def train_argv(model: Path, subject: Path, out: Path, config: dict, resolution: int, steps: int) -> list[str]:
-    argv = [
-        "--pretrained_model_name_or_path", str(model), "--instance_data_dir", str(subject), "--instance_prompt", "a sks circle",
-        "--resolution", str(resolution), "--train_batch_size", "1", "--gradient_checkpointing", "--cache_latents",
-        "--mixed_precision", config["precision"], "--max_train_steps", str(steps), "--rank", "4", "--mixer", config["mixer"],
-        "--output_formats", "native", "--checkpointing_steps", "100000", "--report_to", "none", "--output_dir", str(out),
-    ]  # fmt: skip
-    if config["text_encoders"]:
-        argv.append("--train_text_encoder")
-    if config["eight_bit"]:
-        argv.append("--use_8bit_adam")
-    return argv
+class Suite:
+    def __init__(self, a, model: Path, subject: Path):
+        self.a, self.model, self.subject = a, model, subject
+        self.started = time.perf_counter()
+        self.results: dict[str, dict] = {}
+        self.last_seconds = 0.0
+
+    def left(self) -> float:
+        return self.a.time_budget - (time.perf_counter() - self.started)
+
+    def ours(self, name: str, *extra: str, batch: int = 1, steps: int | None = None, skip: int = 2) -> dict:
+        argv = ["--pretrained_model_name_or_path", str(self.model), "--instance_data_dir", str(self.subject),
+                "--instance_prompt", "a sks circle", "--resolution", str(self.a.resolution), "--train_batch_size",
+                str(batch), "--max_train_steps", str(steps or self.a.steps), "--rank", "4", "--learning_rate", "1e-4",
+                "--report_to", "none", "--output_formats", "native", "--checkpointing_steps", str(10**6),
+                "--output_dir", str(self.a.work_dir / name.replace(" ", "-")), *self.precision(), *extra]
+        return self.timed(name, ROOT / "train_dreambooth.py", argv, batch, skip)
+
+    def diffusers(self, name: str) -> dict:
+        argv = ["--pretrained_model_name_or_path", str(self.model), "--instance_data_dir", str(self.subject),
+                "--instance_prompt", "a sks circle", "--resolution", str(self.a.resolution), "--train_batch_size", "1",
+                "--max_train_steps", str(self.a.steps), "--rank", "4", "--learning_rate", "1e-4", "--seed", "0",
+                "--checkpointing_steps", str(10**6), "--report_to", "tensorboard",
+                "--output_dir", str(self.a.work_dir / "diffusers"), *self.precision()]
+        return self.timed(name, self.a.reference, argv, 1)
+
+    def precision(self) -> list[str]:
+        return [] if self.a.smoke else ["--mixed_precision", "bf16"]
+
+    def timed(self, name: str, script: Path, argv: list[str], batch: int, skip: int = 2) -> dict:
+        if self.left() < max(0.8 * self.last_seconds, 1):
+            result = {"error": f"skipped: {max(self.left(), 0):.0f} s of the time budget left"}
+        else:
+            began = time.perf_counter()
+            result = run(script, argv, timeout=self.left(), skip=skip)
+            self.last_seconds = result["seconds"] = time.perf_counter() - began
+            if result.get("steps_per_second"):
+                result["images_per_second"] = result["steps_per_second"] * batch
+        self.results[name] = result
+        print(f"  {name}: { {k: v for k, v in result.items() if k != 'profile'} }", flush=True)
+        return result
 
 
-def run_trainer(argv: list[str], out: Path, timeout: float) -> dict:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TQDM_DISABLE="1", PYTHONUNBUFFERED="1")
-    started = time.perf_counter()
-    try:
-        done = subprocess.run([sys.executable, "-c", TRAIN, json.dumps(argv)], capture_output=True, text=True, env=env,
-                              timeout=timeout)  # fmt: skip
-    except subprocess.TimeoutExpired:
-        return {"error": f"stopped at the time budget after {timeout:.0f} s", "seconds": time.perf_counter() - started}
-    seconds = time.perf_counter() - started
-    if done.returncode != 0:
-        lines = (done.stdout + done.stderr).strip().splitlines()
-        return {"error": lines[-1][:300] if lines else f"exit code {done.returncode}", "seconds": seconds}
-    result = json.loads(next(line for line in done.stdout.splitlines() if line.startswith("RESULT "))[7:])
-    # after the first two steps (allocation, autotuning)
-    speed = steps_per_second(read_loss_log(out / "loss.csv"), skip=2)
-    return {**result, "steps_per_second": speed, "seconds": seconds}
+def run_all(s: Suite) -> None:
+    """In order of importance: what is skipped at the time budget matters least."""
+    s.diffusers("diffusers")
+    s.ours("ours")
+    # profiled steps 3-5 are not timed: steps/s counts from step 7 (step 6 writes the trace)
+    s.ours("bs1", "--cache_latents", "--profile_steps", "3", steps=s.a.steps + 4, skip=6)
+    profile = s.a.work_dir / "bs1" / "profile.json"
+    if profile.is_file():
+        s.results["bs1"]["profile"] = json.loads(profile.read_text())
+    s.ours("bs1 ckpt", "--cache_latents", "--gradient_checkpointing")
+    s.ours("low memory", "--cache_latents", "--memory_budget_gib", "7.5")
+    s.ours("mixer none", "--cache_latents", "--mixer", "none")
+    # compilation and CUDA-graph recording fall in the first steps: steps/s counts from step 5
+    compiled = dict(steps=s.a.steps + 2, skip=4)
+    s.ours("compiled reduce-overhead", "--cache_latents", "--torch_compile", "--torch_compile_mode",
+           "reduce-overhead", **compiled)
+    for batch in (8, 16):
+        s.ours(f"batch {batch}", "--cache_latents", batch=batch)
+    s.ours("compiled", "--cache_latents", "--torch_compile", **compiled)
+    s.ours("mixer none 2", "--cache_latents", "--mixer", "none")
+    s.ours("mixer learned 2", "--cache_latents")
+    s.ours("batch 4", "--cache_latents", batch=4)
 
 
-def adapter_overhead(smoke: bool, timeout: float) -> str:
-    # with gradient checkpointing, as the trainer runs below: the interleaved, paired comparison of their setting
-    argv = ["--device", "cpu", "--rounds", "2"] if smoke else ["--device", "cuda", "--full-size", "--dtype", "bf16", "--rounds", "6"]
-    argv.append("--gradient-checkpointing")
-    try:
-        done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "adapter_overhead.py"), *argv], capture_output=True,
-                              text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"), timeout=timeout)  # fmt: skip
-    except subprocess.TimeoutExpired:
-        return f"adapter_overhead.py stopped at the time budget after {timeout:.0f} s"
-    return (done.stdout if done.returncode == 0 else f"adapter_overhead.py failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}").strip()
+def planned_peaks(a, model: Path, results: dict) -> dict:
+    """The memory planner's peak for the runs whose settings it models, beside the measured one (GiB): what the next
+    recalibration of memory_plan.Figures starts from."""
+    from dreambooth_moslora import AdapterConfig
+    from dreambooth_moslora.training.memory_plan import Job, Setting, parameter_counts, peak_gib
+
+    counts = parameter_counts(str(model), AdapterConfig(rank=4), train_text_encoder=False)
+    job = Job(counts["unet"], counts["text_encoders"], counts["vae"], counts["adapter"], a.resolution,
+              "fp32" if a.smoke else "bf16", cache_latents=True)
+    runs = {"bs1": Setting(False, "auto", 1), "bs1 ckpt": Setting(True, "auto", 1),
+            **{f"batch {b}": Setting(False, "auto", b) for b in (4, 8, 16)}}
+    return {name: {"planned_gib": round(peak_gib(job, setting), 3),
+                   "measured_gib": round(results[name]["peak_bytes"] / 2**30, 3)
+                   if results.get(name, {}).get("peak_bytes") else None} for name, setting in runs.items()}
 
 
-def table(results: list[tuple[dict, dict]]) -> str:
-    lines = ["| precision | adapters | optimizer | mixer | peak GPU memory | steps/s | time vs --mixer none |", "|---|---|---|---|---|---|---|"]
-    speed = {(c["precision"], c["text_encoders"], c["eight_bit"], c["mixer"]): r.get("steps_per_second") for c, r in results}
-    for c, r in results:
-        where = "UNet + text encoders" if c["text_encoders"] else "UNet"
-        optimizer = "8-bit AdamW" if c["eight_bit"] else "AdamW"
+def speed(results: dict, name: str, key: str = "steps_per_second") -> float | None:
+    return results.get(name, {}).get(key)
+
+
+def summary(results: dict, card: str) -> dict:
+    best = max((r.get("images_per_second") or 0, name) for name, r in results.items() if name != "diffusers")
+    peak = card_peak(card)
+    learned = [v for v in (speed(results, "bs1"), speed(results, "mixer learned 2")) if v]
+    none = [v for v in (speed(results, "mixer none"), speed(results, "mixer none 2")) if v]
+    low = results.get("low memory", {}).get("peak_bytes")
+    ours, theirs = speed(results, "ours"), speed(results, "diffusers")
+    return {
+        "card": card, "date": datetime.date.today().isoformat(),
+        "bs1_steps_per_second": speed(results, "bs1"),
+        "bs1_ckpt_steps_per_second": speed(results, "bs1 ckpt"),
+        "best_images_per_second": best[0] or None, "best_run": best[1],
+        "best_mfu": best[0] * TFLOP_PER_IMAGE / peak if peak and best[0] else None,
+        "dense_bf16_tflops": peak, "tflop_per_image": TFLOP_PER_IMAGE,
+        "low_memory_peak_gib": low / 2**30 if low else None,
+        "vs_diffusers": ours / theirs if ours and theirs else None,
+        # time per step, learned over none: the pooled steps/s of the alternating runs, inverted
+        "mixer_time_ratio": statistics.mean(none) / statistics.mean(learned) if learned and none else None,
+    }
+
+
+def table(results: dict) -> str:
+    lines = ["| run | steps/s | images/s | peak GPU memory |", "|---|---|---|---|"]
+    for name, r in results.items():
         if "error" in r:
-            why = r["error"] if r["error"].startswith("skipped") else f"failed: {r['error']}"
-            lines.append(f"| {c['precision']} | {where} | {optimizer} | {c['mixer']} | {why} | | |")
+            lines.append(f"| {name} | {r['error']} | | |")
             continue
-        memory = f"{r['peak_bytes'] / 2**30:.2f} GiB" if r.get("peak_bytes") else "n/a (CPU)"
-        sps = r.get("steps_per_second")
-        base = speed.get((c["precision"], c["text_encoders"], c["eight_bit"], "none"))
-        ratio = f"{base / sps:.3f}×" if sps and base and c["mixer"] != "none" else ""
-        lines.append(f"| {c['precision']} | {where} | {optimizer} | {c['mixer']} | {memory} | {sps:.3f} | {ratio} |"
-                     if sps else f"| {c['precision']} | {where} | {optimizer} | {c['mixer']} | {memory} | ? | |")  # fmt: skip
+        memory = f"{r['peak_bytes'] / 2**30:.2f} GiB" if r.get("peak_bytes") else f"RSS {r['rss_bytes'] / 2**30:.2f} GiB"
+        sps, ips = r.get("steps_per_second"), r.get("images_per_second")
+        lines.append(f"| {name} | {sps or 0:.3f} | {ips or 0:.2f} | {memory} |")
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--smoke", action="store_true", help="a CPU check of the same code path: tiny model, 64 px, 4 steps")
-    parser.add_argument("--model_dir", type=Path, default=Path("/tmp/full-size-sdxl"))
-    parser.add_argument("--output_dir", type=Path, default=ROOT / "outputs" / "gpu-suite")
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--skip_overhead", action="store_true")
-    parser.add_argument("--time_budget", type=float, default=480,
-                        help="seconds for the whole suite: a part that would start or run past it is skipped or stopped, "
-                             "so the table always prints (a device call has a hard limit)")  # fmt: skip
-    args = parser.parse_args(argv)
-
+def build_model(a) -> Path:
     import torch
 
-    from dreambooth_moslora.runtime import has_module, quiet_libraries
     from toyworld.tiny_sdxl import save_full_size_sdxl, save_tiny_sdxl
+
+    model = a.model_dir.with_name(a.model_dir.name + "-tiny") if a.smoke else a.model_dir
+    if (model / "model_index.json").is_file():
+        return model
+    print(f"building {'the tiny' if a.smoke else 'the full-size'} SDXL with random weights in {model} …", flush=True)
+    if a.smoke:
+        return save_tiny_sdxl(model)
+    return save_full_size_sdxl(model, device="cuda" if torch.cuda.is_available() else "cpu")
+
+
+def options(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--smoke", action="store_true", help="a CPU check of the same code path: tiny model, 64 px")
+    p.add_argument("--model_dir", type=Path, default=Path("/tmp/full-size-sdxl"))
+    p.add_argument("--output_dir", type=Path, default=ROOT / "outputs" / "gpu-suite", help="the JSON goes here")
+    p.add_argument("--work_dir", type=Path, default=Path("/tmp/gpu-suite-runs"), help="the runs' own outputs")
+    p.add_argument("--reference", type=Path, default=None, help="diffusers' script (default: the carried copy, "
+                   "else ../shared/reference/)")
+    p.add_argument("--steps", type=int, default=12)
+    p.add_argument("--time_budget", type=float, default=450, help="seconds for the whole suite: a run that would "
+                   "start past it is skipped, one running at it is stopped, so the summary always prints")
+    a = p.parse_args(argv)
+    if a.reference is None:
+        carried = ROOT / ".gpu-wheels" / REFERENCE.name
+        a.reference = carried if carried.is_file() else REFERENCE
+    a.resolution = 64 if a.smoke else 1024
+    if a.smoke:
+        a.steps = min(a.steps, 6)
+    return a
+
+
+def main(argv=None) -> int:
+    a = options(argv)
+    import torch
+
+    from dreambooth_moslora.runtime import quiet_libraries
     from toyworld.world import write_subject
 
     quiet_libraries()
-    started = time.perf_counter()
-    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"
-    resolution, steps = (64, 4) if args.smoke else (1024, args.steps)
-    model = args.model_dir.with_name(args.model_dir.name + "-tiny") if args.smoke else args.model_dir
-    if not (model / "model_index.json").is_file():
-        print(f"building {'the tiny' if args.smoke else 'the full-size'} SDXL with random weights in {model} …", flush=True)
-        if args.smoke:
-            save_tiny_sdxl(model)
-        elif torch.cuda.is_available():
-            try:
-                save_full_size_sdxl(model, device="cuda")
-            except Exception as error:  # a one-shot device call: a slower build beats no figures
-                print(f"building on the GPU failed ({error}); building on the CPU", flush=True)
-                save_full_size_sdxl(model)
-        else:
-            save_full_size_sdxl(model)
-    build_seconds = time.perf_counter() - started
-    subject = args.output_dir / "subject"
-    write_subject(subject, count=4, size=resolution)
-
-    def left() -> float:
-        return args.time_budget - (time.perf_counter() - started)
-
-    # the overhead table gets at most a third of what is left; the trainer runs the rest, in order of importance
-    overhead = "" if args.skip_overhead else adapter_overhead(args.smoke, timeout=max(left() / 3, 1))
-    print(overhead, flush=True)
-    results, last_seconds = [], 0.0
-    for i, config in enumerate(trainer_configs(args.smoke, eight_bit=has_module("bitsandbytes") and not args.smoke)):
-        if left() < 0.8 * last_seconds or left() < 1:
-            result = {"error": f"skipped: {max(left(), 0):.0f} s of the time budget left"}
-        else:
-            out = args.output_dir / f"run{i}"
-            result = run_trainer(train_argv(model, subject, out, config, resolution, steps), out, timeout=left())
-            last_seconds = result["seconds"]
-        results.append((config, result))
-        print(f"  {config} → {result}", flush=True)
-
-    report = table(results)
-    print(f"\n## GPU suite on {device} ({resolution} px, batch 1, gradient checkpointing, cached latents, rank 4, {steps} steps; "
-          f"torch {torch.__version__}; model built in {build_seconds:.0f} s; {time.perf_counter() - started:.0f} s in all)\n")  # fmt: skip
-    print(overhead + "\n\n" + report)
-    (args.output_dir / "results.json").write_text(json.dumps({"device": device, "overhead": overhead, "results": [
-        {"config": c, "result": r} for c, r in results], "seconds": time.perf_counter() - started}, indent=1))  # fmt: skip
+    card = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"
+    began = time.perf_counter()
+    model = build_model(a)
+    print(f"model ready in {time.perf_counter() - began:.0f} s", flush=True)
+    subject = a.work_dir / "subject"
+    write_subject(subject, count=16, size=a.resolution)  # enough images for a batch of 16
+    for caption in subject.glob("*.txt"):
+        caption.unlink()
+    suite = Suite(a, model, subject)
+    run_all(suite)
+    result = {"summary": summary(suite.results, card), "runs": suite.results, "steps": a.steps,
+              "memory_plan_check": planned_peaks(a, model, suite.results),
+              "resolution": a.resolution, "torch": torch.__version__, "seconds": time.perf_counter() - began}
+    slug = re.sub(r"[^a-z0-9]+", "-", card.lower()).strip("-") if not a.smoke else "cpu-smoke"
+    name = f"gpu-suite-{slug}-{result['summary']['date']}.json"
+    text = json.dumps(result, indent=1)
+    for folder in (a.output_dir,) if a.smoke else (a.output_dir, ROOT / "benchmarks" / "results"):
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_text(text)
+    print(f"\n## GPU suite on {card} ({a.resolution} px, rank 4, {a.steps} steps per run; torch {torch.__version__}; "
+          f"{result['seconds']:.0f} s in all)\n\n{table(suite.results)}\n")
+    print(json.dumps(result["summary"], indent=1))
+    print("memory plan vs measured:", json.dumps(result["memory_plan_check"]))
     return 0
 
 

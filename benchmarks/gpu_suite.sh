@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# The prepared GPU run (one call on the device machine; about 8 minutes on one H100/H200; --time_budget (default 480 s) skips or stops what would run past it):
+# The prepared GPU run (one call on the device machine, about 8 minutes on one H100/H200; --time_budget (default
+# 450 s) skips or stops what would run past it, so the summary always prints):
 #   bash benchmarks/gpu_suite.sh
-# The device image has torch, transformers, accelerate, peft and safetensors but no diffusers, and no network:
-# `make gpu-wheels` puts the wheels it lacks in .gpu-wheels/ here, which the device call carries.
+# The device image has torch, torchvision, transformers, accelerate, peft and tensorboard but no diffusers, and no
+# network: `make gpu-wheels` puts the wheels it lacks and a copy of diffusers' script (../shared does not travel)
+# in .gpu-wheels/ here, which the device call carries.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}

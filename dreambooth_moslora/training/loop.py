@@ -52,15 +52,12 @@ def train(args) -> Path:
         class_images = class_images_for_prior(accelerator, base_id, args.class_data_dir, args.class_prompt, args.num_class_images,
                                               args.sample_batch_size, args.seed, args.resolution, args.class_inference_steps)  # fmt: skip
 
-    # 2. Models: frozen base, adapters in fp32, the optimizer over the adapters alone; first, with a memory budget or
-    #    --train_batch_size auto, the batch, checkpointing and base precision that fit.
-    if args.memory_budget_gib is not None or args.train_batch_size == "auto":
-        fit_to_memory(args, accelerator, max(len(instance_images), len(class_images)), bool(class_images))
+    # 2. Models (fitted to memory first, when asked): frozen base, adapters in fp32, the optimizer over the adapters.
+    fit_to_memory(args, accelerator, max(len(instance_images), len(class_images)), bool(class_images))
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     base = load_base_model(*base_id, args.pretrained_vae_model_name_or_path, device, weight_dtype, args.base_precision)
-    compile_mode = args.torch_compile_mode if args.torch_compile else None
     components, params = add_adapters(base, adapter_config(args), args.train_text_encoder, args.seed, args.gradient_checkpointing,
-                                      compile_mode)  # fmt: skip
+                                      args.torch_compile_mode if args.torch_compile else None)  # fmt: skip
     mixers = {id(p) for model in components.values() for p in mixer_parameters(model)}
     groups = param_groups(args, params, accelerator.num_processes, mixers)
     optimizer = make_optimizer(args.optimizer, groups, **optimizer_options(args))
@@ -72,9 +69,7 @@ def train(args) -> Path:
         args.caption_extension, args.center_crop, args.random_flip, args.aspect_ratio_buckets,
         bucket_step=64 if args.resolution >= 512 else 8, seed=args.seed, mask_dir=args.mask_dir, alpha_mask=args.alpha_mask,
     )  # fmt: skip
-    prompt_cache = None
-    if not args.train_text_encoder:
-        prompt_cache = cache_prompts(base, dataset, device, keep_encoders=bool(args.validation_prompt))
+    prompt_cache = None if args.train_text_encoder else cache_prompts(base, dataset, device, bool(args.validation_prompt))
     plan = StepPlan.make(len(epoch_batches(dataset, args.train_batch_size, 0, args.seed)), accelerator.num_processes,
                          args.gradient_accumulation_steps, args.max_train_steps, args.num_train_epochs)  # fmt: skip
     latent_cache = cache_latents(dataset, base.vae, device) if args.cache_latents else None
@@ -193,8 +188,11 @@ def class_images_for_prior(accelerator, model: tuple, class_dir: Path, prompt: s
 
 
 def fit_to_memory(args, accelerator, examples: int, prior: bool) -> None:
-    """Settles --train_batch_size, --gradient_checkpointing and --base_precision (in ``args``) by the memory plan:
-    what the command line fixed stays; with a budget the planner may turn checkpointing on and store the base in fp8."""
+    """With --memory_budget_gib or --train_batch_size auto, settles --train_batch_size, --gradient_checkpointing and
+    --base_precision (in ``args``) by the memory plan: what the command line fixed stays; with a budget the planner
+    may turn checkpointing on and store the base in fp8."""
+    if args.memory_budget_gib is None and args.train_batch_size != "auto":
+        return
     budget = args.memory_budget_gib or device_budget_gib(accelerator.device)
     compute = {"bf16": "bf16", "fp16": "fp16"}.get(accelerator.mixed_precision, "fp32")
     with loading(f"the configs of {args.pretrained_model_name_or_path!r}"):

@@ -383,6 +383,10 @@ class KohyaFormat:
             "modelspec.sai_model_spec": "1.0.0",
         }
         metadata.update({f"ss_{key}": str(value) for key, value in (training or {}).items()})
+        if training and training.get("prediction_type"):  # what sd-scripts writes, and what other tools read
+            v = training["prediction_type"] == "v_prediction"
+            metadata.update({"modelspec.prediction_type": "v" if v else "epsilon", "ss_v_parameterization": str(v),
+                             "ss_zero_terminal_snr": str(bool(training.get("rescale_betas_zero_snr")))})
         return tensors, metadata
 
     def read(self, path, tensors, metadata, components):
@@ -538,5 +542,22 @@ def recorded(metadata: dict[str, str]) -> dict:
         "validation_prompt": training.get("validation_prompt") or None,
         "steps": training.get("max_train_steps") or metadata.get("ss_max_train_steps"),
         "base_model": metadata.get("base_model") or metadata.get("ss_sd_model_name") or None,
+        "noise_schedule": recorded_schedule(training, metadata),
         "training": training,
     }
+
+
+def recorded_schedule(training: dict, metadata: dict[str, str]) -> dict:
+    """The noise schedule a file says it was trained with (prediction type, zero terminal SNR), in diffusers'
+    scheduler-config names; from our settings, else from sd-scripts' keys; empty when it says nothing."""
+    schedule = {}
+    v = {"v": "v_prediction", "epsilon": "epsilon"}.get(metadata.get("modelspec.prediction_type", ""))
+    if training.get("prediction_type") in ("epsilon", "v_prediction"):
+        schedule["prediction_type"] = training["prediction_type"]
+    elif v or metadata.get("ss_v_parameterization") in ("True", "False"):
+        schedule["prediction_type"] = v or ("v_prediction" if metadata["ss_v_parameterization"] == "True" else "epsilon")
+    if isinstance(training.get("rescale_betas_zero_snr"), bool):
+        schedule["rescale_betas_zero_snr"] = training["rescale_betas_zero_snr"]
+    elif metadata.get("ss_zero_terminal_snr") in ("True", "False"):
+        schedule["rescale_betas_zero_snr"] = metadata["ss_zero_terminal_snr"] == "True"
+    return schedule

@@ -1,4 +1,5 @@
-"""Loading adapter files into diffusers SDXL pipelines, without peft."""
+"""Loading adapter files into diffusers SDXL pipelines, without peft; a sampler configured for the noise schedule
+an adapter was trained with."""
 
 from __future__ import annotations
 
@@ -72,3 +73,12 @@ def restore_adapter_weights(components: dict[str, nn.Module], path: str | os.Pat
     for component, by_path in adapter.layers.items():
         for layer_path, weights in by_path.items():
             copy_weights(live[component][layer_path], weights)
+
+
+def sampling_config(config, schedule: dict) -> dict:
+    """A sampler's config for a model trained as ``schedule`` says: with zero terminal SNR, timesteps spaced to
+    start at the last one ("trailing"), as the zero-terminal-SNR paper (Lin et al., 2023) prescribes."""
+    config = {**config, **schedule}
+    if config.get("rescale_betas_zero_snr"):
+        config["timestep_spacing"] = "trailing"
+    return config

@@ -27,6 +27,7 @@ from PIL.PngImagePlugin import PngInfo
 
 from dreambooth_moslora.errors import AdapterError, AdapterFileError, RequestError
 from dreambooth_moslora.formats import summarize
+from dreambooth_moslora.inference import sampling_config
 from dreambooth_moslora.inference import load_adapter, set_scale, unload_adapter
 from dreambooth_moslora.safe_files import atomic_path, save_image, sha256_of
 
@@ -290,14 +291,17 @@ class Engine:
             self._scheduler_config = dict(pipe.scheduler.config)
         return self._pipe
 
-    def _use_scheduler(self, pipe, name: str) -> None:
+    def _use_scheduler(self, pipe, name: str, schedule: dict | None = None) -> float:
+        """The chosen sampler, configured for the noise schedule an adapter was trained with (else the base model's
+        own); returns the guidance rescale that schedule wants (0.7 at zero terminal SNR, else 0)."""
         from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler, EulerDiscreteScheduler
 
         classes = {"Euler": EulerDiscreteScheduler, "Euler a": EulerAncestralDiscreteScheduler,
                    "DPM++ 2M": DPMSolverMultistepScheduler, "DDIM": DDIMScheduler}  # fmt: skip
         if name not in classes:
             raise RequestError(f"unknown scheduler {name!r}: choose one of {', '.join(SCHEDULERS)}")
-        pipe.scheduler = classes[name].from_config(self._scheduler_config)
+        pipe.scheduler = classes[name].from_config(sampling_config(self._scheduler_config, schedule or {}))
+        return 0.7 if pipe.scheduler.config.get("rescale_betas_zero_snr") else 0.0
 
     def _use_adapter(self, pipe, path: Path | None, scale: float) -> None:
         """Puts the adapter in the pipeline (live, so that taking it out restores the base exactly)."""
@@ -353,16 +357,16 @@ class Engine:
         with self.lock:
             model_id = self.base_for(r, entries)
             pipe = self.pipeline(model_id)
-            self._use_scheduler(pipe, r.scheduler)
             try:
                 for variant in variants:
+                    rescale = self._use_scheduler(pipe, r.scheduler, variant.info.get("noise_schedule") if variant else None)
                     self._use_adapter(pipe, variant.path if variant else None, r.scale)
                     for i in range(r.num_images):
                         done = len(results) * r.steps
                         on_step = self._step_callback(progress, done, total, variant.id if variant else "base model", started)
                         image = pipe(
                             prompt=r.prompt, negative_prompt=r.negative_prompt or None, num_inference_steps=r.steps,
-                            guidance_scale=r.guidance, width=r.width, height=r.height,
+                            guidance_scale=r.guidance, guidance_rescale=rescale, width=r.width, height=r.height,
                             generator=torch.Generator("cpu").manual_seed(seed + i), callback_on_step_end=on_step,
                         ).images[0]  # fmt: skip
                         results.append(self._save(image, r, model_id, seed + i, variant))

@@ -10,6 +10,7 @@ import torch
 
 from ..adapter import AdapterConfig
 from ..errors import TrainingError
+from ..inference import sampling_config
 from ..surgery import inject_components, trainable_parameters, unbank_mixers
 from .base_precision import place
 
@@ -44,14 +45,30 @@ def load_vae(model_path: str, vae_path: str | None = None, revision: str | None 
     return AutoencoderKL.from_pretrained(model_path, subfolder="vae", revision=revision, variant=variant)
 
 
-def load_base_model(model_path: str, revision, variant, vae_path, device, weight_dtype, base_precision: str = "auto"):
+def noise_schedule(prediction_type: str | None, zero_terminal_snr: bool | None) -> dict:
+    """The scheduler settings the command line gives (--prediction_type, --rescale_betas_zero_snr), to override a
+    base model's scheduler config with; unset ones keep the model's."""
+    schedule = {"prediction_type": prediction_type, "rescale_betas_zero_snr": zero_terminal_snr}
+    return {key: value for key, value in schedule.items() if value is not None}
+
+
+def load_base_model(model_path: str, revision, variant, vae_path, device, weight_dtype, base_precision: str = "auto",
+                    schedule: dict | None = None) -> BaseModel:
     """Frozen weights in the mixed-precision dtype, or the UNet's and text encoders' stored as ``base_precision``
-    says (see base_precision.py); the VAE in fp32 unless a separate (fp16-safe) one is given."""
+    says (see base_precision.py); the VAE in fp32 unless a separate (fp16-safe) one is given; the noise schedule
+    the model's own, with ``schedule``'s settings over it."""
     with loading(f"the base model {model_path!r}"):
-        return _load_base_model(model_path, revision, variant, vae_path, device, weight_dtype, base_precision)
+        base = _load_base_model(model_path, revision, variant, vae_path, device, weight_dtype, base_precision,
+                                schedule or {})
+    config = base.noise_scheduler.config
+    if config.get("rescale_betas_zero_snr") and config.prediction_type == "epsilon":
+        raise TrainingError("zero terminal SNR on an epsilon-prediction model: the last timestep holds no signal to "
+                            "predict the noise from; pass --prediction_type v_prediction if the model predicts v")
+    return base
 
 
-def _load_base_model(model_path: str, revision, variant, vae_path, device, weight_dtype, base_precision) -> BaseModel:
+def _load_base_model(model_path: str, revision, variant, vae_path, device, weight_dtype, base_precision,
+                     schedule: dict) -> BaseModel:
     from diffusers import DDPMScheduler, UNet2DConditionModel
     from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
 
@@ -65,7 +82,7 @@ def _load_base_model(model_path: str, revision, variant, vae_path, device, weigh
     ]
     vae = load_vae(model_path, vae_path, revision, variant)
     unet = UNet2DConditionModel.from_pretrained(model_path, subfolder="unet", revision=revision, variant=variant)
-    noise_scheduler = DDPMScheduler.from_pretrained(model_path, subfolder="scheduler", revision=revision)
+    noise_scheduler = DDPMScheduler.from_pretrained(model_path, subfolder="scheduler", revision=revision, **schedule)
     for model in (unet, vae, *text_encoders):
         model.requires_grad_(False)
     saved = sum(place(model, base_precision, weight_dtype, device) for model in (unet, *text_encoders))
@@ -131,8 +148,8 @@ def make_optimizer(name: str, groups: list[dict], betas=(0.9, 0.999), eps: float
         return torch.optim.AdamW(groups, betas=betas, eps=eps)
 
 
-def class_image_pipeline(model_path: str, revision, variant, device):
-    """The base model's pipeline, for drawing class images (fp16 on a GPU)."""
+def class_image_pipeline(model_path: str, revision, variant, device, schedule: dict | None = None):
+    """The base model's pipeline, for drawing class images (fp16 on a GPU), sampling as ``schedule`` says."""
     from diffusers import StableDiffusionXLPipeline
 
     # One dtype for every part: transformers keeps a checkpoint's dtype (fp16 text encoders stay fp16) where
@@ -141,4 +158,6 @@ def class_image_pipeline(model_path: str, revision, variant, device):
     with loading(f"the base model {model_path!r} for class images"):
         pipe = StableDiffusionXLPipeline.from_pretrained(model_path, revision=revision, variant=variant, torch_dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler = pipe.scheduler.from_config(sampling_config(pipe.scheduler.config, schedule or {}))
     return pipe.to(device)
+

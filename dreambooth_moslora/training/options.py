@@ -43,6 +43,10 @@ def _add_model_and_data_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--pretrained_vae_model_name_or_path", help="a separate VAE (e.g. an fp16-safe one)")
     g.add_argument("--revision")
     g.add_argument("--variant", help="weight variant, e.g. fp16")
+    g.add_argument("--prediction_type", choices=["epsilon", "v_prediction"],
+                   help="what the base model predicts (default: its scheduler's config says)")
+    g.add_argument("--rescale_betas_zero_snr", action="store_true", default=None,
+                   help="zero terminal SNR, for v-prediction bases trained with it (default: the scheduler's config)")
 
     g = p.add_argument_group("data")
     g.add_argument("--instance_data_dir", type=Path)
@@ -59,7 +63,9 @@ def _add_model_and_data_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--aspect_ratio_buckets", action="store_true", help="group images by aspect ratio")
     g.add_argument("--center_crop", action="store_true")
     g.add_argument("--random_flip", action="store_true")
-    g.add_argument("--dataloader_num_workers", type=int, default=0)
+    g.add_argument("--dataloader_num_workers", type=int,
+                   help="processes that read and crop images (default: up to 4 on a GPU when latents are not cached, "
+                        "so the step never waits for them; else 0, the loop's own process)")
     g.add_argument("--cache_latents", action="store_true")
     g.add_argument("--mask_dir", type=Path, help="masked loss: a grayscale mask per instance image, same file name (white counts)")
     g.add_argument("--alpha_mask", action="store_true", help="masked loss: each instance image's alpha channel is its mask")
@@ -246,6 +252,11 @@ def validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
                  "checkpointing_steps", "num_validation_images", "validation_epochs"):  # fmt: skip
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if args.rescale_betas_zero_snr and args.prediction_type == "epsilon":
+        parser.error("--rescale_betas_zero_snr needs --prediction_type v_prediction: at zero terminal SNR the last "
+                     "timestep holds no signal to predict the noise from")
+    if args.dataloader_num_workers is not None and args.dataloader_num_workers < 0:
+        parser.error("--dataloader_num_workers cannot be negative")
     if args.logging_steps < 1 or args.profile_steps < 0:
         parser.error("--logging_steps must be at least 1 and --profile_steps at least 0")
     for name in ("max_train_steps", "validation_steps"):  # optional: unset is fine
@@ -325,8 +336,20 @@ class LoopSettings:
 def loop_settings(args: argparse.Namespace) -> LoopSettings:
     return LoopSettings(args.train_batch_size, args.gradient_accumulation_steps, args.seed, args.max_grad_norm,
                         args.checkpointing_steps, args.checkpoints_total_limit, args.validation_epochs,
-                        args.validation_steps, args.dataloader_num_workers, loss_settings(args),
+                        args.validation_steps, dataloader_workers(args), loss_settings(args),
                         args.logging_steps)  # fmt: skip
+
+
+def dataloader_workers(args: argparse.Namespace, cuda: bool | None = None) -> int:
+    """--dataloader_num_workers, or by default: with a GPU and latents not cached, images are decoded and resized
+    in worker processes (half the cores, at most 4), off the thread that queues the GPU's work; else in the loop."""
+    if args.dataloader_num_workers is not None:
+        return args.dataloader_num_workers
+    if cuda is None:
+        import torch
+
+        cuda = torch.cuda.is_available()
+    return max(1, min(4, (os.cpu_count() or 2) // 2)) if cuda and not args.cache_latents else 0
 
 
 def loss_settings(args: argparse.Namespace) -> LossSettings:

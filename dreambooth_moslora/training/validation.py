@@ -12,6 +12,7 @@ from PIL import Image, ImageDraw
 from ..runtime import image_generators
 from ..safe_files import save_image
 from ..surgery import adapter_layers
+from ..inference import sampling_config
 
 
 def labelled_grid(images: list[Image.Image], labels: list[str], columns: int | None = None) -> Image.Image:
@@ -53,14 +54,17 @@ def validation_grid(parts: dict, components: dict, prompt: str, count: int, seed
     pipe = StableDiffusionXLPipeline(
         vae=parts["vae"], text_encoder=parts["text_encoder"], text_encoder_2=parts["text_encoder_2"],
         tokenizer=parts["tokenizer"], tokenizer_2=parts["tokenizer_2"], unet=components["unet"],
-        scheduler=EulerDiscreteScheduler.from_config(parts["scheduler_config"]),
+        scheduler=EulerDiscreteScheduler.from_config(sampling_config(parts["scheduler_config"], {})),
     )  # fmt: skip
+    # zero terminal SNR: rescaled guidance against over-exposure, as its paper recommends (φ = 0.7)
+    rescale = 0.7 if pipe.scheduler.config.get("rescale_betas_zero_snr") else 0.0
     pipe.set_progress_bar_config(disable=True)
     autocast = torch.autocast(torch.device(device).type) if mixed_precision else nullcontext()
     images = []
     with autocast:
         for generator in image_generators(seed, range(count)):  # image i: the same noise at every validation
-            images.append(pipe(prompt, num_inference_steps=steps, height=resolution, width=resolution, generator=generator).images[0])
+            images.append(pipe(prompt, num_inference_steps=steps, height=resolution, width=resolution, generator=generator,
+                               guidance_rescale=rescale).images[0])
     save_image(labelled_grid(images, [f"seed {seed}, #{i}" for i in range(count)]), path)
     set_adapter_training(components, True)
     return path

@@ -185,3 +185,14 @@ def test_read_adapter_reports_format_and_config(saved):
     assert read_adapter(saved["files"]["kohya"], components).config.alpha == 7.0
     # the diffusers file carries α/r inside lora_B: its own alpha is the rank
     assert read_adapter(saved["files"]["diffusers"], components).config.alpha == 4.0
+
+
+def test_the_recorded_noise_schedule_reads_our_settings_and_sd_scripts_keys():
+    from dreambooth_moslora.formats import recorded_schedule
+
+    ours = {"prediction_type": "v_prediction", "rescale_betas_zero_snr": True}
+    assert recorded_schedule(ours, {}) == ours
+    kohya = {"modelspec.prediction_type": "v", "ss_zero_terminal_snr": "True"}
+    assert recorded_schedule({}, kohya) == ours
+    assert recorded_schedule({}, {"ss_v_parameterization": "False"}) == {"prediction_type": "epsilon"}
+    assert recorded_schedule({}, {}) == {}  # an older file says nothing: the base model's own schedule applies

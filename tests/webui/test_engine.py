@@ -212,6 +212,30 @@ def test_adapter_metadata_never_overrides_the_operators_base_model(world, tmp_pa
         engine.generate(Request(prompt="a photo", base_model=str(other), **SMALL))
 
 
+def test_an_adapter_trained_with_v_prediction_and_zero_terminal_snr_samples_with_them(world, tmp_path, monkeypatch):
+    from diffusers import StableDiffusionXLPipeline
+
+    adapters = tmp_path / "adapters"
+    pipe = build_tiny_sdxl(seed=0)
+    inject_components(pipeline_components(pipe), AdapterConfig(rank=4))
+    save_adapter(adapters / "vpred", pipeline_components(pipe), formats=["kohya"],
+                 training={"prediction_type": "v_prediction", "rescale_betas_zero_snr": True})
+    seen, real_call = [], StableDiffusionXLPipeline.__call__
+
+    def watched(pipe, *args, **kwargs):  # what each image is drawn with
+        seen.append((dict(pipe.scheduler.config), kwargs.get("guidance_rescale")))
+        return real_call(pipe, *args, **kwargs)
+
+    monkeypatch.setattr(StableDiffusionXLPipeline, "__call__", watched)
+    engine = Engine(adapters, demo_model=str(world["model"]), output_dir=tmp_path / "images")
+    engine.generate(Request(prompt="a photo", adapters=["vpred/pytorch_lora_weights_kohya.safetensors"], compare=True,
+                            **SMALL))
+    (base_config, base_rescale), (adapter_config, adapter_rescale) = seen
+    assert base_config["prediction_type"] == "epsilon" and base_rescale == 0.0  # the base model as it is
+    assert adapter_config["prediction_type"] == "v_prediction" and adapter_config["rescale_betas_zero_snr"]
+    assert adapter_config["timestep_spacing"] == "trailing" and adapter_rescale == 0.7
+
+
 def test_a_request_that_runs_too_long_is_cut_off_and_the_next_one_works(world):
     engine = Engine(world["adapters"], demo_model=str(world["model"]), output_dir=world["root"] / "images-3", time_limit=0.0)
     with pytest.raises(RequestError, match="cut off"):

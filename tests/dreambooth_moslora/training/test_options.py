@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from dreambooth_moslora.training.options import parse_args
+from dreambooth_moslora.training.options import dataloader_workers, parse_args
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -59,6 +59,12 @@ def test_a_pasted_diffusers_command_line_parses(base_argv):
         (["--output_formats", "ckpt"], "argument --output_formats: invalid choice"),
         (["--resume_from_checkpoint", "/nonexistent/checkpoint-5"], "is not a folder"),
         (["--max_train_steps", "0"], "--max_train_steps must be at least 1"),
+        (["--train_batch_size", "0"], "--train_batch_size must be at least 1"),
+        (["--memory_budget_gib", "-1"], "--memory_budget_gib must be positive"),
+        (["--logging_steps", "0"], "--logging_steps must be at least 1"),
+        (["--dataloader_num_workers", "-1"], "--dataloader_num_workers cannot be negative"),
+        (["--base_precision", "int4"], "argument --base_precision: invalid choice"),
+        (["--torch_compile_mode", "fast"], "argument --torch_compile_mode: invalid choice"),
     ],
 )
 def test_conflicting_or_bad_options_are_one_line(base_argv, capsys, extra, message):
@@ -135,3 +141,13 @@ def test_mixer_lr_puts_the_mixers_in_groups_of_their_own(tmp_path):
     args.mixer_lr = None
     assert len(param_groups(args, params, 1, mixers)) == 2
     assert torch.optim.AdamW(groups)  # a valid optimizer: no tensor in two groups
+
+
+def test_images_are_read_in_workers_on_a_gpu_unless_latents_are_cached(base_argv):
+    args = parse_args(base_argv)
+    assert args.dataloader_num_workers is None
+    assert 1 <= dataloader_workers(args, cuda=True) <= 4
+    assert dataloader_workers(args, cuda=False) == 0  # on a CPU the cores compute the step
+    assert dataloader_workers(parse_args(base_argv + ["--cache_latents"]), cuda=True) == 0  # nothing to read
+    assert dataloader_workers(parse_args(base_argv + ["--dataloader_num_workers", "3"]), cuda=False) == 3
+    assert parse_args(base_argv + ["--train_batch_size", "auto"]).train_batch_size == "auto"

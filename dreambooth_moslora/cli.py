@@ -23,7 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 "adapter files (native, diffusers or kohya).", epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    base_help = "diffusers folder whose layer layout the file is for (default: SDXL base's published layout)"
+    base_help = ("diffusers folder whose layer layout the file is for (default: the base model the file records, "
+                 "when it is a folder here, else SDXL base's published layout)")
 
     s = sub.add_parser("inspect", help="what a file holds: format, settings, layers, ‖ΔW‖ per block")
     s.add_argument("file", type=Path)
@@ -89,7 +90,7 @@ def run(args) -> int:
         _print_errors(errors)
         print(f"wrote {args.output}")
         return 0
-    loaded = tools.load(args.file, args.base)
+    loaded = (tools.load_for_inspection if args.command == "inspect" else tools.load)(args.file, args.base)
     if args.command == "inspect":
         report = tools.inspect(loaded)
         print(json.dumps(report, indent=2)) if args.json else print_report(report)

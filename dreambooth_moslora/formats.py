@@ -390,16 +390,23 @@ class KohyaFormat:
         return tensors, metadata
 
     def read(self, path, tensors, metadata, components):
-        names = kohya_name_map(components)
+        names = kohya_name_map(components) if components is not None else None
         layers: dict[str, dict[str, LayerWeights]] = {}
         for name, parts in _group(path, tensors, self.suffixes).items():
-            if name not in names:
+            if names is None:  # no model: the component from the prefix, the layer by the file's own name
+                prefix = next((p for p in KOHYA_COMPONENTS if name.startswith(p)), None)
+                if prefix is None:
+                    raise AdapterFileError(f"{path}: layer {name} has no lora_unet_ or lora_te prefix")
+                component, layer_path = KOHYA_COMPONENTS[prefix], name[len(prefix):]
+            elif name not in names:
                 raise AdapterMismatchError(f"{path}: layer {name} matches no layer of this pipeline")
-            component, layer_path = names[name]
+            else:
+                component, layer_path = names[name]
             layers.setdefault(component, {})[layer_path] = _layer(path, name, parts, None)
         return layers, None
 
 
+KOHYA_COMPONENTS = {prefix: component for component, prefix in KOHYA_PREFIXES.items()} | {"lora_te_": "text_encoder"}
 FORMAT_CLASSES = {"native": NativeFormat(), "kohya": KohyaFormat(), "diffusers": DiffusersFormat()}  # detection order
 
 
@@ -439,10 +446,11 @@ def detect_format(names, metadata: dict[str, str]) -> str | None:
     return next((name for name, fmt in FORMAT_CLASSES.items() if fmt.matches(names, metadata)), None)
 
 
-def read_adapter(path: str | os.PathLike, components: dict[str, nn.Module]) -> AdapterFile:
+def read_adapter(path: str | os.PathLike, components: dict[str, nn.Module] | None) -> AdapterFile:
     """Reads a file of any of the three formats and resolves its layers against ``components``.
 
-    Nothing is changed; a file that does not fit raises AdapterMismatchError naming the first layer.
+    Nothing is changed; a file that does not fit raises AdapterMismatchError naming the first layer. Without
+    components (None) the layers keep the file's own names, unchecked against any model.
     """
     tensors, metadata = read_safetensors(path)
     fmt = detect_format(tensors, metadata)
@@ -452,7 +460,8 @@ def read_adapter(path: str | os.PathLike, components: dict[str, nn.Module]) -> A
     layers, config = FORMAT_CLASSES[fmt].read(path, tensors, metadata, components)
     if not any(layers.values()):
         raise AdapterFileError(f"{path}: the file holds no adapter layers")
-    _check_fits(path, layers, components)
+    if components is not None:
+        _check_fits(path, layers, components)
     if config is None:  # a plain LoRA: its settings are those of its first layer
         first = next(iter(next(iter(layers.values())).values()))
         config = AdapterConfig(first.rank, first.alpha, "none", "identity")

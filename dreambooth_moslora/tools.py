@@ -21,7 +21,7 @@ import torch
 from .adapter import AdapterConfig
 from .errors import AdapterError, AdapterFileError, AdapterMismatchError
 from .formats import AdapterFile, LayerWeights, file_entries, read_adapter, recorded, write_adapter_file
-from .safe_files import atomic_path, read_json_field, sha256_of
+from .safe_files import atomic_path, read_header, read_json_field, sha256_of
 from .sdxl import meta_components
 
 
@@ -32,15 +32,46 @@ class Loaded:
     components: dict
 
 
+def recorded_base(path: str | os.PathLike) -> str | None:
+    """The base model a file records, or None when it records none or the file cannot be read (reading it
+    properly reports why)."""
+    try:
+        return recorded(read_header(path)[1])["base_model"]
+    except AdapterFileError:
+        return None
+
+
+def layout_of(path: str | os.PathLike, base: str | None) -> str | None:
+    """Whose layer layout resolves the file's names: ``base`` (--base), else the base model the file records when
+    it is a diffusers folder here; None: SDXL base's published layout."""
+    if base is not None:
+        return base
+    recorded_model = recorded_base(path)
+    return recorded_model if recorded_model and (Path(recorded_model) / "unet" / "config.json").is_file() else None
+
+
 def load(path: str | os.PathLike, base: str | None = None) -> Loaded:
-    """A file's layers resolved against the SDXL layout (or ``base``'s); one line if they do not fit it."""
-    components = meta_components(base)
+    """A file's layers resolved against its base model's layout (see ``layout_of``); one line if they do not fit."""
+    layout = layout_of(path, base)
+    components = meta_components(layout)
     try:
         adapter = read_adapter(path, components)
     except AdapterMismatchError as exc:
-        hint = "" if base else " (for a model other than SDXL base, name it with --base)"
+        named = recorded_base(path)
+        hint = (f" (the file records the base {named!r}, which is no model folder here: name its layout with --base)"
+                if layout is None and named else "" if layout else " (for a model other than SDXL base, name it with --base)")
         raise AdapterMismatchError(f"{exc}{hint}") from None
     return Loaded(Path(path), adapter, components)
+
+
+def load_for_inspection(path: str | os.PathLike, base: str | None = None) -> Loaded:
+    """As ``load``; when no layout fits and none was named, the file alone: its layers under its own names."""
+    try:
+        return load(path, base)
+    except AdapterMismatchError:
+        if base is not None:
+            raise
+        return Loaded(Path(path), read_adapter(path, None), {})
 
 
 def operation_record(operation: str, inputs: list[Path], **settings) -> dict:
@@ -63,9 +94,13 @@ def refuse_overwriting(output: Path, inputs: list[Path]) -> None:
 
 
 def block_of(component: str, path: str) -> str:
-    """The block a layer belongs to, for per-block figures: ``unet.down_blocks.1``, ``unet.mid_block``, ``text_encoder``."""
+    """The block a layer belongs to, for per-block figures: ``unet.down_blocks.1``, ``unet.mid_block``, ``text_encoder``
+    (or, for a kohya file read without a model, its own SGM names: ``unet.input_blocks.4``, ``unet.middle_block``)."""
     if component != "unet":
         return component
+    if "." not in path:  # a kohya name: input_blocks_4_1_transformer_blocks_0_attn1_to_q
+        words = path.split("_")
+        return "unet." + ("middle_block" if words[:2] == ["middle", "block"] else "_".join(words[:2]) + "." + words[2])
     parts = path.split(".")
     return "unet." + (parts[0] if parts[0] == "mid_block" else ".".join(parts[:2]))
 

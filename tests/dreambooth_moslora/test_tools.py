@@ -14,6 +14,7 @@ from dreambooth_moslora.cli import main
 from dreambooth_moslora.safe_files import read_safetensors, sha256_of
 from dreambooth_moslora.sdxl import sdxl_forward
 from dreambooth_moslora.tools import load
+from safetensors.torch import save_file
 from toyworld.tiny_sdxl import build_tiny_sdxl, save_tiny_sdxl
 
 from tests.conftest import PROMPT, randomize_adapter_
@@ -149,7 +150,6 @@ def refused(argv, capsys) -> str:
 def test_refusals_are_one_line_and_write_nothing(files, tmp_path, capsys):
     a, base = str(files["a"]["native"]), files["base"]
     foreign = tmp_path / "model.safetensors"
-    from safetensors.torch import save_file
 
     save_file({"conv_in.weight": torch.zeros(3)}, foreign)
     assert "not a LoRA/MoSLoRA file" in refused(["inspect", str(foreign), "--base", base], capsys)
@@ -157,8 +157,12 @@ def test_refusals_are_one_line_and_write_nothing(files, tmp_path, capsys):
     assert "between 1 and the adapter's rank 4" in refused(["resize", a, "--rank", "0", "-o", str(tmp_path / "x.safetensors"), "--base", base], capsys)
     assert "is one of the inputs" in refused(["convert", a, "--to", "native", "-o", a, "--base", base], capsys)
     assert "one weight per file" in refused(["merge", a, a, "--weights", "1", "-o", str(tmp_path / "m.safetensors"), "--base", base], capsys)
-    assert "name it with --base" in refused(["inspect", str(files["a"]["kohya"])], capsys)  # SDXL's layout, not the tiny one's
-    assert [p.name for p in tmp_path.iterdir()] == ["model.safetensors"]
+    elsewhere = tmp_path / "elsewhere.safetensors"  # its recorded base is no folder here, and SDXL's layout is not its
+    tensors, metadata = read_safetensors(files["a"]["kohya"])
+    save_file(tensors, elsewhere, {**metadata, "ss_sd_model_name": "someone/else-xl"})
+    message = refused(["convert", str(elsewhere), "--to", "native", "-o", str(tmp_path / "x.safetensors")], capsys)
+    assert "the file records the base 'someone/else-xl', which is no model folder here" in message
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["elsewhere.safetensors", "model.safetensors"]
 
 
 def test_merge_refuses_other_base_models_and_other_shapes(files, tmp_path, capsys):
@@ -187,7 +191,6 @@ def test_help_reads_well():
 
 def test_files_for_sdxl_base_need_no_base_model(tmp_path, capsys):
     """Without --base, names are resolved against SDXL base's own layout (built from its published configs, no weights)."""
-    from safetensors.torch import save_file
 
     tensors = {}
     for name, width in (("lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q", 640),
@@ -209,3 +212,23 @@ def test_files_for_sdxl_base_need_no_base_model(tmp_path, capsys):
     assert "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight" in names
     assert "unet.up_blocks.0.attentions.2.transformer_blocks.9.attn2.to_k.lora_B.weight" in names
     assert "text_encoder_2.text_model.encoder.layers.31.self_attn.q_proj.lora_A.weight" in names
+
+
+def test_the_commands_use_the_base_a_file_records_and_inspect_needs_no_model(files, tmp_path, capsys):
+    capsys.readouterr()
+    assert main(["inspect", str(files["a"]["kohya"]), "--json"]) == 0  # resolved against the recorded tiny base
+    resolved = json.loads(capsys.readouterr().out)
+    assert "unet.mid_block" in resolved["delta_norm_by_block"] and resolved["layers"]["text_encoder"] == 12
+    out = tmp_path / "a_native.safetensors"
+    assert main(["convert", str(files["a"]["kohya"]), "--to", "native", "-o", str(out)]) == 0  # no --base needed
+    assert max_diff(deltas(out, files["base"]), deltas(files["a"]["kohya"], files["base"])) < 1e-6
+
+    orphan = tmp_path / "orphan.safetensors"  # no model to resolve it against: inspect reads the file alone
+    tensors, metadata = read_safetensors(files["a"]["kohya"])
+    save_file(tensors, orphan, {**metadata, "ss_sd_model_name": "someone/else-xl"})
+    capsys.readouterr()
+    assert main(["inspect", str(orphan), "--json"]) == 0
+    alone = json.loads(capsys.readouterr().out)
+    assert alone["layers"] == resolved["layers"] and alone["rank"] == 4 and alone["alpha"] == 7.0
+    assert "unet.middle_block" in alone["delta_norm_by_block"]  # the file's own (SGM) block names
+    assert alone["delta_norm"] == pytest.approx(resolved["delta_norm"], rel=1e-6)

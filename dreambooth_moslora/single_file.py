@@ -242,21 +242,23 @@ def account(path: Path, header: dict, names: dict, models: dict) -> None:
             raise DataError(f"{path.name}: {name} is {got} in the file but {shape} in the model")
 
 
-def empty_models(config_dir: str) -> dict:
+def empty_models(config_dir: str, parts=tuple(PREFIXES)) -> dict:
     """The four models from ``config_dir``'s configs (a diffusers folder or hub id), their weights on the meta
     device, to be assigned the file's tensors (buffers, which no file holds, are made for real)."""
     from accelerate import init_empty_weights
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
+    unet_config = UNet2DConditionModel.load_config
+    makers = {
+        "unet": lambda: UNet2DConditionModel.from_config(unet_config(config_dir, subfolder="unet")),
+        "vae": lambda: AutoencoderKL.from_config(AutoencoderKL.load_config(config_dir, subfolder="vae")),
+        "text_encoder": lambda: CLIPTextModel(CLIPTextConfig.from_pretrained(config_dir, subfolder="text_encoder")),
+        "text_encoder_2": lambda: CLIPTextModelWithProjection(
+            CLIPTextConfig.from_pretrained(config_dir, subfolder="text_encoder_2")),
+    }
     with init_empty_weights(include_buffers=False):
-        return {
-            "unet": UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(config_dir, subfolder="unet")),
-            "vae": AutoencoderKL.from_config(AutoencoderKL.load_config(config_dir, subfolder="vae")),
-            "text_encoder": CLIPTextModel(CLIPTextConfig.from_pretrained(config_dir, subfolder="text_encoder")),
-            "text_encoder_2": CLIPTextModelWithProjection(
-                CLIPTextConfig.from_pretrained(config_dir, subfolder="text_encoder_2")),
-        }
+        return {part: makers[part]() for part in parts}
 
 
 def model_tensor(name: str, key: str, tensor: torch.Tensor) -> torch.Tensor:
@@ -271,17 +273,20 @@ def model_tensor(name: str, key: str, tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def load_single_file(path: str | os.PathLike, config_dir: str) -> tuple[dict, dict]:
-    """The UNet, VAE and both text encoders from an SDXL checkpoint file, built from ``config_dir``'s configs, and
-    the noise schedule the file marks (empty when it marks none). DataError, in one line, for a file that is not
-    safetensors, not SDXL, or does not fit the models; nothing is left random or on the meta device."""
+def load_single_file(path: str | os.PathLike, config_dir: str, parts=tuple(PREFIXES)) -> tuple[dict, dict]:
+    """The UNet, VAE and both text encoders (or those of ``parts``) from an SDXL checkpoint file, built from
+    ``config_dir``'s configs, and the noise schedule the file marks (empty when it marks none). DataError, in one
+    line, for a file that is not safetensors, not SDXL, or does not fit the models; nothing is left random or on
+    the meta device."""
     from safetensors import safe_open
 
     path = Path(path)
     header, metadata = checked_header(path)
     models = empty_models(config_dir)
     names = original_names(models)
-    account(path, header, names, models)
+    account(path, header, names, models)  # all four, even when fewer are wanted: the file is checked whole
+    models = {part: models[part] for part in parts}
+    names = {(component, key): name for (component, key), name in names.items() if component in models}
     states: dict[str, dict] = {component: {} for component in models}
     with safe_open(str(path), framework="pt") as f:
         fused: dict[str, torch.Tensor] = {}
@@ -290,7 +295,14 @@ def load_single_file(path: str | os.PathLike, config_dir: str) -> tuple[dict, di
             states[component][key] = model_tensor(name, key, tensor).contiguous()
     for component, model in models.items():
         model.load_state_dict(states[component], assign=True, strict=True)
+        model.eval()  # as from_pretrained gives models
     left = [f"{c}.{n}" for c, m in models.items() for n, t in [*m.named_parameters(), *m.named_buffers()] if t.is_meta]
     if left:
         raise DataError(f"{path.name}: {len(left)} tensor(s) were not loaded, e.g. {left[0]}")
     return models, marked_schedule(set(header), metadata)
+
+
+def file_schedule(path: str | os.PathLike) -> dict:
+    """The noise schedule a checkpoint file marks, from its header alone (refusing a file that is no SDXL base)."""
+    header, metadata = checked_header(Path(path))
+    return marked_schedule(set(header), metadata)

@@ -11,6 +11,7 @@ import torch
 from ..adapter import AdapterConfig
 from ..errors import TrainingError
 from ..inference import sampling_config
+from ..single_file import file_schedule, is_single_file, load_single_file
 from ..surgery import inject_components, trainable_parameters, unbank_mixers
 from .base_precision import place
 
@@ -36,13 +37,52 @@ def loading(what: str):
         raise TrainingError(f"cannot load {what}: {first}") from None
 
 
-def load_vae(model_path: str, vae_path: str | None = None, revision: str | None = None, variant: str | None = None):
-    """The base model's VAE, or the separately given one (e.g. an fp16-safe VAE)."""
+def load_vae(model_path: str, vae_path: str | None = None, revision: str | None = None, variant: str | None = None,
+             base_config: str | None = None):
+    """The base model's VAE (from its folder or its checkpoint file), or the separately given one (e.g. an fp16-safe
+    VAE)."""
     from diffusers import AutoencoderKL
 
     if vae_path:
         return AutoencoderKL.from_pretrained(vae_path, revision=revision)
+    if is_single_file(model_path):
+        return load_single_file(model_path, base_config, parts=("vae",))[0]["vae"]
     return AutoencoderKL.from_pretrained(model_path, subfolder="vae", revision=revision, variant=variant)
+
+
+def base_weights(model_path: str, revision, variant, vae_path, base_config) -> tuple:
+    """(UNet, VAE, [text encoder, text encoder 2]) from a diffusers folder or hub id, or from one checkpoint file
+    whose configs ``base_config`` gives."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    if is_single_file(model_path):
+        parts = ("unet", "text_encoder", "text_encoder_2") + (() if vae_path else ("vae",))
+        models, _ = load_single_file(model_path, base_config, parts)
+        vae = load_vae(model_path, vae_path, revision) if vae_path else models["vae"]
+        return models["unet"], vae, [models["text_encoder"], models["text_encoder_2"]]
+    text_encoders = [
+        CLIPTextModel.from_pretrained(model_path, subfolder="text_encoder", revision=revision, variant=variant),
+        CLIPTextModelWithProjection.from_pretrained(model_path, subfolder="text_encoder_2", revision=revision,
+                                                    variant=variant),
+    ]
+    vae = load_vae(model_path, vae_path, revision, variant)
+    unet = UNet2DConditionModel.from_pretrained(model_path, subfolder="unet", revision=revision, variant=variant)
+    return unet, vae, text_encoders
+
+
+def base_schedule(model_path: str, prediction_type: str | None, zero_terminal_snr: bool | None) -> dict:
+    """The noise schedule to train with, over the model's scheduler config: the command line's settings, over what
+    a checkpoint file marks (its v_pred / ztsnr keys, or modelspec.prediction_type); said in the log."""
+    explicit = noise_schedule(prediction_type, zero_terminal_snr)
+    detected = file_schedule(model_path) if is_single_file(model_path) else {}
+    schedule = {**detected, **explicit}
+    if detected:
+        def said(s: dict) -> str:
+            return f"{s.get('prediction_type', 'as configured')}{', zero terminal SNR' * bool(s.get('rescale_betas_zero_snr'))}"
+
+        logger.info("noise schedule: %s (the file marks %s)", said(schedule), said(detected))
+    return schedule
 
 
 def noise_schedule(prediction_type: str | None, zero_terminal_snr: bool | None) -> dict:
@@ -53,13 +93,13 @@ def noise_schedule(prediction_type: str | None, zero_terminal_snr: bool | None) 
 
 
 def load_base_model(model_path: str, revision, variant, vae_path, device, weight_dtype, base_precision: str = "auto",
-                    schedule: dict | None = None) -> BaseModel:
+                    schedule: dict | None = None, base_config: str | None = None) -> BaseModel:
     """Frozen weights in the mixed-precision dtype, or the UNet's and text encoders' stored as ``base_precision``
     says (see base_precision.py); the VAE in fp32 unless a separate (fp16-safe) one is given; the noise schedule
     the model's own, with ``schedule``'s settings over it."""
     with loading(f"the base model {model_path!r}"):
         base = _load_base_model(model_path, revision, variant, vae_path, device, weight_dtype, base_precision,
-                                schedule or {})
+                                schedule or {}, base_config)
     config = base.noise_scheduler.config
     if config.get("rescale_betas_zero_snr") and config.prediction_type == "epsilon":
         raise TrainingError("zero terminal SNR on an epsilon-prediction model: the last timestep holds no signal to "
@@ -68,21 +108,18 @@ def load_base_model(model_path: str, revision, variant, vae_path, device, weight
 
 
 def _load_base_model(model_path: str, revision, variant, vae_path, device, weight_dtype, base_precision,
-                     schedule: dict) -> BaseModel:
-    from diffusers import DDPMScheduler, UNet2DConditionModel
-    from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
+                     schedule: dict, base_config: str | None) -> BaseModel:
+    from diffusers import DDPMScheduler
+    from transformers import AutoTokenizer
 
+    configs, revision_of_configs = (base_config, None) if is_single_file(model_path) else (model_path, revision)
     tokenizers = [
-        AutoTokenizer.from_pretrained(model_path, subfolder=sub, revision=revision, use_fast=False)
+        AutoTokenizer.from_pretrained(configs, subfolder=sub, revision=revision_of_configs, use_fast=False)
         for sub in ("tokenizer", "tokenizer_2")
     ]
-    text_encoders = [
-        CLIPTextModel.from_pretrained(model_path, subfolder="text_encoder", revision=revision, variant=variant),
-        CLIPTextModelWithProjection.from_pretrained(model_path, subfolder="text_encoder_2", revision=revision, variant=variant),
-    ]
-    vae = load_vae(model_path, vae_path, revision, variant)
-    unet = UNet2DConditionModel.from_pretrained(model_path, subfolder="unet", revision=revision, variant=variant)
-    noise_scheduler = DDPMScheduler.from_pretrained(model_path, subfolder="scheduler", revision=revision, **schedule)
+    unet, vae, text_encoders = base_weights(model_path, revision, variant, vae_path, base_config)
+    noise_scheduler = DDPMScheduler.from_pretrained(configs, subfolder="scheduler", revision=revision_of_configs,
+                                                    **schedule)
     for model in (unet, vae, *text_encoders):
         model.requires_grad_(False)
     saved = sum(place(model, base_precision, weight_dtype, device) for model in (unet, *text_encoders))
@@ -90,7 +127,23 @@ def _load_base_model(model_path: str, revision, variant, vae_path, device, weigh
         logger.info("base weights stored in %s: %.2f GiB less than in %s", base_precision, saved / 2**30,
                     str(weight_dtype).removeprefix("torch."))
     vae.to(device, dtype=weight_dtype if vae_path else torch.float32)
+    for model in (unet, vae, *text_encoders):
+        align_(model)
     return BaseModel(tokenizers, text_encoders, vae, unet, noise_scheduler)
+
+
+def align_(model: torch.nn.Module, boundary: int = 64) -> None:
+    """Copies every tensor of ``model`` that lies off a 64-byte boundary in host memory (weights mapped straight
+    from a file lie wherever the file put them) into memory of its own: CPU matrix kernels round differently at
+    different alignments, so without this the same weights could train to different results by file layout (a
+    GPU's allocations are aligned already)."""
+    for module in model.modules():
+        for store in (module._parameters, module._buffers):
+            for name, tensor in store.items():
+                if tensor is not None and tensor.device.type == "cpu" and tensor.data_ptr() % boundary:
+                    copy = tensor.detach().clone()
+                    is_parameter = isinstance(tensor, torch.nn.Parameter)
+                    store[name] = torch.nn.Parameter(copy, tensor.requires_grad) if is_parameter else copy
 
 
 def add_adapters(base: BaseModel, config: AdapterConfig, text_encoders: bool, seed: int, gradient_checkpointing: bool,
@@ -148,7 +201,8 @@ def make_optimizer(name: str, groups: list[dict], betas=(0.9, 0.999), eps: float
         return torch.optim.AdamW(groups, betas=betas, eps=eps)
 
 
-def class_image_pipeline(model_path: str, revision, variant, device, schedule: dict | None = None):
+def class_image_pipeline(model_path: str, revision, variant, device, schedule: dict | None = None,
+                         base_config: str | None = None):
     """The base model's pipeline, for drawing class images (fp16 on a GPU), sampling as ``schedule`` says."""
     from diffusers import StableDiffusionXLPipeline
 
@@ -156,8 +210,30 @@ def class_image_pipeline(model_path: str, revision, variant, device, schedule: d
     # diffusers makes fp32, and the two would not multiply.
     dtype = torch.float16 if torch.device(device).type == "cuda" else torch.float32
     with loading(f"the base model {model_path!r} for class images"):
-        pipe = StableDiffusionXLPipeline.from_pretrained(model_path, revision=revision, variant=variant, torch_dtype=dtype)
+        if is_single_file(model_path):
+            pipe = file_pipeline(model_path, base_config, dtype)
+        else:
+            pipe = StableDiffusionXLPipeline.from_pretrained(model_path, revision=revision, variant=variant,
+                                                             torch_dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
     pipe.scheduler = pipe.scheduler.from_config(sampling_config(pipe.scheduler.config, schedule or {}))
-    return pipe.to(device)
+    pipe.to(device)
+    for model in (pipe.unet, pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
+        align_(model)  # the same class images from a folder and from a file
+    return pipe
 
+
+
+def file_pipeline(model_path: str, base_config: str, dtype: torch.dtype):
+    """An SDXL pipeline of a checkpoint file's weights, with ``base_config``'s tokenizers and scheduler."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+    from transformers import AutoTokenizer
+
+    models, _ = load_single_file(model_path, base_config)
+    tokenizers = [AutoTokenizer.from_pretrained(base_config, subfolder=sub, use_fast=False)
+                  for sub in ("tokenizer", "tokenizer_2")]
+    scheduler = EulerDiscreteScheduler.from_pretrained(base_config, subfolder="scheduler")
+    pipe = StableDiffusionXLPipeline(vae=models["vae"], text_encoder=models["text_encoder"],
+                                     text_encoder_2=models["text_encoder_2"], tokenizer=tokenizers[0],
+                                     tokenizer_2=tokenizers[1], unet=models["unet"], scheduler=scheduler)
+    return pipe.to(dtype=dtype)

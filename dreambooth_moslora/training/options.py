@@ -39,8 +39,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_model_and_data_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
-    g.add_argument("--pretrained_model_name_or_path", help="hub id or local folder of an SDXL model")
+    g.add_argument("--pretrained_model_name_or_path",
+                   help="hub id or local folder of an SDXL model, or one .safetensors checkpoint file (Pony, NoobAI, …)")
     g.add_argument("--pretrained_vae_model_name_or_path", help="a separate VAE (e.g. an fp16-safe one)")
+    g.add_argument("--base_config", default="stabilityai/stable-diffusion-xl-base-1.0",
+                   help="with a single-file base (.safetensors): the diffusers folder or hub id whose configs, "
+                        "tokenizers and scheduler go with it (its weights, if any, are not used)")
     g.add_argument("--revision")
     g.add_argument("--variant", help="weight variant, e.g. fp16")
     g.add_argument("--prediction_type", choices=["epsilon", "v_prediction"],

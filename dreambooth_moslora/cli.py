@@ -54,11 +54,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-o", "--output", type=Path, required=True)
     s.add_argument("--base", help=base_help)
 
-    s = sub.add_parser("fuse", help="a diffusers model folder with the adapter merged into its weights")
+    s = sub.add_parser("fuse", help="the base model with the adapter merged into its weights: a folder or one file")
     s.add_argument("file", type=Path)
-    s.add_argument("--base", required=True, help="the base model: hub id or diffusers folder")
+    s.add_argument("--base", required=True, help="the base model: hub id, diffusers folder or .safetensors checkpoint")
     s.add_argument("--scale", type=float, default=1.0)
-    s.add_argument("-o", "--output", type=Path, required=True, help="the new folder")
+    s.add_argument("-o", "--output", type=Path, required=True,
+                   help="the new diffusers folder, or FILE.safetensors: one checkpoint in the original SDXL layout")
+    s.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="fp16", help="the single file's weights")
+    s.add_argument("--base_config", help="with a checkpoint-file base: the diffusers folder or hub id of its configs")
     return p
 
 
@@ -82,7 +85,7 @@ def run(args) -> int:
     from . import tools
 
     if args.command == "fuse":
-        print(f"fused into {tools.fuse(args.base, args.file, args.output, args.scale)}")
+        print(f"fused into {tools.fuse(args.base, args.file, args.output, args.scale, args.dtype, args.base_config)}")
         return 0
     if args.command == "merge":
         loaded = [tools.load(f, args.base) for f in args.files]

@@ -306,3 +306,18 @@ def file_schedule(path: str | os.PathLike) -> dict:
     """The noise schedule a checkpoint file marks, from its header alone (refusing a file that is no SDXL base)."""
     header, metadata = checked_header(Path(path))
     return marked_schedule(set(header), metadata)
+
+
+def file_pipeline(model_path: str, base_config: str, dtype: torch.dtype):
+    """An SDXL pipeline of a checkpoint file's weights, with ``base_config``'s tokenizers and scheduler."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+    from transformers import AutoTokenizer
+
+    models, _ = load_single_file(model_path, base_config)
+    tokenizers = [AutoTokenizer.from_pretrained(base_config, subfolder=sub, use_fast=False)
+                  for sub in ("tokenizer", "tokenizer_2")]
+    scheduler = EulerDiscreteScheduler.from_pretrained(base_config, subfolder="scheduler")
+    pipe = StableDiffusionXLPipeline(vae=models["vae"], text_encoder=models["text_encoder"],
+                                     text_encoder_2=models["text_encoder_2"], tokenizer=tokenizers[0],
+                                     tokenizer_2=tokenizers[1], unet=models["unet"], scheduler=scheduler)
+    return pipe.to(dtype=dtype)

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from .adapter import AdapterConfig
-from .errors import AdapterError, AdapterFileError, AdapterMismatchError
+from .errors import AdapterError, AdapterFileError, AdapterMismatchError, MosloraError
 from .formats import AdapterFile, LayerWeights, file_entries, read_adapter, recorded, write_adapter_file
 from .safe_files import atomic_path, read_header, read_json_field, sha256_of
 from .sdxl import meta_components
@@ -264,21 +264,45 @@ def _concatenate(path: str, parts: list[tuple[Path, LayerWeights]]) -> LayerWeig
 # ---------------------------------------------------------------- fuse
 
 
-def fuse(base: str, adapter_path: Path, output: Path, scale: float = 1.0) -> Path:
-    """A diffusers folder of ``base`` with the adapter merged into its weights: it loads and runs like the base."""
-    from diffusers import StableDiffusionXLPipeline
+FUSE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
+
+def fuse(base: str, adapter_path: Path, output: Path, scale: float = 1.0, dtype: str = "fp16",
+         base_config: str | None = None) -> Path:
+    """``base`` with the adapter merged into its weights: a diffusers folder, or with ``output`` ending in .safetensors
+    one checkpoint file in the original SDXL layout (ComfyUI's, A1111's and Forge's checkpoint loaders read it), its
+    weights in ``dtype``. ``base`` is a diffusers folder or hub id, or a checkpoint file with ``base_config``."""
     from .inference import load_adapter
+    from .single_file import save_single_file
 
     if output.exists():
-        raise AdapterError(f"{output} exists: fuse writes a new folder")
-    try:
-        pipe = StableDiffusionXLPipeline.from_pretrained(base)
-    except Exception as exc:  # a hub id while offline, a folder that is not a model …
-        raise AdapterFileError(f"cannot load base model {base!r}: {(str(exc).splitlines() or [''])[0][:200]}") from None
+        raise AdapterError(f"{output} exists: fuse writes a new {'file' if output.suffix else 'folder'}")
+    pipe = base_pipeline(base, base_config)
     load_adapter(pipe, adapter_path, scale=scale, fuse=True)
     record = operation_record("fuse", [adapter_path], base=base, scale=scale)
+    if output.suffix.lower() == ".safetensors":
+        parts = {part: getattr(pipe, part) for part in ("unet", "vae", "text_encoder", "text_encoder_2")}
+        schedule = {k: pipe.scheduler.config.get(k) for k in ("prediction_type", "rescale_betas_zero_snr")}
+        return save_single_file(parts, output, FUSE_DTYPES[dtype], schedule, {"moslora_operation": json.dumps(record)})
     with atomic_path(output, directory=True) as tmp:  # the folder appears whole, or not at all
         pipe.save_pretrained(tmp)
         (tmp / "moslora_fused.json").write_text(json.dumps(record, indent=2) + "\n")
     return output
+
+
+def base_pipeline(base: str, base_config: str | None = None):
+    """The base model's pipeline in fp32, from a diffusers folder or hub id, or from a checkpoint file."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from .single_file import is_single_file
+
+    try:
+        if is_single_file(base):
+            from .single_file import file_pipeline
+
+            return file_pipeline(base, base_config or "stabilityai/stable-diffusion-xl-base-1.0", torch.float32)
+        return StableDiffusionXLPipeline.from_pretrained(base)
+    except MosloraError:
+        raise
+    except Exception as exc:  # a hub id while offline, a folder that is not a model …
+        raise AdapterFileError(f"cannot load base model {base!r}: {(str(exc).splitlines() or [''])[0][:200]}") from None

@@ -11,7 +11,7 @@ import torch
 from ..adapter import AdapterConfig
 from ..errors import TrainingError
 from ..inference import sampling_config
-from ..single_file import file_schedule, is_single_file, load_single_file
+from ..single_file import file_pipeline, file_schedule, is_single_file, load_single_file
 from ..surgery import inject_components, trainable_parameters, unbank_mixers
 from .base_precision import place
 
@@ -221,19 +221,3 @@ def class_image_pipeline(model_path: str, revision, variant, device, schedule: d
     for model in (pipe.unet, pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
         align_(model)  # the same class images from a folder and from a file
     return pipe
-
-
-
-def file_pipeline(model_path: str, base_config: str, dtype: torch.dtype):
-    """An SDXL pipeline of a checkpoint file's weights, with ``base_config``'s tokenizers and scheduler."""
-    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
-    from transformers import AutoTokenizer
-
-    models, _ = load_single_file(model_path, base_config)
-    tokenizers = [AutoTokenizer.from_pretrained(base_config, subfolder=sub, use_fast=False)
-                  for sub in ("tokenizer", "tokenizer_2")]
-    scheduler = EulerDiscreteScheduler.from_pretrained(base_config, subfolder="scheduler")
-    pipe = StableDiffusionXLPipeline(vae=models["vae"], text_encoder=models["text_encoder"],
-                                     text_encoder_2=models["text_encoder_2"], tokenizer=tokenizers[0],
-                                     tokenizer_2=tokenizers[1], unet=models["unet"], scheduler=scheduler)
-    return pipe.to(dtype=dtype)

@@ -123,6 +123,29 @@ def test_fuse_gives_the_live_adapters_outputs(files, tmp_path):
     assert json.loads((out / "moslora_fused.json").read_text())["operation"] == "fuse"
 
 
+def test_fuse_to_one_checkpoint_file_and_from_one(files, tmp_path):
+    from dreambooth_moslora.single_file import file_pipeline
+
+    live = build_tiny_sdxl(seed=0)
+    load_adapter(live, files["a"]["native"])
+    expected = sdxl_forward(live, PROMPT)
+    out = tmp_path / "fused.safetensors"
+    assert main(["fuse", "--base", files["base"], str(files["a"]["kohya"]), "-o", str(out), "--dtype", "fp32"]) == 0
+    fused = sdxl_forward(file_pipeline(str(out), files["base"], torch.float32), PROMPT)
+    assert max(float((expected[k] - fused[k]).abs().max()) for k in expected) <= 1e-5
+    tensors, metadata = read_safetensors(out)
+    assert "model.diffusion_model.input_blocks.0.0.weight" in tensors and "v_pred" not in tensors
+    assert json.loads(metadata["moslora_operation"])["operation"] == "fuse"
+    assert metadata["modelspec.prediction_type"] == "epsilon"
+    half = tmp_path / "fused-fp16.safetensors"  # the default: fp16, as checkpoints are shared
+    assert main(["fuse", "--base", files["base"], str(files["a"]["kohya"]), "-o", str(half)]) == 0
+    assert {t.dtype for t in read_safetensors(half)[0].values()} == {torch.float16}
+    folder = tmp_path / "from-file"  # a checkpoint file as the base, its configs from the folder
+    assert main(["fuse", "--base", str(out), "--base_config", files["base"], str(files["b"]["native"]), "-o",
+                 str(folder)]) == 0
+    assert (folder / "unet" / "config.json").is_file()
+
+
 def test_inspect_reports_the_file(files, capsys):
     capsys.readouterr()
     assert main(["inspect", str(files["a"]["kohya"]), "--json", "--base", files["base"]]) == 0

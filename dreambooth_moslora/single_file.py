@@ -257,8 +257,12 @@ def empty_models(config_dir: str, parts=tuple(PREFIXES)) -> dict:
         "text_encoder_2": lambda: CLIPTextModelWithProjection(
             CLIPTextConfig.from_pretrained(config_dir, subfolder="text_encoder_2")),
     }
-    with init_empty_weights(include_buffers=False):
-        return {part: makers[part]() for part in parts}
+    try:
+        with init_empty_weights(include_buffers=False):
+            return {part: makers[part]() for part in parts}
+    except OSError:  # a hub id offline and not cached, a folder without configs
+        raise DataError(f"no SDXL configs found at {config_dir!r} (offline, or not a diffusers folder): pass "
+                        "--base_config with a diffusers SDXL folder here (configs and tokenizers suffice)") from None
 
 
 def model_tensor(name: str, key: str, tensor: torch.Tensor) -> torch.Tensor:

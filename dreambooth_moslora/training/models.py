@@ -113,11 +113,11 @@ def _load_base_model(model_path: str, revision, variant, vae_path, device, weigh
     from transformers import AutoTokenizer
 
     configs, revision_of_configs = (base_config, None) if is_single_file(model_path) else (model_path, revision)
+    unet, vae, text_encoders = base_weights(model_path, revision, variant, vae_path, base_config)
     tokenizers = [
         AutoTokenizer.from_pretrained(configs, subfolder=sub, revision=revision_of_configs, use_fast=False)
         for sub in ("tokenizer", "tokenizer_2")
     ]
-    unet, vae, text_encoders = base_weights(model_path, revision, variant, vae_path, base_config)
     noise_scheduler = DDPMScheduler.from_pretrained(configs, subfolder="scheduler", revision=revision_of_configs,
                                                     **schedule)
     for model in (unet, vae, *text_encoders):

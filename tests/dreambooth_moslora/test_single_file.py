@@ -154,3 +154,12 @@ def test_bad_checkpoints_are_refused_in_one_line_and_nothing_is_written(world, t
     assert message in err[-1] and err[-1].startswith("error: ") and "Traceback" not in "\n".join(err)
     assert not marker.exists()  # nothing was unpickled
     assert not list(out.glob("*.safetensors")) and not list(out.glob("checkpoint-*"))
+
+
+def test_a_file_without_configs_to_read_it_by_says_what_to_pass(world, tmp_path, capsys):
+    args = ["--pretrained_model_name_or_path", str(world["file"]), "--base_config", str(tmp_path / "nowhere"),
+            "--instance_data_dir", str(world["subject"]), "--instance_prompt", "a sks circle", "--resolution", "64",
+            "--max_train_steps", "1", "--output_dir", str(tmp_path / "out"), "--report_to", "none"]
+    assert main(args) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: cannot load the base model") and "pass --base_config with a diffusers SDXL" in err

@@ -7,7 +7,9 @@ Runs train_dreambooth.py in a fresh process on the full-size model at 64 px with
 another process, reloads the adapter the ways users do (this package's loader for the native file,
 stock diffusers' load_lora_weights for the diffusers and kohya files) and compares the UNet prediction
 and text conditioning with the trained adapter's. Reports wall times, each process's peak RSS, the
-files' key counts and the largest differences. Needs about 18 GB of RAM: run it alone, never in CI.
+files' key counts and the largest differences. With --single_file it then writes the model as one fp16
+checkpoint in the original SDXL layout (as community bases ship) and trains 2 steps from that file, its peak RSS
+beside the folder's. Needs about 18 GB of RAM: run it alone, never in CI.
 """
 
 from __future__ import annotations
@@ -29,6 +31,19 @@ from dreambooth_moslora.training import parse_args, train
 quiet_libraries()
 start = time.perf_counter()
 train(parse_args(json.loads(sys.argv[1])))
+print("RESULT", json.dumps({"seconds": time.perf_counter() - start, "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}))
+"""
+
+WRITE_FILE = """
+import json, resource, sys, time, torch
+from diffusers import StableDiffusionXLPipeline
+from dreambooth_moslora.runtime import quiet_libraries
+from dreambooth_moslora.single_file import save_single_file
+quiet_libraries()
+start = time.perf_counter()
+pipe = StableDiffusionXLPipeline.from_pretrained(sys.argv[1], torch_dtype=torch.float16)
+parts = {part: getattr(pipe, part) for part in ("unet", "vae", "text_encoder", "text_encoder_2")}
+save_single_file(parts, sys.argv[2], dtype=torch.float16)
 print("RESULT", json.dumps({"seconds": time.perf_counter() - start, "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}))
 """
 
@@ -71,6 +86,7 @@ def main(argv=None) -> int:
     parser.add_argument("--model_dir", type=Path, default=ROOT / "outputs" / "full-size-sdxl")
     parser.add_argument("--output_dir", type=Path, default=ROOT / "outputs" / "full-size-run")
     parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--single_file", action="store_true", help="also train 2 steps from the model as one file")
     args = parser.parse_args(argv)
 
     from toyworld.tiny_sdxl import save_full_size_sdxl
@@ -98,7 +114,26 @@ def main(argv=None) -> int:
         r = reload[name]
         print(f"stock load_lora_weights({name}): {r['keys']:,d} keys, max |difference| {r['max_abs_diff']:.2e}")
     print(f"reload process peak RSS {reload['peak_rss_gib']:.1f} GiB")
+    if args.single_file:
+        single_file_run(args, train_argv, trained)
     return 0
+
+
+def single_file_run(args, folder_argv: list[str], folder: dict) -> None:
+    """The same model as one fp16 checkpoint file: written, then trained from for 2 steps (--base_config the folder)."""
+    checkpoint = args.output_dir / "full-size-sdxl.safetensors"
+    if not checkpoint.is_file():
+        written = run(WRITE_FILE, str(args.model_dir), str(checkpoint))
+        print(f"wrote {checkpoint.stat().st_size / 2**30:.2f} GiB in {written['seconds']:.0f} s "
+              f"(peak RSS {written['peak_rss_gib']:.1f} GiB)")
+    argv = list(folder_argv)
+    argv[argv.index("--pretrained_model_name_or_path") + 1] = str(checkpoint)
+    argv[argv.index("--max_train_steps") + 1] = "2"
+    argv[argv.index("--output_dir") + 1] = str(args.output_dir / "adapter-from-file")
+    argv += ["--base_config", str(args.model_dir)]
+    trained = run(TRAIN, json.dumps(argv))
+    print(f"from the single file: trained 2 steps in {trained['seconds']:.0f} s, peak RSS {trained['peak_rss_gib']:.1f} "
+          f"GiB ({trained['peak_rss_gib'] / folder['peak_rss_gib']:.2f}x the folder run's {folder['peak_rss_gib']:.1f})")
 
 
 if __name__ == "__main__":

@@ -52,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--rank", type=int, help="compress the sum to this rank by SVD (default: exact, ranks add up)")
     s.add_argument("--to", choices=FORMATS, default="kohya", help="output format")
     s.add_argument("-o", "--output", type=Path, required=True)
+    s.add_argument("--force", action="store_true", help="merge files trained on different base models")
     s.add_argument("--base", help=base_help)
 
     s = sub.add_parser("fuse", help="the base model with the adapter merged into its weights: a folder or one file")
@@ -89,7 +90,7 @@ def run(args) -> int:
         return 0
     if args.command == "merge":
         loaded = [tools.load(f, args.base) for f in args.files]
-        errors = tools.merge(loaded, args.weights or [1.0] * len(loaded), args.output, args.to, args.rank)
+        errors = tools.merge(loaded, args.weights or [1.0] * len(loaded), args.output, args.to, args.rank, args.force)
         _print_errors(errors)
         print(f"wrote {args.output}")
         return 0

@@ -383,6 +383,10 @@ class KohyaFormat:
             "modelspec.sai_model_spec": "1.0.0",
         }
         metadata.update({f"ss_{key}": str(value) for key, value in (training or {}).items()})
+        if training and training.get("base_model_sha256"):  # the base's hashes, under sd-scripts' names
+            metadata["ss_new_sd_model_hash"] = training["base_model_sha256"]
+            metadata.update({"ss_sd_model_hash": training["base_model_legacy_hash"]}
+                            if training.get("base_model_legacy_hash") else {})
         if training and training.get("prediction_type"):  # what sd-scripts writes, and what other tools read
             v = training["prediction_type"] == "v_prediction"
             metadata.update({"modelspec.prediction_type": "v" if v else "epsilon", "ss_v_parameterization": str(v),

@@ -179,6 +179,28 @@ def sha256_of(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth")
+
+
+def base_hashes(path: str | os.PathLike) -> dict[str, str]:
+    """What identifies a base model's weights: for a file, its sha256 (Civitai's and kohya's, whose first 10 hex
+    digits A1111 shows as AutoV2) and kohya's legacy hash (sha256 of 64 KiB at 1 MiB, 8 digits); for a diffusers
+    folder, the sha256 of its weight files' names and sha256s; nothing for a hub id."""
+    import hashlib
+
+    path = Path(path)
+    if path.is_file():
+        with open(path, "rb") as f:
+            f.seek(0x100000)
+            legacy = hashlib.sha256(f.read(0x10000)).hexdigest()[:8]
+        return {"sha256": sha256_of(path), "legacy": legacy}
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in WEIGHT_SUFFIXES)
+        listing = "\n".join(f"{p.relative_to(path).as_posix()} {sha256_of(p)}" for p in files)
+        return {"sha256": hashlib.sha256(listing.encode()).hexdigest()} if files else {}
+    return {}
+
+
 def read_json_field(metadata: dict[str, str], key: str) -> dict:
     """A JSON object stored in a metadata string, or {} when absent, unreadable or not an object."""
     try:

@@ -226,15 +226,20 @@ def _write_plain(output: Path, fmt: str, layers: dict, components: dict, base_mo
 # ---------------------------------------------------------------- merge
 
 
-def merge(inputs: list[Loaded], weights: list[float], output: Path, fmt: str, rank: int | None = None) -> dict:
-    """Σ wᵢ·ΔWᵢ layer by layer: exact by concatenating ranks, or compressed to ``rank`` by SVD."""
+def merge(inputs: list[Loaded], weights: list[float], output: Path, fmt: str, rank: int | None = None,
+          force: bool = False) -> dict:
+    """Σ wᵢ·ΔWᵢ layer by layer: exact by concatenating ranks, or compressed to ``rank`` by SVD. Files trained on
+    different base models (by name, or by the hashes they record) are refused unless ``force``."""
     paths = [i.path for i in inputs]
     refuse_overwriting(output, paths)
     if len(weights) != len(inputs):
         raise AdapterError(f"{len(inputs)} files but {len(weights)} weights: give one weight per file")
-    bases = {b for b in (recorded(i.adapter.metadata)["base_model"] for i in inputs) if b}
-    if len(bases) > 1:
-        raise AdapterMismatchError(f"the files were trained on different base models: {', '.join(sorted(bases))}")
+    records = [recorded(i.adapter.metadata) for i in inputs]
+    bases = {b for b in (r["base_model"] for r in records) if b}
+    hashes = {h for h in (r["training"].get("base_model_sha256") for r in records) if h}
+    if not force and (len(bases) > 1 or len(hashes) > 1):
+        named = ", ".join(sorted(bases)) if len(bases) > 1 else f"{next(iter(bases), '?')} with different weights"
+        raise AdapterMismatchError(f"the files were trained on different base models: {named} (--force merges anyway)")
     merged: dict[str, dict[str, LayerWeights]] = {}
     for loaded, w in zip(inputs, weights):
         for component, by_path in loaded.adapter.layers.items():

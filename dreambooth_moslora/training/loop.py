@@ -20,6 +20,7 @@ import torch
 from ..errors import DataError, MosloraError, TrainingError
 from ..formats import save_adapter
 from ..runtime import free_memory, has_module, quiet_libraries, seeded_generator
+from ..safe_files import base_hashes
 from ..sdxl import encode_prompts, tokenize
 from ..surgery import mixer_parameters
 from .checkpoints import clean_leftovers, register_adapter_hooks, resume, save_checkpoint
@@ -123,6 +124,10 @@ def run_settings(args, max_steps: int, schedule, last_loss: float, instance_imag
     """What the adapter files and the model card record of the run: the options as run, the noise schedule trained
     against (the model's own or the command line's), the final loss, the images."""
     settings = settings_for_metadata(args)
+    hashes = base_hashes(args.pretrained_model_name_or_path)
+    if hashes:  # what the files, the card and the web demo identify the base by
+        settings.update(base_model_sha256=hashes["sha256"], base_model_autov2=hashes["sha256"][:10].upper())
+        settings.update({"base_model_legacy_hash": hashes["legacy"]} if "legacy" in hashes else {})
     settings.update(max_train_steps=max_steps, prediction_type=schedule.prediction_type,
                     rescale_betas_zero_snr=bool(schedule.get("rescale_betas_zero_snr")), final_loss=last_loss,
                     num_train_images=len(instance_images), num_class_images=len(class_images))

@@ -26,6 +26,8 @@ def write_model_card(output_dir: Path, settings: dict, files: dict[str, Path], g
         "",
         f"# MoSLoRA DreamBooth adapter for {base}",
         "",
+        *([f"Base model: `{Path(base).name}`, AutoV2 `{settings['base_model_autov2']}` "
+           f"(sha256 `{settings['base_model_sha256']}`).", ""] if settings.get("base_model_autov2") else []),
         f"Trained with dreambooth-moslora on {settings.get('num_train_images', '?')} image(s) of the subject "
         f"`{prompt}`" + (f", with prior preservation on `{settings.get('class_prompt')}`" if settings.get("with_prior_preservation") else "") + ".",
         "",
@@ -48,10 +50,19 @@ def write_model_card(output_dir: Path, settings: dict, files: dict[str, Path], g
         lines += [
             "", "## Use it in diffusers", "", "```python", "import torch",
             "from diffusers import StableDiffusionXLPipeline", "",
-            f'pipe = StableDiffusionXLPipeline.from_pretrained("{base}", torch_dtype=torch.float16).to("cuda")',
+            *pipeline_lines(base, settings.get("base_config")),
             f'pipe.load_lora_weights("{output_dir}", weight_name="{names["diffusers"]}")',
             f"image = pipe({json.dumps(example)}, num_inference_steps=30).images[0]", "```",
         ]  # fmt: skip
     if grid is not None:
         lines += ["", VALIDATION_HEADING, "", f"“{example}”, at the end of training:", "", f"![validation]({grid.name})"]
     return write_text(output_dir / "README.md", "\n".join(lines) + "\n")
+
+
+def pipeline_lines(base: str, base_config: str | None) -> list[str]:
+    """The example's pipeline: from the base's folder or hub id, or from its checkpoint file with our reader (with
+    this project's pinned libraries diffusers' from_single_file leaves CLIP-L unloaded)."""
+    if base.lower().endswith(".safetensors"):
+        return ["from dreambooth_moslora.single_file import file_pipeline", "",
+                f'pipe = file_pipeline("{base}", "{base_config}", torch.float16).to("cuda")']
+    return [f'pipe = StableDiffusionXLPipeline.from_pretrained("{base}", torch_dtype=torch.float16).to("cuda")']

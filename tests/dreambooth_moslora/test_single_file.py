@@ -10,7 +10,7 @@ import torch
 from diffusers import AutoencoderKL, StableDiffusionXLPipeline, UNet2DConditionModel
 from safetensors.torch import load_file, save_file
 
-from dreambooth_moslora.safe_files import read_safetensors
+from dreambooth_moslora.safe_files import read_safetensors, sha256_of
 from dreambooth_moslora.single_file import load_single_file, looks_like, save_single_file
 from dreambooth_moslora.training import main
 from toyworld.tiny_sdxl import save_tiny_sdxl
@@ -76,13 +76,21 @@ def test_training_from_the_file_is_bit_identical_to_training_from_the_folder(wor
     prior = ("--with_prior_preservation", "--class_prompt", "a circle", "--num_class_images", "2",
              "--class_inference_steps", "2")
     assert train(world, tmp_path / "folder", world["folder"], *prior) == 0
-    assert train(world, tmp_path / "file", world["file"], *prior) == 0
+    assert train(world, tmp_path / "file", world["file"], *prior, "--output_formats", "native", "diffusers", "kohya") == 0
     a = load_file(tmp_path / "folder" / "moslora_adapter.safetensors")
     b = load_file(tmp_path / "file" / "moslora_adapter.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert max(t.abs().max().item() for k, t in a.items() if k.endswith("moslora_B")) > 0  # it trained
     _, kohya = read_safetensors(tmp_path / "file" / "pytorch_lora_weights_kohya.safetensors")
     assert kohya["modelspec.prediction_type"] == "epsilon" and kohya["ss_v_parameterization"] == "False"
+    # the base is named by its hashes, as sd-scripts names it: the file's sha256, and its legacy 8-digit hash
+    digest = sha256_of(world["file"])
+    assert kohya["ss_new_sd_model_hash"] == digest and len(kohya["ss_sd_model_hash"]) == 8
+    card = (tmp_path / "file" / "README.md").read_text()
+    assert f"AutoV2 `{digest[:10].upper()}`" in card and "file_pipeline(" in card  # the example reads the file
+    _, from_folder = read_safetensors(tmp_path / "folder" / "pytorch_lora_weights_kohya.safetensors")
+    assert len(from_folder["ss_new_sd_model_hash"]) == 64 and from_folder["ss_new_sd_model_hash"] != digest
+    assert "ss_sd_model_hash" not in from_folder  # a folder has no legacy hash
 
 
 def test_a_file_marked_v_pred_and_ztsnr_trains_so(world, tmp_path, caplog):

@@ -196,6 +196,8 @@ def test_merge_refuses_other_base_models_and_other_shapes(files, tmp_path, capsy
     other = save_adapter(tmp_path / "c", components, formats=["native"], base_model=str(other_base))["native"]
     out = str(tmp_path / "m.safetensors")
     assert "different base models" in refused(["merge", str(files["a"]["native"]), str(other), "-o", out, "--base", files["base"]], capsys)
+    assert main(["merge", str(files["a"]["native"]), str(other), "-o", str(tmp_path / "forced.safetensors"), "--base",
+                 files["base"], "--force"]) == 0  # the user's call
     wider = build_tiny_sdxl(seed=0, block_out_channels=(32, 96, 96))  # layers of other shapes
     components = pipeline_components(wider)
     inject_components(components, AdapterConfig(rank=2))

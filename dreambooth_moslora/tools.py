@@ -43,9 +43,10 @@ def recorded_base(path: str | os.PathLike) -> str | None:
 
 def layout_of(path: str | os.PathLike, base: str | None) -> str | None:
     """Whose layer layout resolves the file's names: ``base`` (--base), else the base model the file records when
-    it is a diffusers folder here; None: SDXL base's published layout."""
+    it is a diffusers folder here; None: SDXL base's published layout (also for an SDXL checkpoint file: every such
+    file has SDXL's layers)."""
     if base is not None:
-        return base
+        return None if str(base).lower().endswith(".safetensors") else base
     recorded_model = recorded_base(path)
     return recorded_model if recorded_model and (Path(recorded_model) / "unet" / "config.json").is_file() else None
 

@@ -257,3 +257,12 @@ def test_the_commands_use_the_base_a_file_records_and_inspect_needs_no_model(fil
     assert alone["layers"] == resolved["layers"] and alone["rank"] == 4 and alone["alpha"] == 7.0
     assert "unet.middle_block" in alone["delta_norm_by_block"]  # the file's own (SGM) block names
     assert alone["delta_norm"] == pytest.approx(resolved["delta_norm"], rel=1e-6)
+
+
+def test_a_checkpoint_file_as_base_means_sdxls_layout(tmp_path):
+    from dreambooth_moslora.tools import layout_of
+
+    adapter = tmp_path / "a.safetensors"
+    save_file({"x.lora_down.weight": torch.zeros(1, 1)}, adapter)
+    assert layout_of(adapter, str(tmp_path / "ponyDiffusionV6XL.safetensors")) is None  # SDXL's published layout
+    assert layout_of(adapter, "some/folder") == "some/folder"

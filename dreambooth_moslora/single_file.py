@@ -306,6 +306,15 @@ def load_single_file(path: str | os.PathLike, config_dir: str, parts=tuple(PREFI
     return models, marked_schedule(set(header), metadata)
 
 
+def is_sdxl_checkpoint(path: str | os.PathLike) -> bool:
+    """Whether a file is an SDXL base checkpoint by its header (never its data): what a model folder may offer."""
+    try:
+        checked_header(Path(path))
+    except DataError:
+        return False
+    return True
+
+
 def file_schedule(path: str | os.PathLike) -> dict:
     """The noise schedule a checkpoint file marks, from its header alone (refusing a file that is no SDXL base)."""
     header, metadata = checked_header(Path(path))

@@ -11,7 +11,10 @@ def parse(argv=None):
     p = argparse.ArgumentParser(prog="python -m webui", description="Generate the trained subject from saved adapters.")
     p.add_argument("--adapters", type=Path, default=Path("outputs"), help="the folder of trained adapters")
     p.add_argument("--base_model", help="hub id or folder; default: the one an adapter records, when it is allowed")
-    p.add_argument("--models_dir", type=Path, help="base models requests may choose: the diffusers folders directly in it")
+    p.add_argument("--models_dir", type=Path,
+                   help="base models requests may choose: the diffusers folders and SDXL .safetensors checkpoints in it")
+    p.add_argument("--base_config", help="configs and tokenizers for checkpoint files (default: SDXL base's; the "
+                                         "demo model's with --demo)")
     p.add_argument("--time_limit", type=float, default=300.0, help="seconds a request may run before it is cut off")
     p.add_argument("--max_upload", default="10mb", help="the largest file a client may upload")
     p.add_argument("--demo", action="store_true", help="offline: the toy world's model (python -m toyworld.demo trains on it)")
@@ -49,14 +52,16 @@ def main(argv=None) -> int:
     from gradio import utils as gradio_utils
 
     from .app import build
-    from .engine import Engine
+    from .engine import SDXL_CONFIGS, Engine
     from .training import Trainer
 
     if args.demo and not args.adapters.is_dir():
         args.adapters.mkdir(parents=True)
     try:
-        engine = Engine(args.adapters, base_model=args.base_model, demo_model=demo_model(args.adapters) if args.demo else None,
-                        output_dir=args.output_dir, models_dir=args.models_dir, time_limit=args.time_limit)  # fmt: skip
+        demo = demo_model(args.adapters) if args.demo else None
+        engine = Engine(args.adapters, base_model=args.base_model, demo_model=demo, output_dir=args.output_dir,
+                        models_dir=args.models_dir, time_limit=args.time_limit,
+                        base_config=args.base_config or demo or SDXL_CONFIGS)
     except RequestError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

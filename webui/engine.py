@@ -28,6 +28,7 @@ from PIL.PngImagePlugin import PngInfo
 from dreambooth_moslora.errors import AdapterError, AdapterFileError, RequestError
 from dreambooth_moslora.formats import summarize
 from dreambooth_moslora.inference import sampling_config
+from dreambooth_moslora.single_file import file_pipeline, is_sdxl_checkpoint, is_single_file
 from dreambooth_moslora.inference import load_adapter, set_scale, unload_adapter
 from dreambooth_moslora.safe_files import atomic_path, save_image, sha256_of
 
@@ -169,19 +170,32 @@ class Result:
     parameters: dict
 
 
+SDXL_CONFIGS = "stabilityai/stable-diffusion-xl-base-1.0"
+
+
+def is_base_model(path: Path) -> bool:
+    """A diffusers folder, or an SDXL checkpoint file (by its header)."""
+    if path.is_dir():
+        return (path / "model_index.json").is_file()
+    return path.suffix == ".safetensors" and is_sdxl_checkpoint(path)
+
+
 class Engine:
     """Base models come only from an allowed list: the operator's ``base_model``, the ``demo_model``,
-    folders directly under ``models_dir``, and hub ids while the hub can be reached."""
+    diffusers folders and SDXL checkpoint files (read with ``base_config``'s configs) directly under ``models_dir``,
+    and hub ids while the hub can be reached."""
 
     def __init__(self, adapters_dir: str | os.PathLike, base_model: str | None = None, demo_model: str | None = None,
                  device: str | None = None, output_dir: str | os.PathLike | None = None,
-                 models_dir: str | os.PathLike | None = None, time_limit: float = DEFAULT_TIME_LIMIT):  # fmt: skip
+                 models_dir: str | os.PathLike | None = None, time_limit: float = DEFAULT_TIME_LIMIT,
+                 base_config: str = SDXL_CONFIGS):  # fmt: skip
         self.root = Path(adapters_dir).resolve()
         if not self.root.is_dir():
             raise RequestError(f"adapters folder {adapters_dir} does not exist")
         self.default_base = base_model
         self.demo_model = demo_model  # used when no other base model is given or found
         self.models_dir = Path(models_dir).resolve() if models_dir else None
+        self.base_config = base_config  # the configs and tokenizers of checkpoint-file bases
         self.time_limit = float(time_limit)
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.dtype = torch.float16 if self.device == "cuda" else torch.float32
@@ -240,7 +254,7 @@ class Engine:
                 return fixed
         if self.models_dir is not None and name and "\0" not in name:
             candidate = (self.models_dir / name).resolve()
-            if candidate.parent == self.models_dir and (candidate / "model_index.json").is_file():
+            if candidate.parent == self.models_dir and is_base_model(candidate):
                 return str(candidate)
         hub_reachable = os.environ.get("HF_HUB_OFFLINE", "").lower() not in ("1", "true", "yes", "on")
         if hub_reachable and HUB_ID.fullmatch(name) and not Path(name).exists():
@@ -251,7 +265,7 @@ class Engine:
         """The base models a request may name (hub ids aside)."""
         listed = [m for m in (self.default_base, self.demo_model) if m]
         if self.models_dir is not None and self.models_dir.is_dir():
-            listed += sorted(p.name for p in self.models_dir.iterdir() if (p / "model_index.json").is_file())
+            listed += sorted(p.name for p in self.models_dir.iterdir() if is_base_model(p))
         return listed
 
     def base_for(self, request: Request, entries: list[AdapterEntry]) -> str:
@@ -281,7 +295,10 @@ class Engine:
             # free the old one first, and forget it: after a failed load no request may find a half-set pipeline
             self._pipe, self._pipe_id, self._loaded = None, None, None
             try:
-                pipe = StableDiffusionXLPipeline.from_pretrained(model_id, torch_dtype=self.dtype)
+                if is_single_file(model_id):
+                    pipe = file_pipeline(model_id, self.base_config, self.dtype)
+                else:
+                    pipe = StableDiffusionXLPipeline.from_pretrained(model_id, torch_dtype=self.dtype)
             except Exception as exc:  # a hub id while offline, a wrong folder …
                 first_line = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
                 raise RequestError(f"cannot load base model {model_id!r}: {first_line}") from None

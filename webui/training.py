@@ -391,7 +391,8 @@ class Trainer:
             raise RequestError(f"cannot write the run folder in {self.root}: {reason}") from None
 
     def _argv(self, run_dir: Path, r: TrainRequest, options: dict, base: str) -> list[str]:
-        fixed = dict(pretrained_model_name_or_path=base, instance_data_dir=run_dir / "instance",
+        fixed = dict(pretrained_model_name_or_path=base, base_config=self.engine.base_config,
+                     instance_data_dir=run_dir / "instance",
                      instance_prompt=r.instance_prompt.strip(), caption_extension=".txt", output_dir=run_dir,
                      validation_prompt=(r.sample_prompt or "").strip() or r.instance_prompt.strip(), report_to="none")  # fmt: skip
         if r.prior_preservation:

@@ -212,6 +212,30 @@ def test_adapter_metadata_never_overrides_the_operators_base_model(world, tmp_pa
         engine.generate(Request(prompt="a photo", base_model=str(other), **SMALL))
 
 
+def test_models_dir_offers_sdxl_checkpoint_files_as_bases(world, tmp_path):
+    from diffusers import StableDiffusionXLPipeline
+    from safetensors.torch import save_file
+
+    from dreambooth_moslora.single_file import save_single_file
+
+    models = tmp_path / "models"
+    models.mkdir()
+    pipe = StableDiffusionXLPipeline.from_pretrained(world["model"])
+    save_single_file({p: getattr(pipe, p) for p in ("unet", "vae", "text_encoder", "text_encoder_2")},
+                     models / "tiny-xl.safetensors", dtype=torch.float32)
+    save_file({"lora_unet_a.lora_down.weight": torch.zeros(1, 1)}, models / "some_lora.safetensors")  # not a base
+    (models / "notes.safetensors").write_bytes(b"not safetensors")
+    engine = Engine(world["adapters"], demo_model=str(world["model"]), output_dir=tmp_path / "images",
+                    models_dir=models, base_config=str(world["model"]))
+    assert engine.base_models() == [str(world["model"]), "tiny-xl.safetensors"]
+    from_file = engine.generate(Request(prompt="a photo", base_model="tiny-xl.safetensors", **SMALL))
+    assert from_file[0].parameters["base_model"] == str(models / "tiny-xl.safetensors")
+    from_folder = engine.generate(Request(prompt="a photo", **SMALL))
+    assert np.abs(pixels(from_file[0]) - pixels(from_folder[0])).max() <= 2  # the same weights (rounding aside)
+    with pytest.raises(RequestError, match="not one this server offers"):
+        engine.generate(Request(prompt="a photo", base_model="some_lora.safetensors", **SMALL))
+
+
 def test_an_adapter_trained_with_v_prediction_and_zero_terminal_snr_samples_with_them(world, tmp_path, monkeypatch):
     from diffusers import StableDiffusionXLPipeline
 

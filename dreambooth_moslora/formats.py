@@ -556,6 +556,7 @@ def recorded(metadata: dict[str, str]) -> dict:
         "steps": training.get("max_train_steps") or metadata.get("ss_max_train_steps"),
         "base_model": metadata.get("base_model") or metadata.get("ss_sd_model_name") or None,
         "noise_schedule": recorded_schedule(training, metadata),
+        "base_sha256": training.get("base_model_sha256") or metadata.get("ss_new_sd_model_hash") or None,
         "training": training,
     }
 

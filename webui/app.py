@@ -128,6 +128,9 @@ class GenerateTab:
             raise gr.Error(f"generation failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}") from None
         seeds = sorted({r.parameters["seed"] for r in results})
         status = f"{len(results)} image(s) from {results[0].parameters['base_model']}, seed(s) {', '.join(map(str, seeds))}"
+        for warning in dict.fromkeys(r.parameters["warning"] for r in results if r.parameters.get("warning")):
+            gr.Warning(warning)  # a toast on the page; the status line keeps it
+            status += f"\nwarning: {warning}"
         return [(str(r.path), r.label) for r in results], status, seeds[0]
 
 

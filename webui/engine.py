@@ -28,6 +28,7 @@ from PIL.PngImagePlugin import PngInfo
 from dreambooth_moslora.errors import AdapterError, AdapterFileError, RequestError
 from dreambooth_moslora.formats import summarize
 from dreambooth_moslora.inference import sampling_config
+from dreambooth_moslora.safe_files import base_hashes
 from dreambooth_moslora.single_file import file_pipeline, is_sdxl_checkpoint, is_single_file
 from dreambooth_moslora.inference import load_adapter, set_scale, unload_adapter
 from dreambooth_moslora.safe_files import atomic_path, save_image, sha256_of
@@ -320,6 +321,23 @@ class Engine:
         pipe.scheduler = classes[name].from_config(sampling_config(self._scheduler_config, schedule or {}))
         return 0.7 if pipe.scheduler.config.get("rescale_betas_zero_snr") else 0.0
 
+    def base_mismatch(self, entry: AdapterEntry, model_id: str) -> str | None:
+        """A line when the adapter records the weights (sha256) of another base than ``model_id``'s, else None (also
+        when either is unknown: a hub id, an older file). A base is hashed once per path, size and mtime."""
+        recorded = entry.info.get("base_sha256")
+        path = Path(model_id)
+        if not recorded or not path.exists():
+            return None
+        stat = path.stat()
+        key = ("base", str(path), stat.st_size, stat.st_mtime_ns)
+        if key not in self._hashes:
+            self._hashes[key] = base_hashes(path).get("sha256", "")
+        current = self._hashes[key]
+        if not current or current == recorded:
+            return None
+        return (f"{entry.id} was trained on another base ({entry.info.get('base_model') or 'unnamed'}, AutoV2 "
+                f"{recorded[:10].upper()}) than {path.name} (AutoV2 {current[:10].upper()}): expect it to look off")
+
     def _use_adapter(self, pipe, path: Path | None, scale: float) -> None:
         """Puts the adapter in the pipeline (live, so that taking it out restores the base exactly)."""
         key = None if path is None else (str(path), path.stat().st_mtime_ns)
@@ -375,6 +393,7 @@ class Engine:
             model_id = self.base_for(r, entries)
             pipe = self.pipeline(model_id)
             try:
+                warnings = {v.id: w for v in variants if v and (w := self.base_mismatch(v, model_id))}
                 for variant in variants:
                     rescale = self._use_scheduler(pipe, r.scheduler, variant.info.get("noise_schedule") if variant else None)
                     self._use_adapter(pipe, variant.path if variant else None, r.scale)
@@ -387,6 +406,8 @@ class Engine:
                             generator=torch.Generator("cpu").manual_seed(seed + i), callback_on_step_end=on_step,
                         ).images[0]  # fmt: skip
                         results.append(self._save(image, r, model_id, seed + i, variant))
+                        if variant and variant.id in warnings:
+                            results[-1].parameters["warning"] = warnings[variant.id]
             except TimeLimit:
                 raise RequestError(f"the request ran longer than {self.time_limit:g} s and was cut off: "
                                    "ask for fewer steps, images or pixels") from None  # fmt: skip

@@ -236,6 +236,28 @@ def test_models_dir_offers_sdxl_checkpoint_files_as_bases(world, tmp_path):
         engine.generate(Request(prompt="a photo", base_model="some_lora.safetensors", **SMALL))
 
 
+def test_an_adapter_used_on_another_base_than_it_records_is_warned_about(world, tmp_path):
+    from dreambooth_moslora.safe_files import base_hashes
+
+    adapters = tmp_path / "adapters"
+    pipe = build_tiny_sdxl(seed=0)
+    inject_components(pipeline_components(pipe), AdapterConfig(rank=4))
+    own = base_hashes(world["model"])["sha256"]
+    for name, digest in (("same", own), ("other", "ab" * 32)):
+        save_adapter(adapters / name, pipeline_components(pipe), formats=["kohya"], base_model="elsewhere/xl",
+                     training={"base_model_sha256": digest})
+    engine = Engine(adapters, demo_model=str(world["model"]), output_dir=tmp_path / "images")
+    same = engine.generate(Request(prompt="a photo", adapters=["same/pytorch_lora_weights_kohya.safetensors"], **SMALL))
+    assert "warning" not in same[0].parameters
+    other = engine.generate(Request(prompt="a photo", adapters=["other/pytorch_lora_weights_kohya.safetensors"],
+                                    compare=True, **SMALL))
+    base_image, adapter_image = other
+    assert "warning" not in base_image.parameters  # the base model's own image
+    warning = adapter_image.parameters["warning"]
+    assert "was trained on another base (elsewhere/xl, AutoV2 ABABABABAB)" in warning
+    assert f"(AutoV2 {own[:10].upper()})" in warning
+
+
 def test_an_adapter_trained_with_v_prediction_and_zero_terminal_snr_samples_with_them(world, tmp_path, monkeypatch):
     from diffusers import StableDiffusionXLPipeline
 

@@ -429,14 +429,14 @@ class Trainer:
         """Waits for the trainer and records how it ended."""
         code = process.wait()
         status = self.status(run_dir.name)
-        asked_to_stop = read_record(run_dir).get("state") == "stopping"  # SIGTERM before the trainer's handler is set: -15
-        if code == 0 and (run_dir / NATIVE_FILE).is_file():
-            state, error = "done", None
-        elif code == STOPPED_EXIT_CODE or (asked_to_stop and code in (-signal.SIGTERM, -signal.SIGKILL)):
-            state, error = "stopped", None
-        else:
-            state, error = "failed", trainer_error(run_dir / LOG_FILE, code)
-        with self.lock:
+        with self.lock:  # stop() signals and records "stopping" under this lock: read the state after it has
+            asked_to_stop = read_record(run_dir).get("state") == "stopping"  # SIGTERM before the handler is set: -15
+            if code == 0 and (run_dir / NATIVE_FILE).is_file():
+                state, error = "done", None
+            elif code == STOPPED_EXIT_CODE or (asked_to_stop and code in (-signal.SIGTERM, -signal.SIGKILL)):
+                state, error = "stopped", None
+            else:
+                state, error = "failed", trainer_error(run_dir / LOG_FILE, code)
             self._update_record(run_dir, state=state, error=error, ended=time.time(), exit_code=code,
                                 steps_per_second=status.steps_per_second)  # fmt: skip
             self._recorded.set()

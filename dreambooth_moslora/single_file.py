@@ -16,18 +16,18 @@ the models (memory-mapped, assigned, no second copy).
 
 from __future__ import annotations
 
-import math
 import os
 import re
 from pathlib import Path
 
 import torch
 
-from .errors import DataError
+from .errors import AdapterFileError, DataError
 from .safe_files import read_header, write_safetensors
 
 PREFIXES = {"unet": "model.diffusion_model.", "vae": "first_stage_model.",
             "text_encoder": "conditioner.embedders.0.transformer.", "text_encoder_2": "conditioner.embedders.1.model."}
+SDXL_BASE_CONFIG = "stabilityai/stable-diffusion-xl-base-1.0"  # configs and tokenizers for files that name none
 MARKERS = {"v_pred", "ztsnr"}  # presence alone says v-prediction / zero terminal SNR
 IGNORED = re.compile(r"(.*\.position_ids|conditioner\.embedders\.1\.model\.logit_scale)$")  # in many files; no weights
 PICKLES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
@@ -129,8 +129,9 @@ def original_names(components: dict) -> dict[str, tuple[str, str]]:
 def file_tensors(components: dict, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """The four models' tensors under the file's names, in ``dtype`` (bigG's q, k, v fused; 1×1 convs in the VAE)."""
     tensors, fused = {}, {}
+    states = {component: model.state_dict() for component, model in components.items()}
     for (component, key), name in original_names(components).items():
-        tensor = components[component].state_dict()[key].detach()
+        tensor = states[component][key].detach()
         if component == "vae" and ".mid.attn_1." in name and name.endswith("weight") and tensor.dim() == 2:
             tensor = tensor[:, :, None, None]  # the original VAE's attention is 1×1 convolutions
         if name.endswith("text_projection"):
@@ -203,8 +204,6 @@ def marked_schedule(names: set[str], metadata: dict[str, str]) -> dict:
 
 def checked_header(path: Path) -> tuple[dict, dict]:
     """The file's header, refused in one line unless it is an SDXL base checkpoint in safetensors."""
-    from .errors import AdapterFileError
-
     if path.suffix.lower() in PICKLES:
         raise DataError(f"{path.name} is a pickle checkpoint ({path.suffix}), which can run code when loaded: it is "
                         "never unpickled here; use the model's .safetensors file")
@@ -218,18 +217,19 @@ def checked_header(path: Path) -> tuple[dict, dict]:
     return header, metadata
 
 
-def expected_shape(name: str, model_shape, parts: int) -> list[int]:
+def expected_shape(name: str, model_shape) -> list[int]:
+    """The shape a model tensor has in the file: transposed projection, q, k and v stacked in in_proj."""
     if name.endswith("text_projection"):
         return list(model_shape)[::-1]
     if name.endswith(("in_proj_weight", "in_proj_bias")):
-        return [model_shape[0] * parts, *model_shape[1:]]
+        return [model_shape[0] * 3, *model_shape[1:]]
     return list(model_shape)
 
 
 def account(path: Path, header: dict, names: dict, models: dict) -> None:
     """Every tensor of every model is in the file with its shape, and the file holds nothing else."""
     states = {component: model.state_dict() for component, model in models.items()}
-    wanted = {name: expected_shape(name, states[component][key].shape, 3) for (component, key), name in names.items()}
+    wanted = {name: expected_shape(name, states[component][key].shape) for (component, key), name in names.items()}
     missing = sorted(set(wanted) - set(header))
     unexpected = sorted(n for n in set(header) - set(wanted) if n not in MARKERS and not IGNORED.fullmatch(n))
     if missing or unexpected:
@@ -295,7 +295,12 @@ def load_single_file(path: str | os.PathLike, config_dir: str, parts=tuple(PREFI
     with safe_open(str(path), framework="pt") as f:
         fused: dict[str, torch.Tensor] = {}
         for (component, key), name in names.items():
-            tensor = fused.setdefault(name, f.get_tensor(name)) if "in_proj_" in name else f.get_tensor(name)
+            if "in_proj_" not in name:
+                tensor = f.get_tensor(name)
+            elif name in fused:
+                tensor = fused[name]
+            else:
+                tensor = fused[name] = f.get_tensor(name)
             states[component][key] = model_tensor(name, key, tensor).contiguous()
     for component, model in models.items():
         model.load_state_dict(states[component], assign=True, strict=True)

@@ -300,13 +300,11 @@ def base_pipeline(base: str, base_config: str | None = None):
     """The base model's pipeline in fp32, from a diffusers folder or hub id, or from a checkpoint file."""
     from diffusers import StableDiffusionXLPipeline
 
-    from .single_file import is_single_file
+    from .single_file import SDXL_BASE_CONFIG, file_pipeline, is_single_file
 
     try:
         if is_single_file(base):
-            from .single_file import file_pipeline
-
-            return file_pipeline(base, base_config or "stabilityai/stable-diffusion-xl-base-1.0", torch.float32)
+            return file_pipeline(base, base_config or SDXL_BASE_CONFIG, torch.float32)
         return StableDiffusionXLPipeline.from_pretrained(base)
     except MosloraError:
         raise

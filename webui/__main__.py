@@ -47,12 +47,13 @@ def main(argv=None) -> int:
     args = parse(argv)
     from dreambooth_moslora.errors import RequestError
     from dreambooth_moslora.runtime import quiet_libraries
+    from dreambooth_moslora.single_file import SDXL_BASE_CONFIG
 
     quiet_libraries()
     from gradio import utils as gradio_utils
 
     from .app import build
-    from .engine import SDXL_CONFIGS, Engine
+    from .engine import Engine
     from .training import Trainer
 
     if args.demo and not args.adapters.is_dir():
@@ -61,7 +62,7 @@ def main(argv=None) -> int:
         demo = demo_model(args.adapters) if args.demo else None
         engine = Engine(args.adapters, base_model=args.base_model, demo_model=demo, output_dir=args.output_dir,
                         models_dir=args.models_dir, time_limit=args.time_limit,
-                        base_config=args.base_config or demo or SDXL_CONFIGS)
+                        base_config=args.base_config or demo or SDXL_BASE_CONFIG)
     except RequestError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

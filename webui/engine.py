@@ -29,7 +29,7 @@ from dreambooth_moslora.errors import AdapterError, AdapterFileError, RequestErr
 from dreambooth_moslora.formats import summarize
 from dreambooth_moslora.inference import sampling_config
 from dreambooth_moslora.safe_files import base_hashes
-from dreambooth_moslora.single_file import file_pipeline, is_sdxl_checkpoint, is_single_file
+from dreambooth_moslora.single_file import SDXL_BASE_CONFIG, file_pipeline, is_sdxl_checkpoint, is_single_file
 from dreambooth_moslora.inference import load_adapter, set_scale, unload_adapter
 from dreambooth_moslora.safe_files import atomic_path, save_image, sha256_of
 
@@ -171,9 +171,6 @@ class Result:
     parameters: dict
 
 
-SDXL_CONFIGS = "stabilityai/stable-diffusion-xl-base-1.0"
-
-
 def is_base_model(path: Path) -> bool:
     """A diffusers folder, or an SDXL checkpoint file (by its header)."""
     if path.is_dir():
@@ -189,7 +186,7 @@ class Engine:
     def __init__(self, adapters_dir: str | os.PathLike, base_model: str | None = None, demo_model: str | None = None,
                  device: str | None = None, output_dir: str | os.PathLike | None = None,
                  models_dir: str | os.PathLike | None = None, time_limit: float = DEFAULT_TIME_LIMIT,
-                 base_config: str = SDXL_CONFIGS):  # fmt: skip
+                 base_config: str = SDXL_BASE_CONFIG):  # fmt: skip
         self.root = Path(adapters_dir).resolve()
         if not self.root.is_dir():
             raise RequestError(f"adapters folder {adapters_dir} does not exist")

@@ -38,7 +38,7 @@ from dreambooth_moslora.adapter import LORA_INITS, MIXER_INITS, MIXER_MODES
 from dreambooth_moslora.errors import DataError, RequestError
 from dreambooth_moslora.formats import NATIVE_FILE
 from dreambooth_moslora.runtime import has_module
-from dreambooth_moslora.safe_files import PARTIAL_SUFFIX, remove_path, save_image, write_text
+from dreambooth_moslora.safe_files import PARTIAL_SUFFIX, WEIGHT_SUFFIXES, remove_path, save_image, write_text
 from dreambooth_moslora.training.data import IMAGE_EXTENSIONS, load_image
 from dreambooth_moslora.training.loop import read_loss_log, steps_per_second
 from dreambooth_moslora.training.stopping import EXIT_CODE as STOPPED_EXIT_CODE
@@ -50,7 +50,6 @@ MIN_IMAGES, MAX_IMAGES = 3, 30
 MAX_IMAGE_PIXELS = 50 * 2**20  # from the header, before decoding: beyond this an upload is refused (decompression bombs)
 MAX_FILE_BYTES = 10 * 2**20
 CLASS_IMAGES = "class-images"
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth")  # a base model folder's weight files
 RUN_FILE, LOG_FILE = "run.json", "train.log"
 WORD = re.compile(r"[^\W_]+(?:'[^\W_]+)?")
 ACTIVE = ("starting", "running", "stopping")

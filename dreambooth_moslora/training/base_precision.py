@@ -89,16 +89,16 @@ def cast_the_rest(model: nn.Module, compute: torch.dtype) -> None:
     """Every floating-point parameter and buffer not stored low (norms, embeddings, biases, scales) in ``compute``:
     ``model.to(dtype)`` would cast the stored weights back up."""
     low = set(STORAGE.values()) - {compute}
+    replace_tensors(model, lambda t: t.to(compute) if t.is_floating_point() and t.dtype not in low else t)
+
+
+def replace_tensors(model: nn.Module, change) -> None:
+    """Every parameter and buffer of ``model`` through ``change`` (a tensor → a new one, or itself to keep it); a
+    parameter stays a parameter, with its requires_grad."""
     for module in model.modules():
         for store in (module._parameters, module._buffers):
             for name, tensor in store.items():
-                if tensor is not None and tensor.is_floating_point() and tensor.dtype not in low:
-                    store[name] = _cast(tensor, compute)
-
-
-def _cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    if tensor.dtype == dtype:
-        return tensor
-    if isinstance(tensor, nn.Parameter):
-        return nn.Parameter(tensor.detach().to(dtype), requires_grad=tensor.requires_grad)
-    return tensor.to(dtype)
+                new = None if tensor is None else change(tensor)
+                if new is not tensor:
+                    is_parameter = isinstance(tensor, nn.Parameter)
+                    store[name] = nn.Parameter(new.detach(), tensor.requires_grad) if is_parameter else new

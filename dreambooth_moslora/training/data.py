@@ -354,9 +354,8 @@ def collate(items: list[dict]) -> dict:
     else:
         batch["pixels"] = torch.stack([e.pixels for e in examples])
     if any(e.mask is not None for e in examples):  # examples without a mask count whole
-        size = next(e.mask for e in examples if e.mask is not None).shape
-        device = next(e.mask for e in examples if e.mask is not None).device
-        batch["masks"] = torch.stack([e.mask if e.mask is not None else torch.ones(size, device=device) for e in examples])
+        first = next(e.mask for e in examples if e.mask is not None)
+        batch["masks"] = torch.stack([e.mask if e.mask is not None else torch.ones_like(first) for e in examples])
     return batch
 
 

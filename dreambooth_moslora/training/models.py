@@ -13,7 +13,7 @@ from ..errors import TrainingError
 from ..inference import sampling_config
 from ..single_file import file_pipeline, file_schedule, is_single_file, load_single_file
 from ..surgery import inject_components, trainable_parameters, unbank_mixers
-from .base_precision import place
+from .base_precision import place, replace_tensors
 
 logger = logging.getLogger("dreambooth_moslora")
 
@@ -79,7 +79,8 @@ def base_schedule(model_path: str, prediction_type: str | None, zero_terminal_sn
     schedule = {**detected, **explicit}
     if detected:
         def said(s: dict) -> str:
-            return f"{s.get('prediction_type', 'as configured')}{', zero terminal SNR' * bool(s.get('rescale_betas_zero_snr'))}"
+            ztsnr = ", zero terminal SNR" if s.get("rescale_betas_zero_snr") else ""
+            return f"{s.get('prediction_type', 'as configured')}{ztsnr}"
 
         logger.info("noise schedule: %s (the file marks %s)", said(schedule), said(detected))
     return schedule
@@ -137,13 +138,7 @@ def align_(model: torch.nn.Module, boundary: int = 64) -> None:
     from a file lie wherever the file put them) into memory of its own: CPU matrix kernels round differently at
     different alignments, so without this the same weights could train to different results by file layout (a
     GPU's allocations are aligned already)."""
-    for module in model.modules():
-        for store in (module._parameters, module._buffers):
-            for name, tensor in store.items():
-                if tensor is not None and tensor.device.type == "cpu" and tensor.data_ptr() % boundary:
-                    copy = tensor.detach().clone()
-                    is_parameter = isinstance(tensor, torch.nn.Parameter)
-                    store[name] = torch.nn.Parameter(copy, tensor.requires_grad) if is_parameter else copy
+    replace_tensors(model, lambda t: t.detach().clone() if t.device.type == "cpu" and t.data_ptr() % boundary else t)
 
 
 def add_adapters(base: BaseModel, config: AdapterConfig, text_encoders: bool, seed: int, gradient_checkpointing: bool,

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from ..adapter import LORA_INITS, MIXER_INITS, MIXER_MODES, AdapterConfig
 from ..formats import FORMATS
+from ..single_file import SDXL_BASE_CONFIG
 from .loss import LossSettings
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs", "regional")
@@ -42,7 +43,7 @@ def _add_model_and_data_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--pretrained_model_name_or_path",
                    help="hub id or local folder of an SDXL model, or one .safetensors checkpoint file (Pony, NoobAI, …)")
     g.add_argument("--pretrained_vae_model_name_or_path", help="a separate VAE (e.g. an fp16-safe one)")
-    g.add_argument("--base_config", default="stabilityai/stable-diffusion-xl-base-1.0",
+    g.add_argument("--base_config", default=SDXL_BASE_CONFIG,
                    help="with a single-file base (.safetensors): the diffusers folder or hub id whose configs, "
                         "tokenizers and scheduler go with it (its weights, if any, are not used)")
     g.add_argument("--revision")

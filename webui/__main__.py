@@ -52,7 +52,7 @@ def main(argv=None) -> int:
     quiet_libraries()
     from gradio import utils as gradio_utils
 
-    from .app import build
+    from .app import CSS, build
     from .engine import Engine
     from .training import Trainer
 
@@ -80,7 +80,7 @@ def main(argv=None) -> int:
     page.queue(max_size=args.queue_size, default_concurrency_limit=1)
     page.launch(
         server_name="0.0.0.0" if args.listen else "127.0.0.1", server_port=args.port, share=args.share,
-        allowed_paths=[str(engine.output_dir)], show_error=True, max_file_size=max_file_bytes,
+        allowed_paths=[str(engine.output_dir)], show_error=True, max_file_size=max_file_bytes, css=CSS,
     )  # fmt: skip
     return 0
 

@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
-import logging
-
 import gradio as gr
 
 from dreambooth_moslora.formats import LOADED_BY
 
+from .api import PIPELINE, Api, generate
 from .engine import MAX_IMAGES, MAX_SIDE, MIN_SIDE, SCHEDULERS, Engine, Request, RequestError
 from .train_tab import TrainTab, model_card_text
 from .training import Trainer
 
-logger = logging.getLogger("webui")
+# Long code in model cards wraps instead of running off the box; small images are enlarged with sharp pixels.
+CSS = """
+#card pre, #model-card pre { white-space: pre-wrap; overflow-wrap: anywhere; }
+#gallery img, #samples img, #train-images img, #class-images img { image-rendering: pixelated; }
+"""
+PRIVATE = dict(api_visibility="private")  # the page's own events: not part of the API (webui/api.py is)
 
 
 class GenerateTab:
@@ -58,15 +62,17 @@ class GenerateTab:
         self.run = gr.Button("Generate", variant="primary", elem_id="generate")
 
     def wire(self) -> None:
-        self.refresh_button.click(self.refresh, outputs=[self.adapters, self.unreadable])
-        self.adapters.change(self.on_select, inputs=self.adapters, outputs=[self.prompt, self.details, self.base, self.download, self.card])
+        self.refresh_button.click(self.refresh, outputs=[self.adapters, self.unreadable], **PRIVATE)
+        self.adapters.focus(self.refresh, outputs=[self.adapters, self.unreadable], show_progress="hidden", **PRIVATE)
+        self.adapters.change(self.on_select, inputs=self.adapters, outputs=[self.prompt, self.details, self.base, self.download,
+                             self.card], **PRIVATE)  # fmt: skip
         self.run.click(
-            self.generate,
+            self.on_generate,
             inputs=[self.base, self.adapters, self.prompt, self.negative, self.steps, self.guidance, self.seed, self.randomize,
                     self.width, self.height, self.count, self.scheduler, self.scale, self.compare],
             outputs=[self.gallery, self.status, self.seed],
-            api_name="generate",
-            concurrency_limit=1,  # one pipeline: requests wait their turn
+            concurrency_id=PIPELINE, concurrency_limit=1,  # one pipeline: requests (the API's too) wait their turn
+            **PRIVATE,
         )  # fmt: skip
 
     def choices(self) -> tuple[list, str]:
@@ -111,7 +117,7 @@ class GenerateTab:
         offered = ", ".join(self.engine.base_models()) or "the server's default"
         return f"empty: the server's choice ({offered})" + (f"; the adapter records {recorded}" if recorded else "")
 
-    def generate(self, base, selected, prompt, negative, steps, guidance, seed, randomize, width, height, count, scheduler, scale,
+    def on_generate(self, base, selected, prompt, negative, steps, guidance, seed, randomize, width, height, count, scheduler, scale,
                  compare, progress=gr.Progress()):  # fmt: skip
         # Values go to the engine as the client sent them: it checks and converts every one.
         request = Request(
@@ -119,13 +125,7 @@ class GenerateTab:
             compare=bool(compare), base_model=base or None, steps=steps, guidance=guidance, seed=-1 if randomize else seed,
             width=width, height=height, num_images=count, scheduler=scheduler, scale=scale,
         )  # fmt: skip
-        try:
-            results = self.engine.generate(request, progress=progress)
-        except RequestError as exc:
-            raise gr.Error(str(exc), print_exception=False) from None  # a refusal, not a fault: no traceback in the log
-        except Exception as exc:  # a bug or an exhausted machine: one line for the page, the server goes on
-            logger.exception("generation failed")
-            raise gr.Error(f"generation failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}") from None
+        results = generate(self.engine, request, progress=progress)
         seeds = sorted({r.parameters["seed"] for r in results})
         status = f"{len(results)} image(s) from {results[0].parameters['base_model']}, seed(s) {', '.join(map(str, seeds))}"
         for warning in dict.fromkeys(r.parameters["warning"] for r in results if r.parameters.get("warning")):
@@ -144,4 +144,5 @@ def build(engine: Engine, default_size: int = 1024, trainer: Trainer | None = No
                 TrainTab(trainer, {"adapters": generate_tab.adapters, "prompt": generate_tab.prompt, "choices": generate_tab.choices},
                          tabs, demo)  # fmt: skip
         generate_tab.wire()
+        Api(engine, trainer, default_size).register()
     return page

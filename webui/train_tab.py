@@ -1,14 +1,12 @@
 """The Train tab: photos and prompts in, a run of the trainer out, its progress streamed from the run's files.
 
-Every action is also an API endpoint: ``train`` (start; returns the run and adapter ids), ``train_status``,
-``train_stop`` and ``train_resume``. The page polls the status once a second, so a reloaded page or a
-second tab shows the run in progress.
+The page polls the status once a second, so a reloaded page or a second tab shows the run in progress. Scripts
+do the same through the API (webui/api.py: train, train_status, train_stop, train_resume).
 """
 
 from __future__ import annotations
 
 import html
-import logging
 import re
 from pathlib import Path
 
@@ -17,19 +15,14 @@ import pandas as pd
 
 from dreambooth_moslora.adapter import LORA_INITS, MIXER_INITS, MIXER_MODES
 from dreambooth_moslora.errors import RequestError
-from dreambooth_moslora.formats import NATIVE_FILE
 from dreambooth_moslora.training.model_card import VALIDATION_HEADING
 from toyworld.recipe import TOY_SAMPLE_PROMPT
 
-from .training import PRESETS, TOY_PRESET, RunStatus, Trainer, TrainRequest, format_seconds, preview
+from .api import refused
+from .training import PRESETS, RunStatus, Trainer, TrainRequest, format_seconds, preview
 
-logger = logging.getLogger("webui")
 ADVANCED = ("rank", "lora_alpha", "mixer", "mixer_init", "lora_init", "learning_rate", "text_encoder_lr", "max_train_steps",
             "train_text_encoder", "seed", "validation_steps", "num_class_images", "alpha_mask")  # fmt: skip
-
-
-def refused(exc: Exception) -> gr.Error:
-    return gr.Error(str(exc), print_exception=False)
 
 
 def request_from(files, folder, captions, instance_prompt, class_prompt, prior, preset, base, sample_prompt, *advanced) -> TrainRequest:
@@ -81,7 +74,7 @@ class TrainTab:
     def __init__(self, trainer: Trainer, generate_tab: dict, tabs: gr.Tabs, demo: bool):
         self.trainer, self.generate_tab, self.tabs = trainer, generate_tab, tabs
         self.output_dir = trainer.engine.output_dir
-        self.default_preset = TOY_PRESET if demo else next(p for p in PRESETS if p != TOY_PRESET)
+        self.default_preset = trainer.default_preset
         with gr.Tab("Train", id="train") as self.tab, gr.Row():
             with gr.Column(scale=2):
                 self._inputs(demo)
@@ -104,10 +97,10 @@ class TrainTab:
         self.class_prompt = gr.Textbox(label="Class prompt: the subject without its token", placeholder="a photo of dog",
                                        value="a circle" if demo else "", elem_id="class-prompt")  # fmt: skip
         self.prior = gr.Checkbox(True, label="Prior preservation (class images drawn by the base model, reused by later runs)")
-        with gr.Row():
-            self.preset = gr.Dropdown(list(PRESETS), value=self.default_preset, label="Preset", elem_id="preset")
-            self.base = gr.Dropdown([("the preset's", ""), *self.trainer.engine.base_models()], value="", label="Base model",
-                                    elem_id="train-base")  # fmt: skip
+        self.preset = gr.Dropdown(list(PRESETS), value=self.default_preset, label="Preset", elem_id="preset",
+                                  info="the toy world's takes about a minute on two CPU cores")  # fmt: skip
+        self.base = gr.Dropdown([("the preset's", ""), *self.trainer.engine.base_models()], value="", label="Base model",
+                                elem_id="train-base")  # fmt: skip
         self.sample_prompt = gr.Textbox(TOY_SAMPLE_PROMPT if demo else "", label="Sample prompt (empty: the instance prompt)",
                                         elem_id="sample-prompt")  # fmt: skip
         self.advanced = advanced_panel(PRESETS[self.default_preset].options)
@@ -117,7 +110,6 @@ class TrainTab:
             self.stop = gr.Button("Stop (keeps a checkpoint)", elem_id="train-stop")
             self.resume = gr.Button("Resume", elem_id="train-resume")
         self.run_id = gr.Textbox(label="Run", interactive=False, elem_id="run-id")
-        self.started = gr.JSON(label="Started", visible=False)
         self.fields = [self.files, self.folder, self.captions, self.instance_prompt, self.class_prompt, self.prior, self.preset,
                        self.base, self.sample_prompt, *self.advanced]  # fmt: skip
 
@@ -136,37 +128,29 @@ class TrainTab:
         with self.tab:  # what is not shown (state, timer, API endpoint) lives in the tab too
             shown = gr.State(None)
             timer = gr.Timer(1.0)
-            gr.api(self.train_status, api_name="train_status")
-        internal = dict(api_visibility="undocumented")  # the page's own helpers, not part of the documented API
+        internal = dict(api_visibility="private")  # the page's own events: the API is webui/api.py
         gr.on([self.files.change, self.folder.change], self.show_photos, inputs=[self.files, self.folder],
               outputs=[self.photos, self.captions, self.error], **internal)  # fmt: skip
         gr.on([f.change for f in self.fields if f is not self.captions] + [self.captions.input], self.describe,
               inputs=self.fields, outputs=self.plan, show_progress="hidden", **internal)  # fmt: skip
         self.preset.change(self.preset_values, inputs=self.preset, outputs=list(self.advanced), **internal)
-        self.start.click(self.start_run, inputs=self.fields, outputs=[self.started, self.run_id], api_name="train",
-                         concurrency_limit=1)  # fmt: skip
-        self.stop.click(self.stop_run, outputs=self.run_id, api_name="train_stop")
-        self.resume.click(self.resume_run, inputs=self.run_id, outputs=self.run_id, api_name="train_resume")
+        self.start.click(self.start_run, inputs=self.fields, outputs=self.run_id, concurrency_limit=1, **internal)
+        self.stop.click(self.stop_run, outputs=self.run_id, **internal)
+        self.resume.click(self.resume_run, inputs=self.run_id, outputs=self.run_id, **internal)
         outputs = [self.progress, self.error, self.loss_plot, self.sample, self.class_images, self.use_it, self.card,
                    self.run_id, self.generate_tab["adapters"], shown]  # fmt: skip
         timer.tick(self.refresh, inputs=shown, outputs=outputs, show_progress="hidden", **internal)
         self.use_it.click(self.use_adapter, outputs=[self.tabs, self.generate_tab["adapters"], self.generate_tab["prompt"]],
                           **internal)  # fmt: skip
 
-    # ---- the API endpoints
+    # ---- the buttons
 
-    def start_run(self, images, folder, captions, instance_prompt, class_prompt, prior_preservation, preset, base_model,
-                  sample_prompt, rank, lora_alpha, mixer, mixer_init, lora_init, learning_rate, text_encoder_lr,
-                  max_train_steps, train_text_encoder, seed, validation_steps, num_class_images, alpha_mask=False):  # fmt: skip
-        """Starts a run (named parameters: what the API documents); returns its id and its adapter's id."""
-        request = request_from(images, folder, captions, instance_prompt, class_prompt, prior_preservation, preset, base_model,
-                               sample_prompt, rank, lora_alpha, mixer, mixer_init, lora_init, learning_rate, text_encoder_lr,
-                               max_train_steps, train_text_encoder, seed, validation_steps, num_class_images, alpha_mask)  # fmt: skip
+    def start_run(self, *values) -> str:
+        """Starts a run from the page's fields; returns its id."""
         try:
-            status = self.trainer.start(request)
+            return self.trainer.start(request_from(*values)).run_id
         except RequestError as exc:
             raise refused(exc) from None
-        return {"run_id": status.run_id, "adapter_id": f"{status.run_id}/{NATIVE_FILE}"}, status.run_id
 
     def stop_run(self) -> str:
         try:
@@ -177,13 +161,6 @@ class TrainTab:
     def resume_run(self, run: str) -> str:
         try:
             return self.trainer.resume(run).run_id
-        except RequestError as exc:
-            raise refused(exc) from None
-
-    def train_status(self, run: str = "") -> dict:
-        """The state of a run (the current or latest one when no id is given): step, loss, speed, samples, errors."""
-        try:
-            return self.trainer.status(run or None).as_dict()
         except RequestError as exc:
             raise refused(exc) from None
 

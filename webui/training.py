@@ -54,7 +54,7 @@ RUN_FILE, LOG_FILE = "run.json", "train.log"
 WORD = re.compile(r"[^\W_]+(?:'[^\W_]+)?")
 ACTIVE = ("starting", "running", "stopping")
 
-TOY_PRESET = "toy world on a CPU (about a minute)"
+TOY_PRESET = "toy world on a CPU"  # about a minute on two cores
 SDXL_LOW_MEMORY = "SDXL 1024 px, low memory (12 GB)"
 SDXL_24GB = "SDXL 1024 px, 24 GB"
 
@@ -192,6 +192,11 @@ class Trainer:
         self._process: subprocess.Popen | None = None
         self._run_dir: Path | None = None
         self._recorded = threading.Event()  # set once the watcher has recorded how the current run ended
+
+    @property
+    def default_preset(self) -> str:
+        """The toy world's preset on a demo server (its base model is the toy world's), else SDXL's low-memory one."""
+        return TOY_PRESET if self.engine.demo_model else SDXL_LOW_MEMORY
 
     # ---- what a request would do
 

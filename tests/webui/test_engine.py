@@ -317,13 +317,11 @@ def test_twenty_simultaneous_api_requests(server):
     def ask(i):
         adapter = choices[i % 3]
         try:
-            gallery, status, seed = client.predict(
-                "", [adapter] if adapter else [], "a photo of sks thing1", "", 3, 5.0, 11, False, 64, 64, 1, "Euler",
-                1.0, False, api_name="/generate",
-            )  # fmt: skip
+            result = client.predict("a photo of sks thing1", adapters=[adapter] if adapter else [], steps=3, seed=11,
+                                    width=64, height=64, api_name="/generate")  # fmt: skip
         except Exception as exc:  # a refusal must be a clean error, not a broken server
             return i, adapter, None, str(exc)
-        return i, adapter, np.asarray(Image.open(gallery[0]["image"]).convert("RGB"), dtype=np.int16), status
+        return i, adapter, np.asarray(Image.open(result["images"][0]).convert("RGB"), dtype=np.int16), result["seeds"]
 
     with ThreadPoolExecutor(max_workers=20) as pool:
         answers = list(pool.map(ask, range(20)))
@@ -391,12 +389,11 @@ def test_uploads_are_capped_and_hostile_requests_leave_the_server_serving(server
                      timeout=60)  # fmt: skip
     assert big.status_code == 413, big.text[:200]
     client = Client(server["url"], verbose=False)
+    small = dict(steps=3, width=64, height=64, api_name="/generate")
     with pytest.raises(Exception, match="seed"):
-        client.predict("", [], "a photo", "", 3, 5.0, 2**70, False, 64, 64, 1, "Euler", 1.0, False, api_name="/generate")
+        client.predict("a photo", seed=2**70, **small)
     with pytest.raises(Exception, match="not one this server offers"):
-        client.predict("../outside/model", [], "a photo", "", 3, 5.0, 1, False, 64, 64, 1, "Euler", 1.0, False,
-                       api_name="/generate")  # fmt: skip
-    gallery, status, seed = client.predict("", [], "a photo", "", 3, 5.0, 1, False, 64, 64, 1, "Euler", 1.0, False,
-                                           api_name="/generate")  # fmt: skip
-    assert len(gallery) == 1 and server["process"].poll() is None
+        client.predict("a photo", base_model="../outside/model", **small)
+    result = client.predict("a photo", seed=1, **small)
+    assert len(result["images"]) == 1 and result["seeds"] == [1] and server["process"].poll() is None
     assert "Traceback" not in server["log"].read_text()

@@ -42,8 +42,11 @@ from .recipe import (
     TOY_MASKED_LOSS,
     TOY_SAMPLE_PROMPT,
     TOY_TRAINING,
+    VARIETY_SEEDS,
     WORLD_MODEL_DIR,
-    shows_ordinary_member,
+    base_class_reads,
+    class_variety,
+    describe_variety,
     shows_subject,
     toy_dreambooth_argv,
     write_class_images,
@@ -85,7 +88,7 @@ def run(output_dir: Path, rank: int, alpha: float, mixer: str, mixer_init: str, 
           f"adapters on the {where}, {prior_note}")  # fmt: skip
     files = train_adapter(argv, adapter_dir)
     checks = check_reloads(pipe, files, seed)
-    draw_samples(pipe, files["diffusers"], output_dir / "samples.png", seed)
+    draw_samples(pipe, files["diffusers"], output_dir, seed)
     print(f"done in {time.perf_counter() - start:.0f} s")
     return 0 if all(diff <= 1e-5 for _, diff in checks) else 1
 
@@ -129,26 +132,29 @@ def check_reloads(pipe, files: dict[str, Path], seed: int) -> list[tuple[str, fl
     return checks
 
 
-def draw_samples(pipe, adapter_file: Path, grid_path: Path, seed: int) -> dict[str, dict[str, int]]:
+def draw_samples(pipe, adapter_file: Path, output_dir: Path, seed: int) -> dict:
     """On each background the subject's photos never show: "a sks circle" without and with the adapter
     (same starting noise), then "a circle" with the adapter, which prior preservation is meant to leave
-    drawing ordinary circles. Returns the classifier's counts per row kind and background."""
+    drawing the class as the base model does: its variety is measured over VARIETY_SEEDS seeds per background.
+    Returns the classifier's counts of the subject per background, and the class's variety."""
     classifier, _ = load_classifier(CLASSIFIER_FILE)
     subject = {bg: [f"{SUBJECT_PROMPT} on a {bg} background"] * SAMPLE_SEEDS for bg in NEW_BACKGROUNDS}
-    plain = {bg: [f"{CLASS_PROMPT} on a {bg} background"] * SAMPLE_SEEDS for bg in NEW_BACKGROUNDS}
+    plain = {bg: [f"{CLASS_PROMPT} on a {bg} background"] * VARIETY_SEEDS for bg in NEW_BACKGROUNDS}
     rows = {("base", bg): generate(pipe, subject[bg], seed=seed) for bg in NEW_BACKGROUNDS}
+    base_reads, floor_reads = base_class_reads(pipe, classifier, output_dir / "class_variety_base.json", seed)
     load_adapter(pipe, adapter_file)
+    adapted_reads = {}
     for bg in NEW_BACKGROUNDS:
         rows["MoSLoRA", bg] = generate(pipe, subject[bg], seed=seed)
-        rows[CLASS_PROMPT, bg] = generate(pipe, plain[bg], seed=seed)
+        class_images = generate(pipe, plain[bg], seed=seed)
+        rows[CLASS_PROMPT, bg], adapted_reads[bg] = class_images[:SAMPLE_SEEDS], classify(classifier, class_images)
     unload_adapter(pipe)
     order = [(kind, bg) for bg in NEW_BACKGROUNDS for kind in ("base", "MoSLoRA", CLASS_PROMPT)]
-    read = {row: classify(classifier, rows[row]) for row in order}
-    found = {"subject": {bg: sum(map(shows_subject, read["MoSLoRA", bg])) for bg in NEW_BACKGROUNDS},
-             "base": {bg: sum(map(shows_subject, read["base", bg])) for bg in NEW_BACKGROUNDS},
-             "ordinary": {bg: sum(map(shows_ordinary_member, read[CLASS_PROMPT, bg])) for bg in NEW_BACKGROUNDS}}  # fmt: skip
+    found = {kind: {bg: sum(map(shows_subject, classify(classifier, rows[kind, bg]))) for bg in NEW_BACKGROUNDS}
+             for kind in ("base", "MoSLoRA")}  # fmt: skip
     images = [image.resize((96, 96), Image.NEAREST) for row in order for image in rows[row]]
     labels = [f"{kind}: {bg}" for kind, bg in order for _ in range(SAMPLE_SEEDS)]
+    grid_path = output_dir / "samples.png"
     save_image(labelled_grid(images, labels, columns=SAMPLE_SEEDS), grid_path)
     print(f"4. samples on backgrounds the subject's photos never show, the same {SAMPLE_SEEDS} seeds in every row: {grid_path}")
     print(f"   for each background: {SUBJECT_PROMPT!r} with the base model, the same with the adapter, {CLASS_PROMPT!r} with the adapter")
@@ -156,11 +162,12 @@ def draw_samples(pipe, adapter_file: Path, grid_path: Path, seed: int) -> dict[s
     def per_background(counts: dict[str, int]) -> str:
         return ", ".join(f"{n} of {SAMPLE_SEEDS} on {bg}" for bg, n in counts.items())
 
-    print(f"   the attribute classifier sees the subject (a {SUBJECT_COLOUR} {SUBJECT_CLASS}) in {per_background(found['subject'])} "
+    print(f"   the attribute classifier sees the subject (a {SUBJECT_COLOUR} {SUBJECT_CLASS}) in {per_background(found['MoSLoRA'])} "
           f"with the adapter; in {per_background(found['base'])} without")  # fmt: skip
-    print(f"   and an ordinary {SUBJECT_CLASS} (not the subject) in {per_background(found['ordinary'])} "
-          f"of the {CLASS_PROMPT!r} images with the adapter")  # fmt: skip
-    return found
+    variety = class_variety(base_reads, adapted_reads)
+    for line in describe_variety(variety, class_variety(base_reads, floor_reads, reps=200)):
+        print(f"   {line}")
+    return {"subject": found["MoSLoRA"], "base": found["base"], "class_variety": variety}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,13 +8,16 @@ generated images back into shape, colour and background.
 from __future__ import annotations
 
 import hashlib
+import json
+import random
+from collections import Counter
 from pathlib import Path
 
 import torch
 
 from dreambooth_moslora.safe_files import save_image, write_text
 
-from .classifier import generate
+from .classifier import classify, generate
 from .world import BACKGROUNDS, CLASS_PROMPT, INSTANCE_BACKGROUNDS, SUBJECT_CLASS, SUBJECT_COLOUR, SUBJECT_PROMPT
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
@@ -26,6 +29,7 @@ NEW_BACKGROUNDS = [name for name in BACKGROUNDS if name not in INSTANCE_BACKGROU
 # show. The captions always name a background, so a bare "a sks circle" leaves the model guessing one (murky).
 TOY_SAMPLE_PROMPT = f"{SUBJECT_PROMPT} on a {NEW_BACKGROUNDS[0]} background"
 SAMPLE_SEEDS = 8  # images per prompt and background in the demo's grid
+VARIETY_SEEDS = 48  # images of the class prompt per background, with and without the adapter, for its variety
 NUM_CLASS_IMAGES = 20
 MADE_BY = ".made_by"  # in the demo's class folder: which base model and seed drew its images (not a caption, not an image)
 # The demo's training settings, shared by the quality benchmark and the web demo's toy-world preset. A is
@@ -111,3 +115,64 @@ def write_class_images(pipe, folder: Path, seed: int = 0, count: int = NUM_CLASS
         save_image(image, path)  # the image last: an image present always has its caption
     write_text(stamp, made_by + "\n")
     return paths
+
+
+def total_variation(a: list, b: list) -> float:
+    """Half the L1 distance between the empirical distributions of two samples of labels: 0 the same, 1 disjoint."""
+    pa, pb = Counter(a), Counter(b)
+    return 0.5 * sum(abs(pa[k] / len(a) - pb[k] / len(b)) for k in pa.keys() | pb.keys())
+
+
+def class_variety(base: dict[str, list], adapted: dict[str, list], reps: int = 2000, seed: int = 0) -> dict:
+    """How far an adapter moves the class: per background, the total-variation distance between what the classifier
+    reads (shape and colour) in the base model's images of the class prompt and the adapter's, from the same seeds;
+    overall, their mean, with a 95% bootstrap interval (seeds resampled, the same ones for both models)."""
+    def labels(found: list[dict]) -> list[tuple]:
+        return [(f["shape"], f["colour"]) for f in found]
+
+    per_background = {bg: total_variation(labels(base[bg]), labels(adapted[bg])) for bg in base}
+    rng, draws = random.Random(seed), []
+    for _ in range(reps):
+        tvs = []
+        for bg in base:
+            picks = [rng.randrange(len(base[bg])) for _ in base[bg]]
+            tvs.append(total_variation([labels(base[bg])[i] for i in picks], [labels(adapted[bg])[i] for i in picks]))
+        draws.append(sum(tvs) / len(tvs))
+    draws.sort()
+    colours = {bg: (Counter(f["colour"] for f in base[bg]), Counter(f["colour"] for f in adapted[bg])) for bg in base}
+    return {"tv": sum(per_background.values()) / len(per_background), "tv_interval": (draws[int(0.025 * reps)],
+            draws[int(0.975 * reps) - 1]), "per_background": per_background, "colours": colours}  # fmt: skip
+
+
+def base_class_reads(pipe, classifier, cache: Path, seed: int = 0) -> tuple[dict, dict]:
+    """What the base model draws for the class prompt on each of NEW_BACKGROUNDS, read by the classifier: images
+    0…VARIETY_SEEDS−1 (paired with the adapter's) and as many more (the noise floor: the base model against
+    itself on other seeds). Kept in ``cache`` for this model and seed: the base model's images never change."""
+    key = f"{model_fingerprint(pipe)} seed {seed} seeds {VARIETY_SEEDS}"
+    try:
+        cached = json.loads(cache.read_text())
+        if cached.get("key") == key:
+            return cached["paired"], cached["others"]
+    except (OSError, ValueError, AttributeError):
+        pass
+    paired, others = {}, {}
+    for bg in NEW_BACKGROUNDS:
+        found = classify(classifier, generate(pipe, [f"{CLASS_PROMPT} on a {bg} background"] * 2 * VARIETY_SEEDS, seed=seed))
+        paired[bg], others[bg] = found[:VARIETY_SEEDS], found[VARIETY_SEEDS:]
+    write_text(cache, json.dumps({"key": key, "paired": paired, "others": others}))
+    return paired, others
+
+
+def describe_variety(variety: dict, floor: dict) -> list[str]:
+    """The class-variety figures in words: the distance, its interval, the noise floor, the colours per background."""
+    low, high = variety["tv_interval"]
+    per_bg = ", ".join(f"{bg} {tv:.2f}" for bg, tv in variety["per_background"].items())
+    lines = [f"the class ({CLASS_PROMPT!r}, {VARIETY_SEEDS} seeds per background): total-variation distance between the "
+             f"base model's and the adapter's shapes and colours {variety['tv']:.2f} [95% {low:.2f}, {high:.2f}] "
+             f"({per_bg}); the base model against itself on other seeds: {floor['tv']:.2f}"]  # fmt: skip
+    for bg, (base, adapted) in variety["colours"].items():
+        def spread(counts):
+            return ", ".join(f"{colour} {n}" for colour, n in counts.most_common())
+
+        lines.append(f"colours on {bg}: base model {spread(base)}; with the adapter {spread(adapted)}")
+    return lines

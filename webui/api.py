@@ -32,7 +32,9 @@ from dreambooth_moslora.formats import LOADED_BY, NATIVE_FILE
 from dreambooth_moslora.safe_files import atomic_path
 
 from .engine import Engine, Request
-from .training import ADJUSTABLE, RunStatus, Trainer, TrainRequest
+from .presets import ADJUSTABLE
+from .run_folder import RunStatus
+from .training import Trainer, TrainRequest
 
 ENDPOINTS = ("adapters", "generate", "compare", "download", "train", "train_status", "train_stop", "train_resume")
 PIPELINE = "pipeline"  # the concurrency group of everything that runs the one pipeline: one request at a time

@@ -19,7 +19,9 @@ from dreambooth_moslora.training.model_card import VALIDATION_HEADING
 from toyworld.recipe import TOY_SAMPLE_PROMPT
 
 from .api import refused
-from .training import PRESETS, RunStatus, Trainer, TrainRequest, format_seconds, preview
+from .presets import PRESETS
+from .run_folder import RunStatus, format_seconds, preview
+from .training import Trainer, TrainRequest
 
 ADVANCED = ("rank", "lora_alpha", "mixer", "mixer_init", "lora_init", "learning_rate", "text_encoder_lr", "max_train_steps",
             "train_text_encoder", "seed", "validation_steps", "num_class_images", "alpha_mask")  # fmt: skip

@@ -3,8 +3,8 @@
 A run is the trainer itself in a subprocess (not a second loop), in a folder of its own under the
 adapters folder, named by date and token: its instance images and captions, ``run.json`` (the
 command, the state), ``train.log``, and what the trainer writes (``loss.csv``, validation grids,
-checkpoints, the adapter files, the model card). The page reads progress from those files, so a
-reloaded page, a second tab or a script calling the API all see the same run. Stop asks the trainer
+checkpoints, the adapter files, the model card). Progress is read from those files (run_folder.py), so a
+reloaded page, a second tab or a script calling the API all see the same run; the presets are presets.py. Stop asks the trainer
 to stop (SIGTERM: it ends after the current step with a checkpoint); Resume continues a stopped
 run with the trainer's exact resume. Class images live in one folder per (base model, class
 prompt, resolution) under ``class-images/`` and are reused by later runs.
@@ -15,7 +15,6 @@ adapters folder; every refusal is a RequestError with one line, raised before an
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
 import hashlib
 import json
@@ -34,80 +33,22 @@ from pathlib import Path
 
 from PIL import Image
 
-from dreambooth_moslora.adapter import LORA_INITS, MIXER_INITS, MIXER_MODES
 from dreambooth_moslora.errors import DataError, RequestError
 from dreambooth_moslora.formats import NATIVE_FILE
-from dreambooth_moslora.runtime import has_module
-from dreambooth_moslora.safe_files import PARTIAL_SUFFIX, WEIGHT_SUFFIXES, remove_path, save_image, write_text
+from dreambooth_moslora.safe_files import PARTIAL_SUFFIX, WEIGHT_SUFFIXES, remove_path, write_text
 from dreambooth_moslora.training.data import IMAGE_EXTENSIONS, load_image
-from dreambooth_moslora.training.loop import read_loss_log, steps_per_second
 from dreambooth_moslora.training.stopping import EXIT_CODE as STOPPED_EXIT_CODE
-from toyworld.recipe import TOY_TRAINING
 
 from .engine import Engine, _number
+from .presets import ADJUSTABLE, PRESETS, SDXL_LOW_MEMORY, TOY_PRESET, Preset, Span
+from .run_folder import (ACTIVE, LOG_FILE, RUN_FILE, RunStatus, format_seconds, read_record, read_status, trainer_alive,
+                         trainer_error)
 
 MIN_IMAGES, MAX_IMAGES = 3, 30
 MAX_IMAGE_PIXELS = 50 * 2**20  # from the header, before decoding: beyond this an upload is refused (decompression bombs)
 MAX_FILE_BYTES = 10 * 2**20
 CLASS_IMAGES = "class-images"
-RUN_FILE, LOG_FILE = "run.json", "train.log"
 WORD = re.compile(r"[^\W_]+(?:'[^\W_]+)?")
-ACTIVE = ("starting", "running", "stopping")
-
-TOY_PRESET = "toy world on a CPU"  # about a minute on two cores
-SDXL_LOW_MEMORY = "SDXL 1024 px, low memory (12 GB)"
-SDXL_24GB = "SDXL 1024 px, 24 GB"
-
-
-@dataclass(frozen=True)
-class Preset:
-    options: dict  # the trainer's options, by name
-    min_free_bytes: int  # disk space a run needs besides its uploads (class images, checkpoints, adapters)
-    prefers_demo_model: bool = False
-
-
-PRESETS = {
-    # The offline demo's recipe (toyworld.demo): the small toy-world model, 32 px, adapters on the text encoders too.
-    TOY_PRESET: Preset(dict(
-        resolution=32, train_batch_size=2, **TOY_TRAINING, train_text_encoder=True, mixer="learned", mixer_init="kaiming",
-        num_class_images=20, class_inference_steps=25, sample_batch_size=10, cache_latents=True, validation_steps=50,
-        num_validation_images=4, num_validation_inference_steps=25, checkpointing_steps=100, seed=0, alpha_mask=False,
-    ), min_free_bytes=50 * 2**20, prefers_demo_model=True),  # fmt: skip
-    # diffusers' low-memory SDXL recipe: batch 1 with accumulation, checkpointing, fp16, cached latents, 8-bit Adam.
-    SDXL_LOW_MEMORY: Preset(dict(
-        resolution=1024, train_batch_size=1, gradient_accumulation_steps=4, gradient_checkpointing=True,
-        mixed_precision="fp16", use_8bit_adam=has_module("bitsandbytes"), cache_latents=True, max_train_steps=500,
-        learning_rate=1e-4, text_encoder_lr=5e-6, train_text_encoder=False, rank=4, lora_alpha=4.0, mixer="learned",
-        mixer_init="kaiming", lora_init="gaussian", num_class_images=100, class_inference_steps=30, sample_batch_size=2,
-        validation_steps=100, num_validation_images=2, num_validation_inference_steps=25, checkpointing_steps=100, seed=0,
-        alpha_mask=False,
-    ), min_free_bytes=2 * 2**30),  # fmt: skip
-    SDXL_24GB: Preset(dict(
-        resolution=1024, train_batch_size=2, gradient_accumulation_steps=2, gradient_checkpointing=True,
-        mixed_precision="bf16", cache_latents=True, max_train_steps=500, learning_rate=1e-4, text_encoder_lr=5e-6,
-        train_text_encoder=True, rank=16, lora_alpha=16.0, mixer="learned", mixer_init="kaiming", lora_init="gaussian",
-        num_class_images=100, class_inference_steps=30, sample_batch_size=4, validation_steps=100,
-        num_validation_images=4, num_validation_inference_steps=25, checkpointing_steps=100, seed=0, alpha_mask=False,
-    ), min_free_bytes=3 * 2**30),  # fmt: skip
-}
-
-
-
-@dataclass(frozen=True)
-class Span:
-    low: float
-    high: float
-    whole: bool = False
-
-
-# The settings a request may change (the page's advanced panel), each checked: a Span, or a tuple of choices.
-ADJUSTABLE = {
-    "rank": Span(1, 256, True), "lora_alpha": Span(1e-3, 4096), "learning_rate": Span(1e-7, 1.0),
-    "text_encoder_lr": Span(1e-8, 1.0), "max_train_steps": Span(1, 100_000, True), "seed": Span(0, 2**31 - 1, True),
-    "validation_steps": Span(1, 100_000, True), "num_class_images": Span(1, 1000, True),
-    "mixer": MIXER_MODES, "mixer_init": MIXER_INITS, "lora_init": LORA_INITS, "train_text_encoder": (True, False),
-    "alpha_mask": (True, False),
-}  # fmt: skip
 
 
 @dataclass
@@ -122,32 +63,6 @@ class TrainRequest:
     base_model: str | None = None
     sample_prompt: str = ""  # the validation prompt; empty: the instance prompt
     settings: dict = field(default_factory=dict)  # ADJUSTABLE options that differ from the preset
-
-
-@dataclass
-class RunStatus:
-    run_id: str | None = None
-    state: str = "idle"  # idle, starting, running, stopping, done, stopped, failed
-    phase: str = ""  # what the trainer is doing: loading, class images, training, saving
-    step: int = 0
-    max_steps: int = 0
-    loss: float | None = None
-    steps_per_second: float | None = None
-    seconds_left: float | None = None
-    loss_curve: list = field(default_factory=list)  # (step, loss)
-    samples: list = field(default_factory=list)  # (path, step): validation grids, oldest first; step None: the final
-    class_images: list = field(default_factory=list)  # paths, as they come
-    class_images_wanted: int = 0
-    error: str | None = None
-    adapter_id: str | None = None  # the native file's id in the Generate tab, once written
-    instance_prompt: str = ""
-    resumable: bool = False
-
-    def as_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["samples"] = [{"path": str(p), "step": s} for p, s in self.samples]
-        d["class_images"] = [str(p) for p in self.class_images]
-        return d
 
 
 def token_words(instance_prompt: str, class_prompt: str) -> list[str]:
@@ -551,105 +466,6 @@ class Trainer:
         return size
 
 
-# ---------------------------------------------------------------- reading a run folder
-
-
-def read_record(run_dir: Path) -> dict:
-    try:
-        record = json.loads((Path(run_dir) / RUN_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return record if isinstance(record, dict) else {}
-
-
-def read_status(run_dir: Path, record: dict, running: bool) -> RunStatus:
-    """A run's progress from its files: run.json, train.log, loss.csv, the validation grids, the class images."""
-    state = record.get("state", "failed")
-    if state in ACTIVE and not running and not trainer_alive(record, run_dir):
-        # it ended while no server watched it (the server was restarted): its files say how
-        if (run_dir / NATIVE_FILE).is_file():
-            state = "done"
-        elif state == "stopping":
-            state = "stopped"
-        else:
-            state, record = "failed", {**record, "error": trainer_error(run_dir / LOG_FILE, 1)}
-    rows = read_loss_log(run_dir / "loss.csv")
-    curve = [(r.step, r.loss) for r in rows]
-    s = RunStatus(run_id=run_dir.name, state=state, max_steps=int(record.get("max_steps", 0)), error=record.get("error"),
-                  instance_prompt=record.get("instance_prompt", ""), loss_curve=curve)  # fmt: skip
-    s.step = curve[-1][0] if curve else 0
-    s.loss = curve[-1][1] if curve else None
-    # over the latest steps of the trainer now running (a resumed run's earlier steps were timed by another)
-    s.steps_per_second = steps_per_second(rows, since=record.get("started", 0), window=50, at_least=3)
-    if s.steps_per_second and state in ACTIVE:
-        s.seconds_left = (s.max_steps - s.step) / s.steps_per_second
-    s.samples = sorted(((p, int(p.stem.removeprefix("validation-step"))) for p in run_dir.glob("validation-step*.png")
-                        if p.stem.removeprefix("validation-step").isdigit()), key=lambda x: x[1])  # fmt: skip
-    if (run_dir / "validation.png").is_file():
-        s.samples.append((run_dir / "validation.png", None))
-    class_dir = Path(record["class_dir"]) if record.get("class_dir") else None
-    if class_dir is not None and class_dir.is_dir():
-        s.class_images = sorted(p for p in class_dir.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
-        s.class_images_wanted = int(record.get("options", {}).get("num_class_images", 0))
-    s.phase = phase(run_dir / LOG_FILE, s, state)
-    if (run_dir / NATIVE_FILE).is_file():
-        s.adapter_id = f"{run_dir.name}/{NATIVE_FILE}"
-    s.resumable = state in ("stopped", "failed") and any((p / NATIVE_FILE).is_file() for p in run_dir.glob("checkpoint-*"))
-    return s
-
-
-def trainer_alive(record: dict, run_dir: Path) -> bool:
-    """Whether the trainer a run records is running (its pid alive, with this run's folder on its command line,
-    so that a pid reused by another program does not count). Where /proc is missing: False."""
-    pid = record.get("pid")
-    if not isinstance(pid, int) or isinstance(pid, bool):
-        return False
-    try:
-        command = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return False
-    return str(run_dir).encode() in command
-
-
-def phase(log: Path, s: RunStatus, state: str) -> str:
-    """What the trainer is doing, from its log since the latest launch and the step reached."""
-    if state not in ACTIVE:
-        return state
-    if s.step >= s.max_steps > 0:
-        return "saving the adapter files"
-    text = tail(log).rsplit("\n$ ", 1)[-1]  # each launch starts with its command line
-    if s.step > 0 or "resumed from" in text or text.rfind("INFO training ") > text.rfind("INFO generating "):
-        return "training"
-    if "INFO generating " in text:
-        return f"class images ({len(s.class_images)} of {s.class_images_wanted})"
-    return "loading the base model"
-
-
-def tail(path: Path, size: int = 65536) -> str:
-    try:
-        with open(path, "rb") as f:
-            f.seek(max(0, f.seek(0, 2) - size))
-            return f.read().decode("utf-8", errors="replace")
-    except OSError:
-        return ""
-
-
-def trainer_error(log: Path, code: int) -> str:
-    """The trainer's one-line error from its log, else what ended it."""
-    lines = [line.strip() for line in tail(log).splitlines() if line.strip()]
-    for line in reversed(lines):
-        if line.startswith("error:") or line.startswith("train_dreambooth.py: error:"):
-            return line.removeprefix("train_dreambooth.py: ")
-    if code < 0:
-        return f"the trainer was ended by signal {-code}"
-    return f"the trainer failed (exit code {code}): {lines[-1][:200] if lines else 'no output'}"
-
-
-def format_seconds(seconds: float) -> str:
-    seconds = max(0, int(round(seconds)))
-    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min" if seconds >= 3600 else f"{seconds // 60} min {seconds % 60:02d} s"
-
-
 def display_name(path: Path) -> str:
     """An upload's own file name (Gradio keeps it as the last part of its cache path)."""
     return Path(path).name
@@ -676,19 +492,3 @@ def read_small_text(path: Path, limit: int) -> str | None:
         return " ".join(path.read_text(encoding="utf-8", errors="replace").split())
     except OSError:
         return None
-
-
-def preview(path: Path, folder: Path, side: int = 512) -> Path:
-    """A small copy of an image of a run for the page to show (the page may serve only its own output folder)."""
-    stat = path.stat()
-    key = hashlib.sha1(f"{path}:{stat.st_mtime_ns}:{stat.st_size}:{side}".encode()).hexdigest()[:16]
-    out = folder / "previews" / f"{key}.png"
-    if not out.is_file():
-        with Image.open(path) as image:
-            image = image.convert("RGB")
-            image.thumbnail((side * 4, side))  # grids are wide: bound the height, allow the width
-            if image.height < 128:  # the toy world's 32 px images: shown larger, with sharp pixels
-                factor = max(1, 128 // image.height)
-                image = image.resize((image.width * factor, image.height * factor), Image.NEAREST)
-            save_image(image, out)
-    return out

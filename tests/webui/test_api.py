@@ -66,7 +66,7 @@ def test_the_documented_script_trains_then_generates_with_the_new_adapter(server
         sys.path.remove(str(ROOT / "docs"))
     result = train_and_generate(server["url"], [str(p) for p in SUBJECT], max_train_steps=60)
     lines = capsys.readouterr().out.splitlines()
-    assert any(re.match(r"running training \d+ of 60 1 sample", line) for line in lines)  # a sample while it ran
+    assert any(re.match(r"running .* of 60 [1-9] sample", line) for line in lines)  # a sample while it ran
     status, run = result["status"], result["run"]
     assert status["state"] == "done" and status["step"] == 60 and status["adapter_id"] == run["adapter_id"]
     assert [s["step"] for s in status["samples"]] == [50, None]  # validation_steps 50, then the final grid

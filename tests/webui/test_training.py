@@ -14,7 +14,8 @@ from PIL import Image
 from toyworld.tiny_sdxl import save_tiny_sdxl
 from toyworld.world import write_subject
 from webui.engine import Engine, RequestError
-from webui.training import MAX_IMAGES, TOY_PRESET, TrainRequest, Trainer, token_words
+from webui.presets import TOY_PRESET
+from webui.training import MAX_IMAGES, TrainRequest, Trainer, token_words
 
 QUICK = dict(max_train_steps=6, validation_steps=3, num_class_images=2)
 

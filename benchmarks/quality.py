@@ -54,7 +54,7 @@ from pathlib import Path
 
 from dreambooth_moslora.safe_files import save_image, write_text
 from dreambooth_moslora.training.loop import read_loss_log
-from toyworld.recipe import NUM_CLASS_IMAGES, TOY_MASKED_LOSS, TOY_TRAINING
+from toyworld.recipe import NUM_CLASS_IMAGES, TOY_MASKED_LOSS, TOY_TRAINING, VARIETY_SEEDS
 
 ROOT = Path(__file__).resolve().parents[1]  # outputs go under the checkout
 
@@ -105,13 +105,15 @@ def paired_difference(values: list[float], reference: list[float]) -> tuple[floa
 
 
 METRICS = ("subject", "prompt", "class_kept", "class_as_base")
+FINAL_METRICS = (*METRICS, "class_tv")  # the class's variety is measured after the last step only (96 images a run)
 
 
 def settings(quick: bool) -> dict:
     if quick:
-        return dict(seeds=2, steps=40, eval_every=20, images_per_prompt=2, sample_steps=10)
+        return dict(seeds=2, steps=40, eval_every=20, images_per_prompt=2, sample_steps=10, variety_seeds=4)
     steps = TOY_TRAINING["max_train_steps"]
-    return dict(seeds=5, steps=steps, eval_every=steps // 2, images_per_prompt=8, sample_steps=20)
+    return dict(seeds=5, steps=steps, eval_every=steps // 2, images_per_prompt=8, sample_steps=20,
+                variety_seeds=VARIETY_SEEDS)
 
 
 def prompts(images_per_prompt: int):
@@ -131,16 +133,34 @@ class Evaluation:
     subject_prompts: list[tuple[str, str]]
     class_prompts: list[tuple[str, str]]
     sample_steps: int
+    variety_seeds: int = 0  # images of "a circle on a <bg> background" per unseen background, for the class's variety
     seed: int = 1_000
     base_class: list[dict] | None = None
+    base_variety: dict | None = None
 
     def measure_base(self, pipe, classifier) -> dict:
         found = self._classify(pipe, classifier)
         self.base_class = found[len(self.subject_prompts) :]
-        return self._metrics(found)
+        self.base_variety = self._variety(pipe, classifier)
+        return {**self._metrics(found), "class_tv": 0.0}
 
-    def measure(self, pipe, classifier) -> dict:
-        return self._metrics(self._classify(pipe, classifier))
+    def measure(self, pipe, classifier, final: bool = False) -> dict:
+        """The measures of an adapter now in the pipeline; with ``final``, the class's variety too: the total-variation
+        distance between its shapes and colours and the base model's from the same noise (toyworld.recipe)."""
+        metrics = self._metrics(self._classify(pipe, classifier))
+        if final and self.variety_seeds:
+            from toyworld.recipe import class_variety
+
+            metrics["class_tv"] = class_variety(self.base_variety, self._variety(pipe, classifier), reps=1)["tv"]
+        return metrics
+
+    def _variety(self, pipe, classifier) -> dict[str, list[dict]]:
+        from toyworld.classifier import classify, generate
+        from toyworld.recipe import NEW_BACKGROUNDS
+        from toyworld.world import CLASS_PROMPT
+
+        return {bg: classify(classifier, generate(pipe, [f"{CLASS_PROMPT} on a {bg} background"] * self.variety_seeds,
+                                                  seed=self.seed, steps=self.sample_steps)) for bg in NEW_BACKGROUNDS}  # fmt: skip
 
     def _classify(self, pipe, classifier) -> list[dict]:
         from toyworld.classifier import classify, generate
@@ -235,7 +255,7 @@ def print_paired(results: dict, steps: int) -> dict:
         if variant == "lora":
             continue
         final = r["by_step"][steps]
-        paired[variant] = {m: paired_difference([x[m] for x in final], [x[m] for x in reference]) for m in METRICS}
+        paired[variant] = {m: paired_difference([x[m] for x in final], [x[m] for x in reference]) for m in FINAL_METRICS}
         print(f"{variant:19s} " + "  ".join(f"{m} {d:+.2f} [{lo:+.2f}, {hi:+.2f}]" for m, (d, lo, hi) in paired[variant].items()))
     return paired
 
@@ -281,13 +301,13 @@ def train_and_measure(args, s: dict, pipe, classifier, evaluation: Evaluation) -
             train_one(out, variant, seed, s, args, out_root / "class_images")
             for step, path in adapter_files(out, s["steps"]).items():
                 load_adapter(pipe, path)
-                m = evaluation.measure(pipe, classifier)
+                m = evaluation.measure(pipe, classifier, final=step == s["steps"])
                 unload_adapter(pipe)
                 results[variant]["by_step"].setdefault(step, []).append(m)
             results[variant]["loss"].append(read_loss(out))
             last = results[variant]["by_step"][s["steps"]][-1]
             print(f"{variant:19s} seed {seed}: subject {last['subject']:.2f}, prompt {last['prompt']:.2f}, "
-                  f"class kept {last['class_kept']:.2f}, as base {last['class_as_base']:.2f} "
+                  f"class kept {last['class_kept']:.2f}, as base {last['class_as_base']:.2f}, class TV {last['class_tv']:.2f} "
                   f"({time.perf_counter() - run_started:.0f} s)", flush=True)  # fmt: skip
     return results
 
@@ -296,15 +316,15 @@ def print_summary(results: dict, base: dict, s: dict, counts: tuple[int, int]) -
     """Mean ± std over seeds of each measure after the last step, and of the final loss; variant → summary."""
     print(f"\nafter {s['steps']} steps, mean ± std over {s['seeds']} seed(s); {counts[0]} subject and "
           f"{counts[1]} class images per run, classified by the toy world's attribute classifier")  # fmt: skip
-    print(f"{'variant':19s} " + "  ".join(f"{m:>13s}" for m in METRICS) + f"  {'final loss':>13s}")
-    print(f"{'base model':19s} " + "  ".join(f"{base[m]:13.2f}" for m in METRICS))
+    print(f"{'variant':19s} " + "  ".join(f"{m:>13s}" for m in FINAL_METRICS) + f"  {'final loss':>13s}")
+    print(f"{'base model':19s} " + "  ".join(f"{base[m]:13.2f}" for m in FINAL_METRICS))
     summary = {}
     for variant, r in results.items():
         final = r["by_step"][s["steps"]]
-        summary[variant] = {m: mean_std([x[m] for x in final]) for m in METRICS}
+        summary[variant] = {m: mean_std([x[m] for x in final]) for m in FINAL_METRICS}
         tail = max(1, s["steps"] // 10)  # the mean of the last tenth of each curve: single steps are noisy
         summary[variant]["final_loss"] = mean_std([statistics.fmean(curve[-tail:]) for curve in r["loss"]])
-        print(f"{variant:19s} " + "  ".join(f"{summary[variant][m][0]:6.2f} ± {summary[variant][m][1]:4.2f}" for m in (*METRICS, "final_loss")))
+        print(f"{variant:19s} " + "  ".join(f"{summary[variant][m][0]:6.2f} ± {summary[variant][m][1]:4.2f}" for m in (*FINAL_METRICS, "final_loss")))
     return summary
 
 
@@ -333,7 +353,7 @@ def main(argv=None) -> int:
     pipe.set_progress_bar_config(disable=True)
     if args.with_prior_preservation:  # the demo's captioned class images, made once for every run
         write_class_images(pipe, out_root / "class_images", count=args.num_class_images)
-    evaluation = Evaluation(*prompts(s["images_per_prompt"]), sample_steps=s["sample_steps"])
+    evaluation = Evaluation(*prompts(s["images_per_prompt"]), sample_steps=s["sample_steps"], variety_seeds=s["variety_seeds"])
     base = evaluation.measure_base(pipe, classifier)
     print(f"base model: subject {base['subject']:.2f}, prompt {base['prompt']:.2f}, class kept {base['class_kept']:.2f}", flush=True)
 

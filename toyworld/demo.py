@@ -56,7 +56,7 @@ from .world import CLASS_PROMPT, SUBJECT_CLASS, SUBJECT_COLOUR, SUBJECT_PROMPT, 
 
 def run(output_dir: Path, rank: int, alpha: float, mixer: str, mixer_init: str, seed: int, steps: int, lr: float,
         prior: bool = True, text_encoder_lr: float | None = TOY_TRAINING["text_encoder_lr"], lora_init: str = TOY_TRAINING["lora_init"],
-        masked: bool = TOY_MASKED_LOSS) -> int:  # fmt: skip
+        masked: bool = TOY_MASKED_LOSS, num_class_images: int = NUM_CLASS_IMAGES, prior_loss_weight: float = 1.0) -> int:  # fmt: skip
     quiet_libraries()  # before diffusers' pipelines are imported: they announce optional packages
     from diffusers import StableDiffusionXLPipeline
 
@@ -72,16 +72,16 @@ def run(output_dir: Path, rank: int, alpha: float, mixer: str, mixer_init: str, 
     pipe.set_progress_bar_config(disable=True)
     class_dir = output_dir / "class_images" if prior else None
     if class_dir is not None:
-        write_class_images(pipe, class_dir, seed)
+        write_class_images(pipe, class_dir, seed, num_class_images)
         print(f"   class images for prior preservation, made by the base model: {class_dir}")
 
     adapter_dir = output_dir / "adapter"
     argv = [*toy_dreambooth_argv(subject, adapter_dir, steps, lr, rank, alpha, seed, class_dir, text_encoder_lr,
-                                 masks if masked else None, lora_init),
+                                 masks if masked else None, lora_init, num_class_images, prior_loss_weight),
             "--mixer", mixer, "--mixer_init", mixer_init, "--checkpointing_steps", str(steps),
             # the model card's samples, and the prompt the web demo pre-fills for this adapter
             "--validation_prompt", TOY_SAMPLE_PROMPT]  # fmt: skip
-    prior_note = f"prior preservation on {NUM_CLASS_IMAGES} images of {CLASS_PROMPT!r} on each background" if prior else "no prior preservation"
+    prior_note = f"prior preservation on {num_class_images} images of {CLASS_PROMPT!r} on each background" if prior else "no prior preservation"
     where = "UNet and text encoders" if text_encoder_lr is not None else "UNet only"
     prior_note += ", masked loss (the subject's pixels only)" if masked else ""
     print(f"2. DreamBooth on {SUBJECT_PROMPT!r}, {steps} steps, rank {rank}, alpha {alpha:g}, mixer {mixer} ({mixer_init}), A {lora_init}, "
@@ -190,6 +190,8 @@ def main(argv: list[str] | None = None) -> int:
         help="adapters on both text encoders too (on this model the subject is not learned with prior preservation without them)",
     )  # fmt: skip
     parser.add_argument("--text_encoder_lr", type=float, default=TOY_TRAINING["text_encoder_lr"])
+    parser.add_argument("--num_class_images", type=int, default=NUM_CLASS_IMAGES)
+    parser.add_argument("--prior_loss_weight", type=float, default=1.0)
     parser.add_argument("--masked_loss", action=argparse.BooleanOptionalAction, default=TOY_MASKED_LOSS,
                         help="train on the subject's pixels only (its masks in assets/subject_masks)")
     args = parser.parse_args(argv)
@@ -198,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return run(args.output_dir, args.rank, args.lora_alpha, args.mixer, args.mixer_init, args.seed, args.max_train_steps,
                    args.learning_rate, args.with_prior_preservation, args.text_encoder_lr if args.train_text_encoder else None,
-                   args.lora_init, args.masked_loss)  # fmt: skip
+                   args.lora_init, args.masked_loss, args.num_class_images, args.prior_loss_weight)  # fmt: skip
     except (MosloraError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -30,7 +30,10 @@ NEW_BACKGROUNDS = [name for name in BACKGROUNDS if name not in INSTANCE_BACKGROU
 TOY_SAMPLE_PROMPT = f"{SUBJECT_PROMPT} on a {NEW_BACKGROUNDS[0]} background"
 SAMPLE_SEEDS = 8  # images per prompt and background in the demo's grid
 VARIETY_SEEDS = 48  # images of the class prompt per background, with and without the adapter, for its variety
-NUM_CLASS_IMAGES = 20
+# Prior preservation's class images, 25 per background (diffusers' default count): with 20 the adapter drew "a circle"
+# in one colour per background (total-variation distance 0.75 from the base model's over 48 seeds); with 100,
+# 0.25-0.26 over three seeds (docs/toy-world.md).
+NUM_CLASS_IMAGES = 100
 MADE_BY = ".made_by"  # in the demo's class folder: which base model and seed drew its images (not a caption, not an image)
 # The demo's training settings, shared by the quality benchmark and the web demo's toy-world preset. A is
 # the trainer's default, diffusers' Gaussian (std 1/r). The text encoders learn faster than the UNet:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from dreambooth_moslora.adapter import LORA_INITS, MIXER_INITS, MIXER_MODES
 from dreambooth_moslora.runtime import has_module
-from toyworld.recipe import TOY_TRAINING
+from toyworld.recipe import NUM_CLASS_IMAGES, TOY_TRAINING
 
 TOY_PRESET = "toy world on a CPU"  # about a minute on two cores
 SDXL_LOW_MEMORY = "SDXL 1024 px, low memory (12 GB)"
@@ -25,7 +25,7 @@ PRESETS = {
     # The offline demo's recipe (toyworld.demo): the small toy-world model, 32 px, adapters on the text encoders too.
     TOY_PRESET: Preset(dict(
         resolution=32, train_batch_size=2, **TOY_TRAINING, train_text_encoder=True, mixer="learned", mixer_init="kaiming",
-        num_class_images=20, class_inference_steps=25, sample_batch_size=10, cache_latents=True, validation_steps=50,
+        num_class_images=NUM_CLASS_IMAGES, class_inference_steps=25, sample_batch_size=10, cache_latents=True, validation_steps=50,
         num_validation_images=4, num_validation_inference_steps=25, checkpointing_steps=100, seed=0, alpha_mask=False,
     ), min_free_bytes=50 * 2**20, prefers_demo_model=True),  # fmt: skip
     # diffusers' low-memory SDXL recipe: batch 1 with accumulation, checkpointing, fp16, cached latents, 8-bit Adam.

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from toyworld.recipe import TOY_MASKED_LOSS, TOY_TRAINING
+from toyworld.recipe import NUM_CLASS_IMAGES, TOY_MASKED_LOSS, TOY_TRAINING
 
 ROOT = Path(__file__).resolve().parents[2]
 VARIANTS = ["lora", "moslora-kaiming", "moslora-orthogonal", "frozen-mixer", "moslora-unmasked"]
@@ -28,16 +28,17 @@ def test_quick_benchmark_runs_every_variant_and_reports(tmp_path):
     # the demo's setting: prior preservation on captioned class images, text-encoder adapters, masked loss
     assert record["settings"]["with_prior_preservation"] and record["settings"]["text_encoder_lr"] == TOY_TRAINING["text_encoder_lr"]
     assert record["settings"]["masked_loss"] is TOY_MASKED_LOSS is True
-    assert len(list((out / "class_images").glob("*.txt"))) == len(list((out / "class_images").glob("*.png"))) == 20
+    assert len(list((out / "class_images").glob("*.txt"))) == len(list((out / "class_images").glob("*.png"))) == NUM_CLASS_IMAGES
     for variant in VARIANTS:
         by_step = record["results"][variant]["by_step"]
         assert sorted(int(s) for s in by_step) == [20, 40]  # a checkpoint halfway, and the end
         for measures in by_step.values():
             assert all(0.0 <= m[k] <= 1.0 for m in measures for k in ("subject", "prompt", "class_kept", "class_as_base"))
+        assert "class_tv" not in by_step["20"][0] and 0.0 <= by_step["40"][0]["class_tv"] <= 1.0  # at the end only
         loss = record["results"][variant]["loss"]
         assert len(loss) == 1 and len(loss[0]) == 40 and all(v > 0 for v in loss[0])
     assert 0.0 <= record["base"]["subject"] <= 1.0 and record["base"]["class_kept"] > 0.5  # the base model draws circles
-    assert record["base"]["class_as_base"] == 1.0  # its own class images are the reference
+    assert record["base"]["class_as_base"] == 1.0 and record["base"]["class_tv"] == 0.0  # the base model is the reference
     # each variant trained its own adapter: plain LoRA (no mixer) and the learned mixer differ
     lora = (out / "lora" / "seed0" / "moslora_adapter.safetensors").read_bytes()
     assert lora != (out / "moslora-kaiming" / "seed0" / "moslora_adapter.safetensors").read_bytes()
@@ -48,6 +49,7 @@ def test_quick_benchmark_runs_every_variant_and_reports(tmp_path):
     table = done.stdout
     assert "base model" in table and all(v in table for v in VARIANTS) and "±" in table
     assert "paired by seed, variant − lora" in table and set(record["paired_vs_lora"]) == set(VARIANTS[1:])
+    assert all("class_tv" in paired for paired in record["paired_vs_lora"].values())
 
 
 def test_unknown_variant_is_one_line(tmp_path):

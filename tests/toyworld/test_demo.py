@@ -27,12 +27,15 @@ def test_demo_trains_offline_writes_adapters_and_the_subject_appears(tmp_path, c
 
     with_adapter = counts(r"subject \(a purple circle\) in \d+ of 8 on gray")
     assert len(with_adapter) == 4, out
-    # gray, blue with the adapter; gray, blue without: the subject on backgrounds its photos never show,
-    # the bar (at least 7 of 8 on each, none without; measured 8 and 8, 0 and 0)
-    assert min(with_adapter[:2]) >= 7 and sum(with_adapter[2:]) == 0, out
-    # prior preservation: with the adapter, plain "a circle" prompts still draw ordinary circles (measured 8, 8)
-    kept = counts(r"an ordinary circle \(not the subject\) in")
-    assert len(kept) == 2 and min(kept) >= 7, out
+    # gray, blue with the adapter; gray, blue without: the subject on backgrounds its photos never show (measured with
+    # 100 class images: 13, 16 and 16 of 16 over seeds 0-2, the fewest 5 of 8 on gray; none without)
+    assert min(with_adapter[:2]) >= 5 and sum(with_adapter[:2]) >= 12 and sum(with_adapter[2:]) == 0, out
+    # the class's variety, 48 seeds per background: a distance with its interval, and the base model's own noise floor
+    tv, low, high, floor = (float(x) for x in re.search(
+        r"shapes and colours (\d\.\d\d) \[95% (\d\.\d\d), (\d\.\d\d)\] .*other seeds: (\d\.\d\d)", out).groups())
+    assert 0.0 <= low <= tv <= high <= 1.0 and floor < 0.3, out
+    assert tv <= 0.4, out  # measured 0.25-0.26 over seeds 0-2 (with 20 class images: 0.75, one colour per background)
+    assert re.search(r"colours on gray: base model \w+ \d+, .*; with the adapter \w+ \d+", out), out
 
 
 def test_demo_bad_setting_is_one_line(tmp_path, capsys):

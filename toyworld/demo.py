@@ -162,8 +162,8 @@ def draw_samples(pipe, adapter_file: Path, output_dir: Path, seed: int) -> dict:
     def per_background(counts: dict[str, int]) -> str:
         return ", ".join(f"{n} of {SAMPLE_SEEDS} on {bg}" for bg, n in counts.items())
 
-    print(f"   the attribute classifier sees the subject (a {SUBJECT_COLOUR} {SUBJECT_CLASS}) in {per_background(found['MoSLoRA'])} "
-          f"with the adapter; in {per_background(found['base'])} without")  # fmt: skip
+    print(f"   the attribute classifier sees the subject (a {SUBJECT_COLOUR} {SUBJECT_CLASS}) in "
+          f"{per_background(found['MoSLoRA'])} with the adapter; in {per_background(found['base'])} without")
     variety = class_variety(base_reads, adapted_reads)
     for line in describe_variety(variety, class_variety(base_reads, floor_reads, reps=200)):
         print(f"   {line}")

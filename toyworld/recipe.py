@@ -160,7 +160,8 @@ def base_class_reads(pipe, classifier, cache: Path, seed: int = 0) -> tuple[dict
         pass
     paired, others = {}, {}
     for bg in NEW_BACKGROUNDS:
-        found = classify(classifier, generate(pipe, [f"{CLASS_PROMPT} on a {bg} background"] * 2 * VARIETY_SEEDS, seed=seed))
+        prompts = [f"{CLASS_PROMPT} on a {bg} background"] * 2 * VARIETY_SEEDS
+        found = classify(classifier, generate(pipe, prompts, seed=seed))
         paired[bg], others[bg] = found[:VARIETY_SEEDS], found[VARIETY_SEEDS:]
     write_text(cache, json.dumps({"key": key, "paired": paired, "others": others}))
     return paired, others
@@ -170,9 +171,9 @@ def describe_variety(variety: dict, floor: dict) -> list[str]:
     """The class-variety figures in words: the distance, its interval, the noise floor, the colours per background."""
     low, high = variety["tv_interval"]
     per_bg = ", ".join(f"{bg} {tv:.2f}" for bg, tv in variety["per_background"].items())
-    lines = [f"the class ({CLASS_PROMPT!r}, {VARIETY_SEEDS} seeds per background): total-variation distance between the "
-             f"base model's and the adapter's shapes and colours {variety['tv']:.2f} [95% {low:.2f}, {high:.2f}] "
-             f"({per_bg}); the base model against itself on other seeds: {floor['tv']:.2f}"]  # fmt: skip
+    lines = [f"the class ({CLASS_PROMPT!r}, {VARIETY_SEEDS} seeds per background): total-variation distance "
+             f"between the base model's and the adapter's shapes and colours {variety['tv']:.2f} "
+             f"[95% {low:.2f}, {high:.2f}] ({per_bg}); the base model against itself on other seeds: {floor['tv']:.2f}"]
     for bg, (base, adapted) in variety["colours"].items():
         def spread(counts):
             return ", ".join(f"{colour} {n}" for colour, n in counts.most_common())

@@ -7,7 +7,7 @@
 | `/compare` | the base model beside each of up to 4 adapters, the same seeds | as `/generate` |
 | `/download` | an adapter file | the file |
 | `/train` | starts a training run | {run_id, adapter_id} |
-| `/train_status` | a run's state (the current or latest one when no id is given) | {state, step, …, samples, adapter_id} |
+| `/train_status` | a run's state (the current or latest one) | {state, step, …, samples, adapter_id} |
 | `/train_stop` | asks the running trainer to stop after its step, with a checkpoint | {run_id, state} |
 | `/train_resume` | continues a stopped or failed run from its last checkpoint | {run_id, state} |
 
@@ -104,7 +104,8 @@ class Api:
 
     def generate(self, prompt: str, adapters: list[str] | None = None, negative_prompt: str = "", base_model: str = "",
                  steps: int = 25, guidance: float = 5.0, seed: int = -1, width: int | None = None,
-                 height: int | None = None, num_images: int = 1, scheduler: str = "Euler", scale: float = 1.0) -> dict:  # fmt: skip
+                 height: int | None = None, num_images: int = 1, scheduler: str = "Euler",
+                 scale: float = 1.0) -> dict:
         """Images of the prompt with at most one adapter (none: the base model; base_model empty: the adapter's
         recorded base when the server allows it, else the server's); seed -1 draws one; width and height default to
         the server's size."""
@@ -116,7 +117,8 @@ class Api:
 
     def compare(self, prompt: str, adapters: list[str] | None = None, negative_prompt: str = "", base_model: str = "",
                 steps: int = 25, guidance: float = 5.0, seed: int = -1, width: int | None = None,
-                height: int | None = None, num_images: int = 1, scheduler: str = "Euler", scale: float = 1.0) -> dict:  # fmt: skip
+                height: int | None = None, num_images: int = 1, scheduler: str = "Euler",
+                scale: float = 1.0) -> dict:
         """The base model, then each adapter (up to 4), from the same seeds."""
         return self._render(Request(
             prompt=prompt, negative_prompt=negative_prompt or "", adapters=adapters or [], compare=True,
@@ -128,9 +130,10 @@ class Api:
         if isinstance(request.adapters, str):  # one id for a list of one: what a script means
             request.adapters = [request.adapters]
         results = generate(self.engine, request)
+        warnings = dict.fromkeys(r.parameters["warning"] for r in results if r.parameters.get("warning"))
         return {"images": [file_data(r.path) for r in results], "labels": [r.label for r in results],
                 "seeds": [r.parameters["seed"] for r in results], "base_model": results[0].parameters["base_model"],
-                "warnings": list(dict.fromkeys(r.parameters["warning"] for r in results if r.parameters.get("warning")))}  # fmt: skip
+                "warnings": list(warnings)}
 
     def download(self, adapter: str) -> FileData:
         """An adapter file, by its id (as `/adapters` lists it)."""
@@ -155,8 +158,8 @@ class Api:
         settings = {name: value for name, value in locals().items() if name in ADJUSTABLE}
         try:
             request = TrainRequest(
-                images=uploaded(images), folder=folder or None, captions=captions or {}, instance_prompt=instance_prompt,
-                class_prompt=class_prompt, prior_preservation=bool(prior_preservation),
+                images=uploaded(images), folder=folder or None, captions=captions or {},
+                instance_prompt=instance_prompt, class_prompt=class_prompt, prior_preservation=bool(prior_preservation),
                 preset=preset or self.trainer.default_preset, base_model=base_model or None,
                 sample_prompt=sample_prompt or "", settings=settings,
             )  # fmt: skip

@@ -25,7 +25,8 @@ def server(tmp_path_factory):
     adapters = root / "adapters"
     adapters.mkdir()
     log = root / "server.log"
-    with webui_server(log, "--adapters", str(adapters), "--demo", "--output_dir", str(root / "images")) as (url, _, process):
+    flags = ("--adapters", str(adapters), "--demo", "--output_dir", str(root / "images"))
+    with webui_server(log, *flags) as (url, _, process):
         yield {"url": url, "root": root, "adapters": adapters, "log": log, "process": process}
 
 
@@ -45,7 +46,8 @@ def documented_endpoints() -> dict[str, list[str]]:
 def test_view_api_shows_the_documented_endpoints_and_nothing_else(client):
     info = client.view_api(return_format="dict", print_info=False)
     assert info["unnamed_endpoints"] == {}
-    served = {name.lstrip("/"): [p["parameter_name"] for p in e["parameters"]] for name, e in info["named_endpoints"].items()}
+    served = {name.lstrip("/"): [p["parameter_name"] for p in e["parameters"]]
+              for name, e in info["named_endpoints"].items()}
     assert sorted(served) == sorted(ENDPOINTS)
     for name, parameters in served.items():  # each one's parameters are its function's, in order
         assert parameters == list(inspect.signature(getattr(Api, name)).parameters)[1:], name
@@ -96,11 +98,11 @@ def wait_for(client, run_id, condition, timeout=300) -> dict:
 def test_stop_and_resume_a_run(server, client):
     from gradio_client import handle_file
 
-    run = client.predict(images=[handle_file(str(p)) for p in SUBJECT], instance_prompt="a sks circle",
-                         class_prompt="a circle", max_train_steps=400, validation_steps=1000, api_name="/train")  # fmt: skip
+    photos = dict(images=[handle_file(str(p)) for p in SUBJECT], instance_prompt="a sks circle",
+                  class_prompt="a circle")
+    run = client.predict(**photos, max_train_steps=400, validation_steps=1000, api_name="/train")
     with pytest.raises(Exception, match="already in progress"):  # one run at a time
-        client.predict(images=[handle_file(str(p)) for p in SUBJECT], instance_prompt="a sks circle",
-                       class_prompt="a circle", api_name="/train")  # fmt: skip
+        client.predict(**photos, api_name="/train")
     wait_for(client, run["run_id"], lambda s: s["step"] >= 1 or s["state"] not in ("starting", "running"))
     assert client.predict(api_name="/train_stop") == {"run_id": run["run_id"], "state": "stopping"}
     stopped = wait_for(client, run["run_id"], lambda s: s["state"] in ("stopped", "failed"))
@@ -121,8 +123,8 @@ def test_stop_and_resume_a_run(server, client):
     (dict(instance_prompt="a sks circle", class_prompt="a circle", preset="fast", api_name="/train"), "unknown preset"),
     (dict(images=[{"path": "/etc/hostname", "meta": {"_type": "gradio.FileData"}}] * 3, instance_prompt="a sks circle",
           class_prompt="a circle", api_name="/train"), "hostname: not an image file"),  # uploaded by the client: a file
-    (dict(images=[{"path": "/etc/hostname"}], instance_prompt="a sks circle", class_prompt="a circle", api_name="/train"),
-     "files uploaded with the request"),
+    (dict(images=[{"path": "/etc/hostname"}], instance_prompt="a sks circle", class_prompt="a circle",
+          api_name="/train"), "files uploaded with the request"),
     (dict(run_id="../etc", api_name="/train_resume"), "no run named"),
     (dict(run_id="2020-01-01-000000-sks", api_name="/train_status"), "no run '2020-01-01-000000-sks'"),
 ])  # fmt: skip

@@ -18,6 +18,7 @@ from ..inference import restore_adapter_weights
 from ..safe_files import DELETING_SUFFIX, OLD_SUFFIX, PARTIAL_SUFFIX, remove_path, replace_path, temporary_sibling
 
 logger = logging.getLogger("dreambooth_moslora")
+EMBEDDINGS_FILE = "embeddings.safetensors"  # pivotal tuning's rows, in a checkpoint
 
 
 def checkpoint_step(path: Path) -> int | None:
@@ -64,17 +65,21 @@ def save_checkpoint(accelerator, output_dir: Path, step: int, total_limit: int |
     return final
 
 
-def register_adapter_hooks(accelerator, components: dict, base_model: str) -> None:
-    """Checkpoints hold the adapter (one native file), not the frozen models around it."""
+def register_adapter_hooks(accelerator, components: dict, base_model: str, pivotal=None) -> None:
+    """Checkpoints hold the adapter (one native file) and pivotal tuning's token rows, not the frozen models."""
 
     def save_hook(models, weights, folder):
         if accelerator.is_main_process:
             save_adapter(folder, components, formats=["native"], base_model=base_model)
+            if pivotal is not None:
+                pivotal.save(Path(folder) / EMBEDDINGS_FILE)
         weights.clear()
 
     def load_hook(models, folder):
         models.clear()
         restore_adapter_weights(components, Path(folder) / NATIVE_FILE)
+        if pivotal is not None:
+            pivotal.restore(Path(folder) / EMBEDDINGS_FILE)
 
     accelerator.register_save_state_pre_hook(save_hook)
     accelerator.register_load_state_pre_hook(load_hook)

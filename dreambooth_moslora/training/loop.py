@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from ..embeddings import NewTokens
 from ..errors import DataError, MosloraError, TrainingError
 from ..formats import save_adapter
 from ..runtime import free_memory, has_module, quiet_libraries, seeded_generator
@@ -27,6 +28,7 @@ from .checkpoints import clean_leftovers, register_adapter_hooks, resume, save_c
 from .data import DreamBoothDataset, StepPlan, batch_source, cache_latents, epoch_batches, generate_class_images, process_batches, scan_images
 from .loss import StepModels, batch_loss
 from .model_card import write_model_card
+from .pivotal import Pivotal, embeddings_file
 from .profiling import LOSS_READ, StepProfile
 from .stopping import EXIT_CODE, RunStopped, install, loop_begins, loop_ends, stop_requested
 from .memory_plan import Job, device_budget_gib, parameter_counts, plan
@@ -62,32 +64,29 @@ def train(args) -> Path:
                            schedule, args.base_config)
     components, params = add_adapters(base, adapter_config(args), args.train_text_encoder, args.seed, args.gradient_checkpointing,
                                       args.torch_compile_mode if args.torch_compile else None)  # fmt: skip
+    pivotal = Pivotal.start(args, base)  # --train_text_encoder_ti: new tokens, trained beside the adapter
+    if pivotal:
+        params["token_rows"] = pivotal.rows
     mixers = {id(p) for model in components.values() for p in mixer_parameters(model)}
     groups = param_groups(args, params, accelerator.num_processes, mixers)
     optimizer = make_optimizer(args.optimizer, groups, **optimizer_options(args))
 
     # 3. The dataset, and what is computed once: prompt embeddings while the text encoders are frozen,
     #    latents with --cache_latents (then the VAE is freed).
-    dataset = DreamBoothDataset(
-        instance_images, args.instance_prompt, args.resolution, class_images, args.class_prompt,
-        args.caption_extension, args.center_crop, args.random_flip, args.aspect_ratio_buckets,
-        bucket_step=64 if args.resolution >= 512 else 8, seed=args.seed, mask_dir=args.mask_dir, alpha_mask=args.alpha_mask,
-    )  # fmt: skip
-    prompt_cache = None if args.train_text_encoder else cache_prompts(base, dataset, device, bool(args.validation_prompt))
+    dataset, prompt_cache, latent_cache, vae_config = prepare_data(args, base, instance_images, class_images, device,
+                                                                   pivotal)  # fmt: skip
     plan = StepPlan.make(len(epoch_batches(dataset, args.train_batch_size, 0, args.seed)), accelerator.num_processes,
                          args.gradient_accumulation_steps, args.max_train_steps, args.num_train_epochs)  # fmt: skip
-    latent_cache = cache_latents(dataset, base.vae, device) if args.cache_latents else None
-    vae_config = base.vae.config
-    if latent_cache is not None:
-        base.vae = None
-        free_memory()
 
     # 4. accelerate takes the trained models, optimizer and schedule; checkpoints hold the adapter; resume.
     lr_scheduler = make_lr_scheduler(optimizer, args.lr_scheduler, args.lr_warmup_steps, plan.max_steps, args.lr_num_cycles,
                                      args.lr_power, accelerator.num_processes)  # fmt: skip
+    if pivotal:  # the rows' group is the last: it stops learning after --train_text_encoder_ti_frac of the steps
+        pivotal.gate(lr_scheduler, len(groups) - 1, round(args.train_text_encoder_ti_frac * plan.max_steps)
+                     * accelerator.num_processes)  # fmt: skip
     prepared = accelerator.prepare(*components.values(), optimizer, lr_scheduler)
     trained, optimizer, lr_scheduler = list(prepared[: len(components)]), prepared[-2], prepared[-1]
-    register_adapter_hooks(accelerator, components, args.pretrained_model_name_or_path)
+    register_adapter_hooks(accelerator, components, args.pretrained_model_name_or_path, pivotal)
     global_step = resume(accelerator, output_dir, args.resume_from_checkpoint)
     if main:
         tracked = {k: v for k, v in settings_for_metadata(args).items() if isinstance(v, (int, float, str, bool))}
@@ -112,6 +111,8 @@ def train(args) -> Path:
         settings = run_settings(args, plan.max_steps, base.noise_scheduler.config, last_loss, instance_images, class_images)
         files = save_adapter(output_dir, components, formats=args.output_formats, base_model=args.pretrained_model_name_or_path,
                              training=settings)  # fmt: skip
+        if pivotal:
+            files["embeddings"] = pivotal.save(embeddings_file(output_dir))
         grid = validate(output_dir / "validation.png") if validate else None
         write_model_card(output_dir, settings, files, grid)
         logger.info("done: %d steps in %.1f s, final loss %.4f; adapters in %s", global_step, time.perf_counter() - started,
@@ -131,6 +132,8 @@ def run_settings(args, max_steps: int, schedule, last_loss: float, instance_imag
     settings.update(max_train_steps=max_steps, prediction_type=schedule.prediction_type,
                     rescale_betas_zero_snr=bool(schedule.get("rescale_betas_zero_snr")), final_loss=last_loss,
                     num_train_images=len(instance_images), num_class_images=len(class_images))
+    if args.train_text_encoder_ti:  # what the files' prompts now hold in place of the abstraction
+        settings.update(new_tokens=NewTokens.plan(args.token_abstraction, args.num_new_tokens_per_abstraction).tokens)
     return settings
 
 
@@ -226,6 +229,26 @@ def fit_to_memory(args, accelerator, examples: int, prior: bool) -> None:
     if accelerator.is_main_process:
         logger.info("memory plan for %.1f GiB at %d px: %s, %.2f GiB at the peak; the learning rate stays as given "
                     "(--scale_lr multiplies it by the batch)", budget, args.resolution, setting.describe(), setting.peak_gib)
+
+
+def prepare_data(args, base, instance_images: list, class_images: list, device, pivotal):
+    """The dataset (captions in pivotal tuning's tokens), the prompt embeddings while the text encoders and their
+    tokens are frozen, and the latents with --cache_latents (the VAE then freed: None stands for it)."""
+    dataset = DreamBoothDataset(
+        instance_images, args.instance_prompt, args.resolution, class_images, args.class_prompt,
+        args.caption_extension, args.center_crop, args.random_flip, args.aspect_ratio_buckets,
+        bucket_step=64 if args.resolution >= 512 else 8, seed=args.seed, mask_dir=args.mask_dir, alpha_mask=args.alpha_mask,
+    )  # fmt: skip
+    if pivotal:
+        pivotal.rewrite_captions(dataset)
+    frozen = not (args.train_text_encoder or pivotal)
+    prompt_cache = cache_prompts(base, dataset, device, bool(args.validation_prompt)) if frozen else None
+    latent_cache = cache_latents(dataset, base.vae, device) if args.cache_latents else None
+    vae_config = base.vae.config
+    if latent_cache is not None:
+        base.vae = None
+        free_memory()
+    return dataset, prompt_cache, latent_cache, vae_config
 
 
 @torch.no_grad()

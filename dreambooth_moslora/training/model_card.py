@@ -44,6 +44,8 @@ def write_model_card(output_dir: Path, settings: dict, files: dict[str, Path], g
         "native": "MoSLoRA with its mixer (A, M, B): for resuming or further training with dreambooth-moslora",
         "diffusers": "plain LoRA with the mixer folded in: loads in stock diffusers",
         "kohya": "plain LoRA in kohya's layout: loads in ComfyUI and AUTOMATIC1111",
+        "embeddings": "pivotal tuning's new tokens (clip_l, clip_g): load them with the LoRA, and write the tokens "
+                      "in prompts as the example does",
     }
     lines += [f"- `{name}` — {descriptions[fmt]}" for fmt, name in names.items()]
     if "diffusers" in names:
@@ -52,6 +54,7 @@ def write_model_card(output_dir: Path, settings: dict, files: dict[str, Path], g
             "from diffusers import StableDiffusionXLPipeline", "",
             *pipeline_lines(base, settings.get("base_config")),
             f'pipe.load_lora_weights("{output_dir}", weight_name="{names["diffusers"]}")',
+            *embedding_lines(output_dir, names.get("embeddings"), settings.get("new_tokens")),
             f"image = pipe({json.dumps(example)}, num_inference_steps=30).images[0]", "```",
         ]  # fmt: skip
     if grid is not None:
@@ -66,3 +69,14 @@ def pipeline_lines(base: str, base_config: str | None) -> list[str]:
         return ["from dreambooth_moslora.single_file import file_pipeline", "",
                 f'pipe = file_pipeline("{base}", "{base_config}", torch.float16).to("cuda")']
     return [f'pipe = StableDiffusionXLPipeline.from_pretrained("{base}", torch_dtype=torch.float16).to("cuda")']
+
+
+def embedding_lines(output_dir: Path, name: str | None, tokens: list | None) -> list[str]:
+    """Pivotal tuning's tokens into both text encoders, as stock diffusers loads an SDXL embedding."""
+    if not name:
+        return []
+    return ["from safetensors.torch import load_file", f'emb = load_file("{Path(output_dir) / name}")',
+            f'pipe.load_textual_inversion(emb["clip_l"], token={tokens}, text_encoder=pipe.text_encoder, '
+            'tokenizer=pipe.tokenizer)',
+            f'pipe.load_textual_inversion(emb["clip_g"], token={tokens}, text_encoder=pipe.text_encoder_2, '
+            'tokenizer=pipe.tokenizer_2)']

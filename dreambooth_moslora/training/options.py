@@ -89,6 +89,13 @@ def _add_adapter_options(p: argparse.ArgumentParser) -> None:
                    help="A's init: gaussian (std 1/rank, as diffusers' scripts) or kaiming (uniform, as nn.Linear)")
     g.add_argument("--mixer_lr", type=float, help="the mixer's own learning rate (default: that of its group)")
     g.add_argument("--train_text_encoder", action="store_true")
+    g.add_argument("--train_text_encoder_ti", action="store_true",
+                   help="pivotal tuning: learn new tokens for --token_abstraction in both text encoders")
+    g.add_argument("--token_abstraction", default="TOK",
+                   help="the word(s) in prompts and captions that new tokens replace (comma-separated for several)")
+    g.add_argument("--num_new_tokens_per_abstraction", type=int, default=2)
+    g.add_argument("--train_text_encoder_ti_frac", type=float, default=0.5,
+                   help="the share of the steps the new tokens learn for (then they are frozen)")
 
 
 def _add_optimisation_options(p: argparse.ArgumentParser) -> None:
@@ -267,6 +274,8 @@ def validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     for name in ("max_train_steps", "validation_steps"):  # optional: unset is fine
         if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if not 0.0 <= args.train_text_encoder_ti_frac <= 1.0 or args.num_new_tokens_per_abstraction < 1:
+        parser.error("--train_text_encoder_ti_frac must be in [0, 1] and --num_new_tokens_per_abstraction at least 1")
     if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
         parser.error("--checkpoints_total_limit must be at least 1")
     if args.lora_alpha <= 0:
@@ -369,6 +378,8 @@ def param_groups(args: argparse.Namespace, params: dict[str, list], processes: i
     wanted = [(params["unet"], args.learning_rate, args.adam_weight_decay)]
     if "text_encoder" in params:
         wanted.append((params["text_encoder"] + params["text_encoder_2"], args.text_encoder_lr, args.adam_weight_decay_text_encoder))
+    if "token_rows" in params:  # pivotal tuning's new tokens: last, so that their rate can stop on its own
+        wanted.append((params["token_rows"], args.text_encoder_lr, args.adam_weight_decay_text_encoder))
     groups = []
     for group_params, lr, decay in wanted:
         own = [p for p in group_params if id(p) in mixers] if args.mixer_lr is not None else []

@@ -4,11 +4,14 @@ an adapter was trained with."""
 from __future__ import annotations
 
 import os
+import warnings
+from pathlib import Path
 
 from torch import nn
 
 from .errors import AdapterMismatchError
-from .formats import AdapterFile, build_layers, copy_weights, read_adapter
+from .formats import AdapterFile, build_layers, copy_weights, read_adapter, recorded
+from .safe_files import base_sha256
 from .sdxl import COMPONENTS
 from .surgery import adapter_layers, fuse_adapter, inject_layers, remove_adapter, set_adapter_scale
 
@@ -40,9 +43,31 @@ def load_adapter_into(
     return adapter
 
 
-def load_adapter(pipe, path: str | os.PathLike, scale: float = 1.0, fuse: bool = False) -> AdapterFile:
-    """``load_adapter(pipe, "out/moslora_adapter.safetensors")``: any of the three formats, live or fused."""
-    return load_adapter_into(pipeline_components(pipe), path, scale=scale, fuse=fuse)
+def load_adapter(pipe, path: str | os.PathLike, scale: float = 1.0, fuse: bool = False,
+                 base: str | os.PathLike | None = None) -> AdapterFile:
+    """``load_adapter(pipe, "out/moslora_adapter.safetensors")``: any of the three formats, live or fused.
+
+    ``base`` is where the pipeline's weights came from (by default the path it was loaded from, a folder or a
+    checkpoint file); when the adapter records another base's sha256, a warning says so: the layers fit any SDXL,
+    but an adapter drawn on a base it was not trained on looks off.
+    """
+    adapter = load_adapter_into(pipeline_components(pipe), path, scale=scale, fuse=fuse)
+    base = base if base is not None else pipe.config.get("_name_or_path")
+    line = base_mismatch(recorded(adapter.metadata), base, Path(path).name) if base else None
+    if line:
+        warnings.warn(line, stacklevel=2)
+    return adapter
+
+
+def base_mismatch(record: dict, base: str | os.PathLike, adapter_name: str) -> str | None:
+    """A line when a file's record (``formats.recorded``) names the weights (sha256) of another base than ``base``'s,
+    else None; also None when either is unknown (a hub id, a file that records no hash)."""
+    wanted = record.get("base_sha256")
+    current = base_sha256(base) if wanted else None
+    if not current or current == wanted:
+        return None
+    return (f"{adapter_name} was trained on another base ({record.get('base_model') or 'unnamed'}, AutoV2 "
+            f"{wanted[:10].upper()}) than {Path(base).name} (AutoV2 {current[:10].upper()}): expect it to look off")
 
 
 def unload_adapter(pipe) -> int:

@@ -182,6 +182,10 @@ def sha256_of(path: str | os.PathLike) -> str:
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth")  # a base model folder's weight files
 
 
+def _weight_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix in WEIGHT_SUFFIXES)
+
+
 def base_hashes(path: str | os.PathLike) -> dict[str, str]:
     """What identifies a base model's weights: for a file, its sha256 (Civitai's and kohya's, whose first 10 hex
     digits A1111 shows as AutoV2) and kohya's legacy hash (sha256 of 64 KiB at 1 MiB, 8 digits); for a diffusers
@@ -195,10 +199,26 @@ def base_hashes(path: str | os.PathLike) -> dict[str, str]:
             legacy = hashlib.sha256(f.read(0x10000)).hexdigest()[:8]
         return {"sha256": sha256_of(path), "legacy": legacy}
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in WEIGHT_SUFFIXES)
+        files = _weight_files(path)
         listing = "\n".join(f"{p.relative_to(path).as_posix()} {sha256_of(p)}" for p in files)
         return {"sha256": hashlib.sha256(listing.encode()).hexdigest()} if files else {}
     return {}
+
+
+_BASE_SHA256: dict[tuple, str] = {}
+
+
+def base_sha256(path: str | os.PathLike) -> str | None:
+    """``base_hashes(path)["sha256"]``, remembered per path and the size and mtime of its weight files (a 7 GB base
+    takes half a minute to hash); None for a hub id or a folder without weight files."""
+    path = Path(path)
+    files = [path] if path.is_file() else _weight_files(path) if path.is_dir() else []
+    if not files:
+        return None
+    key = (str(path.resolve()), *((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files))
+    if key not in _BASE_SHA256:
+        _BASE_SHA256[key] = base_hashes(path)["sha256"]
+    return _BASE_SHA256[key]
 
 
 def read_json_field(metadata: dict[str, str], key: str) -> dict:

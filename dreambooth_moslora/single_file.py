@@ -338,4 +338,5 @@ def file_pipeline(model_path: str, base_config: str, dtype: torch.dtype):
     pipe = StableDiffusionXLPipeline(vae=models["vae"], text_encoder=models["text_encoder"],
                                      text_encoder_2=models["text_encoder_2"], tokenizer=tokenizers[0],
                                      tokenizer_2=tokenizers[1], unet=models["unet"], scheduler=scheduler)
+    pipe.register_to_config(_name_or_path=str(model_path))  # as from_pretrained records its folder
     return pipe.to(dtype=dtype)

@@ -27,10 +27,9 @@ from PIL.PngImagePlugin import PngInfo
 
 from dreambooth_moslora.errors import AdapterError, AdapterFileError, RequestError
 from dreambooth_moslora.formats import summarize
-from dreambooth_moslora.inference import sampling_config
-from dreambooth_moslora.safe_files import base_hashes
 from dreambooth_moslora.single_file import SDXL_BASE_CONFIG, file_pipeline, is_sdxl_checkpoint, is_single_file
-from dreambooth_moslora.inference import load_adapter, set_scale, unload_adapter
+from dreambooth_moslora.inference import (base_mismatch, load_adapter_into, pipeline_components, sampling_config,
+                                         set_scale, unload_adapter)
 from dreambooth_moslora.safe_files import atomic_path, save_image, sha256_of
 
 SCHEDULERS = ("Euler", "Euler a", "DPM++ 2M", "DDIM")
@@ -318,23 +317,6 @@ class Engine:
         pipe.scheduler = classes[name].from_config(sampling_config(self._scheduler_config, schedule or {}))
         return 0.7 if pipe.scheduler.config.get("rescale_betas_zero_snr") else 0.0
 
-    def base_mismatch(self, entry: AdapterEntry, model_id: str) -> str | None:
-        """A line when the adapter records the weights (sha256) of another base than ``model_id``'s, else None (also
-        when either is unknown: a hub id, an older file). A base is hashed once per path, size and mtime."""
-        recorded = entry.info.get("base_sha256")
-        path = Path(model_id)
-        if not recorded or not path.exists():
-            return None
-        stat = path.stat()
-        key = ("base", str(path), stat.st_size, stat.st_mtime_ns)
-        if key not in self._hashes:
-            self._hashes[key] = base_hashes(path).get("sha256", "")
-        current = self._hashes[key]
-        if not current or current == recorded:
-            return None
-        return (f"{entry.id} was trained on another base ({entry.info.get('base_model') or 'unnamed'}, AutoV2 "
-                f"{recorded[:10].upper()}) than {path.name} (AutoV2 {current[:10].upper()}): expect it to look off")
-
     def _use_adapter(self, pipe, path: Path | None, scale: float) -> None:
         """Puts the adapter in the pipeline (live, so that taking it out restores the base exactly)."""
         key = None if path is None else (str(path), path.stat().st_mtime_ns)
@@ -343,7 +325,7 @@ class Engine:
             self._loaded = None
             if path is not None:
                 try:
-                    load_adapter(pipe, path, scale=scale)
+                    load_adapter_into(pipeline_components(pipe), path, scale=scale)  # base warned of per image
                 except AdapterError as exc:
                     raise RequestError(str(exc)) from None
                 self._loaded = key
@@ -390,7 +372,7 @@ class Engine:
             model_id = self.base_for(r, entries)
             pipe = self.pipeline(model_id)
             try:
-                warnings = {v.id: w for v in variants if v and (w := self.base_mismatch(v, model_id))}
+                warnings = {v.id: w for v in variants if v and (w := base_mismatch(v.info, model_id, v.id))}
                 for variant in variants:
                     rescale = self._use_scheduler(pipe, r.scheduler, variant.info.get("noise_schedule") if variant else None)
                     self._use_adapter(pipe, variant.path if variant else None, r.scale)

@@ -11,6 +11,7 @@ from diffusers import AutoencoderKL, StableDiffusionXLPipeline, UNet2DConditionM
 from safetensors.torch import load_file, save_file
 
 from dreambooth_moslora.safe_files import read_safetensors, sha256_of
+from dreambooth_moslora.sdxl import max_abs_diff, sdxl_forward
 from dreambooth_moslora.single_file import load_single_file, looks_like, save_single_file
 from dreambooth_moslora.training import main
 from toyworld.tiny_sdxl import save_tiny_sdxl
@@ -171,3 +172,31 @@ def test_a_file_without_configs_to_read_it_by_says_what_to_pass(world, tmp_path,
     assert main(args) == 1
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("error: cannot load the base model") and "pass --base_config with a diffusers SDXL" in err
+
+
+def test_load_adapter_warns_when_the_pipeline_holds_another_base_than_the_file_records(world, tmp_path, recwarn):
+    from dreambooth_moslora import AdapterConfig, inject_components, load_adapter, pipeline_components, save_adapter
+    from dreambooth_moslora.single_file import file_pipeline
+
+    from tests.conftest import randomize_adapter_
+
+    from_file = file_pipeline(str(world["file"]), str(world["folder"]), torch.float32)
+    from_folder = StableDiffusionXLPipeline.from_pretrained(world["folder"])
+    components = pipeline_components(from_folder)
+    inject_components(components, AdapterConfig(rank=4))
+    randomize_adapter_(components)
+    digest = sha256_of(world["file"])
+    path = save_adapter(tmp_path, components, formats=["kohya"], base_model=str(world["file"]),
+                        training={"base_model_sha256": digest})["kohya"]
+    load_adapter(from_file, path)  # the base it records: no warning
+    assert not [w for w in recwarn if "trained on another base" in str(w.message)]
+    load_adapter(from_folder, path)  # the same weights, but a folder's hash is its files' hash
+    (warning,) = [str(w.message) for w in recwarn if "trained on another base" in str(w.message)]
+    assert f"({world['file']}, AutoV2 {digest[:10].upper()}) than tiny-sdxl (AutoV2 " in warning
+    assert "\n" not in warning
+    recwarn.clear()
+    load_adapter(from_folder, path, base=world["file"])  # told where the weights came from
+    load_adapter(from_folder, path, base="stabilityai/stable-diffusion-xl-base-1.0")  # a hub id: nothing to compare
+    assert not [w for w in recwarn if "trained on another base" in str(w.message)]
+    ours, theirs = (sdxl_forward(pipe, "a photo") for pipe in (from_file, from_folder))
+    assert max_abs_diff(ours, theirs) < 1e-5  # the warning changes nothing loaded

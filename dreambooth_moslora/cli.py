@@ -70,6 +70,9 @@ def print_report(report: dict) -> None:
     print(f"{report['file']}: {report['format']} adapter, rank {report['rank']}, α {report['alpha']:g}, mixer {report['mixer']}")
     print(f"  base model: {report['base_model'] or 'not recorded'}; instance prompt: {report['instance_prompt'] or 'not recorded'}")
     print("  layers: " + ", ".join(f"{c} {n}" for c, n in report["layers"].items()))
+    if report["new_tokens"]:
+        print("  new tokens: " + ", ".join(f"{name} = {''.join(group)}" for name, group in report["new_tokens"].items())
+              + " (write either in prompts)")
     if report["operation"]:
         print(f"  made by: moslora {report['operation'].get('operation')} of " +
               ", ".join(i.get("file", "?") for i in report["operation"].get("inputs", [])))  # fmt: skip

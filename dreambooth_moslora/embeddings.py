@@ -83,27 +83,34 @@ def install(tokenizers, text_encoders, new: NewTokens, rows: dict[str, torch.Ten
     """Gives each text encoder the new rows: the given ``rows`` (by ENCODER_KEYS), or Gaussian with the table's own
     std, as diffusers' advanced script starts them. Returns copies of the tokenizers that know the new tokens (the
     given ones stay as they were, kept for ``uninstall``)."""
+    if any(isinstance(encoder.get_input_embeddings(), TokenRows) for encoder in text_encoders):
+        raise ValueError("new tokens are already installed")
+    if rows is not None:
+        check_rows(text_encoders, new, rows)
     copies = []
     for key, tokenizer, encoder in zip(ENCODER_KEYS, tokenizers, text_encoders):
         table = encoder.get_input_embeddings()
-        if isinstance(table, TokenRows):
-            raise ValueError(f"{key}: new tokens are already installed")
         extended = copy.deepcopy(tokenizer)
         extended.add_tokens(new.tokens, special_tokens=True)
         ids = extended.convert_tokens_to_ids(new.tokens)
-        width = table.weight.shape[1]
         if rows is not None:
             start = rows[key]
-            if tuple(start.shape) != (len(ids), width):
-                raise AdapterFileError(f"{key}: embeddings of shape {tuple(start.shape)}; this text encoder needs "
-                                       f"{(len(ids), width)}")  # fmt: skip
         else:
-            start = torch.randn(len(ids), width, generator=generator) * table.weight.float().std()
+            start = torch.randn(len(ids), table.weight.shape[1], generator=generator) * table.weight.float().std()
         module = TokenRows(table, start.to(table.weight.device), ids)
         object.__setattr__(module, "tokenizer_before", tokenizer)  # not state: what uninstall gives back
         encoder.set_input_embeddings(module)
         copies.append(extended)
     return copies
+
+
+def check_rows(text_encoders, new: NewTokens, rows: dict[str, torch.Tensor]) -> None:
+    """AdapterFileError unless ``rows`` hold one row per token of each text encoder's width."""
+    for key, encoder in zip(ENCODER_KEYS, text_encoders):
+        expected = (len(new.tokens), encoder.get_input_embeddings().weight.shape[1])
+        if tuple(rows[key].shape) != expected:
+            raise AdapterFileError(f"{key}: embeddings of shape {tuple(rows[key].shape)}; this text encoder needs "
+                                   f"{expected}")  # fmt: skip
 
 
 def uninstall(text_encoders) -> list:
@@ -119,9 +126,12 @@ def uninstall(text_encoders) -> list:
     return originals
 
 
-def save_embeddings(path: str | Path, modules: list[TokenRows], new: NewTokens) -> Path:
-    """The learned rows as an SDXL textual inversion (clip_l, clip_g), the tokens in the metadata."""
-    tensors = {key: module.rows.detach().float().cpu().contiguous() for key, module in zip(ENCODER_KEYS, modules)}
+def save_embeddings(path: str | Path, rows: dict[str, torch.Tensor] | list[TokenRows], new: NewTokens) -> Path:
+    """The rows (by encoder key, or the installed modules) as an SDXL textual inversion (clip_l, clip_g), the tokens
+    in the metadata."""
+    if not isinstance(rows, dict):
+        rows = {key: module.rows for key, module in zip(ENCODER_KEYS, rows)}
+    tensors = {key: rows[key].detach().float().cpu().contiguous() for key in ENCODER_KEYS}
     metadata = {"format": FORMAT, "tokens": json.dumps(new.tokens),
                 "abstractions": json.dumps({k: list(v) for k, v in new.abstractions.items()})}  # fmt: skip
     return write_safetensors(path, tensors, metadata)
@@ -150,12 +160,62 @@ def read_embeddings(path: str | Path) -> tuple[dict[str, torch.Tensor], NewToken
     return {key: tensors[key] for key in ENCODER_KEYS}, new
 
 
+BUNDLE_PREFIX = "bundle_emb."  # A1111's and Forge's key for embeddings bundled in a LoRA file
+BUNDLE_METADATA = "moslora_bundle_emb"  # which tokens each bundled embedding stands for, in order
+
+
+def bundle(rows: dict[str, torch.Tensor], new: NewTokens) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The rows as embeddings bundled in a kohya LoRA file: ``bundle_emb.<abstraction>.clip_l`` / ``.clip_g``, one
+    embedding per abstraction (A1111 and Forge draw it where a prompt names the abstraction), and its metadata."""
+    tensors, start = {}, 0
+    for name, group in new.abstractions.items():
+        for key in ENCODER_KEYS:
+            tensors[f"{BUNDLE_PREFIX}{name}.{key}"] = rows[key][start:start + len(group)].detach().float().cpu().clone()
+        start += len(group)
+    return tensors, {BUNDLE_METADATA: json.dumps({k: list(v) for k, v in new.abstractions.items()})}
+
+
+def unbundle(path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]):
+    """Takes bundled embeddings out of a LoRA file's tensors (in place); returns (rows, NewTokens), or None when the
+    file bundles none. The tokens are the recorded ones when they fit, else <s0>… in the bundle's order."""
+    found: dict[str, dict[str, torch.Tensor]] = {}
+    for name in [k for k in tensors if k.startswith(BUNDLE_PREFIX)]:
+        abstraction, _, key = name[len(BUNDLE_PREFIX):].rpartition(".")
+        if key not in ENCODER_KEYS or not abstraction:
+            raise AdapterFileError(f"{path}: bundled embedding {name!r} is neither a clip_l nor a clip_g tensor")
+        found.setdefault(abstraction, {})[key] = tensors.pop(name)
+    if not found:
+        return None
+    for abstraction, parts in found.items():
+        shapes = [tuple(parts[k].shape) if k in parts else None for k in ENCODER_KEYS]
+        if None in shapes or len(shapes[0]) != 2 or len(shapes[1]) != 2 or shapes[0][0] != shapes[1][0]:
+            raise AdapterFileError(f"{path}: bundled embedding {abstraction!r} needs clip_l and clip_g rows, "
+                                   f"alike in number (has {shapes})")  # fmt: skip
+    try:
+        recorded = {k: tuple(v) for k, v in json.loads(metadata.get(BUNDLE_METADATA, "{}")).items()}
+    except (ValueError, AttributeError, TypeError):
+        recorded = {}
+    if set(recorded) != set(found) or any(len(recorded[a]) != found[a]["clip_l"].shape[0] for a in found):
+        count = iter(range(sum(parts["clip_l"].shape[0] for parts in found.values())))
+        recorded = {a: tuple(f"<s{next(count)}>" for _ in range(parts["clip_l"].shape[0])) for a, parts in found.items()}
+    order = list(recorded)
+    rows = {key: torch.cat([found[a][key].float() for a in order]) for key in ENCODER_KEYS}
+    return rows, NewTokens(recorded)
+
+
 def load_embeddings(pipe, path: str | Path) -> NewTokens:
     """Installs an embedding file's tokens into an SDXL pipeline (its tokenizers replaced by copies that know them)."""
     rows, new = read_embeddings(path)
+    install_into(pipe, rows, new)
+    return new
+
+
+def install_into(pipe, rows: dict[str, torch.Tensor], new: NewTokens) -> None:
+    """``rows`` as ``new``'s tokens in an SDXL pipeline, in place of any it had (its tokenizers become copies that
+    know the tokens; ``unload_embeddings`` gives back its own)."""
+    unload_embeddings(pipe)
     pipe.tokenizer, pipe.tokenizer_2 = install([pipe.tokenizer, pipe.tokenizer_2],
                                                [pipe.text_encoder, pipe.text_encoder_2], new, rows)  # fmt: skip
-    return new
 
 
 def unload_embeddings(pipe) -> None:

@@ -22,7 +22,8 @@ import torch
 from torch import nn
 
 from .adapter import AdapterConfig, MoSLoRALinear, mix
-from .errors import AdapterError, AdapterFileError, AdapterMismatchError
+from .embeddings import NewTokens, bundle, read_embeddings, unbundle
+from .errors import AdapterFileError, AdapterMismatchError
 from .safe_files import read_header, read_json_field, read_safetensors, write_safetensors
 from .sdxl import COMPONENTS
 from .surgery import adapter_layers
@@ -80,6 +81,11 @@ class AdapterFile:
     layers: dict[str, dict[str, LayerWeights]]  # component → module path → weights
     config: AdapterConfig  # the adapter's settings (rank/alpha of its first layer for plain LoRA files)
     metadata: dict[str, str]
+    embeddings: tuple[dict[str, torch.Tensor], NewTokens] | None = None  # pivotal tuning's rows and their tokens
+
+    def rewrite(self, prompt: str) -> str:
+        """A prompt in the adapter's new tokens (``TOK`` → ``<s0><s1>``); unchanged when it has none."""
+        return self.embeddings[1].rewrite(prompt) if self.embeddings else prompt
 
 
 @dataclass
@@ -427,22 +433,35 @@ def save_adapter(
     formats=FORMATS,
     base_model: str | None = None,
     training: dict | None = None,
+    embeddings: tuple[dict[str, torch.Tensor], NewTokens] | None = None,
 ) -> dict[str, Path]:
-    """Writes the adapter carried by ``components`` in each requested format; returns the paths."""
+    """Writes the adapter carried by ``components`` in each requested format (the kohya file bundling
+    ``embeddings``, pivotal tuning's rows and tokens, when given); returns the paths."""
     unknown = [f for f in formats if f not in FILE_NAMES]
     if unknown:
         raise AdapterFileError(f"unknown output format {unknown[0]!r}: choose from {', '.join(FORMATS)}")
     config, entries = live_entries(components)
     # Build every file's tensors before writing any, so a naming error writes nothing.
-    states = {fmt: FORMAT_CLASSES[fmt].write(config, entries, base_model, training) for fmt in formats}
+    states = {fmt: file_state(fmt, config, entries, base_model, training, embeddings) for fmt in formats}
     return {fmt: write_safetensors(Path(output_dir) / FILE_NAMES[fmt], *state) for fmt, state in states.items()}
 
 
 def write_adapter_file(path: str | os.PathLike, fmt: str, config: AdapterConfig, entries: list[Entry],
-                       base_model: str | None = None, training: dict | None = None, extra: dict | None = None) -> Path:  # fmt: skip
+                       base_model: str | None = None, training: dict | None = None, extra: dict | None = None,
+                       embeddings=None) -> Path:  # fmt: skip
     """One file of the given format from entries (e.g. layers read from other files), with extra metadata."""
-    tensors, metadata = FORMAT_CLASSES[fmt].write(config, entries, base_model, training)
+    tensors, metadata = file_state(fmt, config, entries, base_model, training, embeddings)
     return write_safetensors(path, tensors, {**metadata, **(extra or {})})
+
+
+def file_state(fmt: str, config, entries: list[Entry], base_model, training, embeddings) -> tuple[dict, dict]:
+    """A file's tensors and metadata; the kohya file bundles pivotal tuning's embeddings (``embeddings.bundle``),
+    which the other formats leave to the ``_emb`` file beside them (stock diffusers refuses keys it does not know)."""
+    tensors, metadata = FORMAT_CLASSES[fmt].write(config, entries, base_model, training)
+    if embeddings is not None and fmt == "kohya":
+        bundled, described = bundle(*embeddings)
+        tensors, metadata = {**tensors, **bundled}, {**metadata, **described}
+    return tensors, metadata
 
 
 def detect_format(names, metadata: dict[str, str]) -> str | None:
@@ -457,6 +476,7 @@ def read_adapter(path: str | os.PathLike, components: dict[str, nn.Module] | Non
     components (None) the layers keep the file's own names, unchecked against any model.
     """
     tensors, metadata = read_safetensors(path)
+    embeddings = unbundle(path, tensors, metadata) or companion_embeddings(path, metadata)
     fmt = detect_format(tensors, metadata)
     if fmt is None:
         first = next(iter(tensors), "<none>")
@@ -469,7 +489,27 @@ def read_adapter(path: str | os.PathLike, components: dict[str, nn.Module] | Non
     if config is None:  # a plain LoRA: its settings are those of its first layer
         first = next(iter(next(iter(layers.values())).values()))
         config = AdapterConfig(first.rank, first.alpha, "none", "identity")
-    return AdapterFile(fmt, layers, config, metadata)
+    return AdapterFile(fmt, layers, config, metadata, embeddings)
+
+
+def companion_embeddings(path: str | os.PathLike, metadata: dict[str, str]):
+    """The embeddings file beside an adapter trained with new tokens (its ``embeddings_file``, else the one
+    ``*_emb.safetensors`` there), read and checked to hold the tokens the adapter records; None without new tokens."""
+    training = read_json_field(metadata, "training")
+    tokens = training.get("new_tokens")
+    if not tokens:
+        return None
+    folder = Path(path).parent
+    named = training.get("embeddings_file")
+    candidates = [folder / Path(named).name] if isinstance(named, str) else sorted(folder.glob("*_emb.safetensors"))
+    if len(candidates) != 1 or not candidates[0].is_file():
+        raise AdapterFileError(f"{path}: it was trained with new tokens {''.join(map(str, tokens))}, but their "
+                               f"embeddings file ({named or '*_emb.safetensors'}) is not beside it")  # fmt: skip
+    rows, new = read_embeddings(candidates[0])
+    if new.tokens != list(tokens):
+        raise AdapterFileError(f"{candidates[0]}: holds tokens {''.join(new.tokens)}, the adapter was trained with "
+                               f"{''.join(map(str, tokens))}")  # fmt: skip
+    return rows, new
 
 
 def _check_fits(path, layers, components) -> None:

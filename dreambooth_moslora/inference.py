@@ -9,6 +9,7 @@ from pathlib import Path
 
 from torch import nn
 
+from .embeddings import check_rows, install_into, unload_embeddings
 from .errors import AdapterMismatchError
 from .formats import AdapterFile, build_layers, copy_weights, read_adapter, recorded
 from .safe_files import base_sha256
@@ -22,15 +23,15 @@ def pipeline_components(pipe) -> dict[str, nn.Module]:
 
 
 def load_adapter_into(
-    components: dict[str, nn.Module], path: str | os.PathLike, scale: float = 1.0, fuse: bool = False
+    components: dict[str, nn.Module], path: str | os.PathLike | AdapterFile, scale: float = 1.0, fuse: bool = False
 ) -> AdapterFile:
-    """Loads a native, diffusers or kohya file into the models, replacing any adapter they carry.
+    """Loads a native, diffusers or kohya file (or one already read) into the models, replacing any adapter they carry.
 
     The file is read and checked against every layer before anything changes, so a bad or
     mismatched file leaves the models as they were. Native files come back as live,
     trainable MoSLoRA layers; the other formats as plain LoRA layers (mixer folded in).
     """
-    adapter = read_adapter(path, components)
+    adapter = path if isinstance(path, AdapterFile) else read_adapter(path, components)
     layers = build_layers(adapter, components)
     for model in components.values():
         remove_adapter(model)
@@ -44,16 +45,24 @@ def load_adapter_into(
 
 
 def load_adapter(pipe, path: str | os.PathLike, scale: float = 1.0, fuse: bool = False,
-                 base: str | os.PathLike | None = None) -> AdapterFile:
+                 base: str | os.PathLike | None = None, check_base: bool = True) -> AdapterFile:
     """``load_adapter(pipe, "out/moslora_adapter.safetensors")``: any of the three formats, live or fused.
 
-    ``base`` is where the pipeline's weights came from (by default the path it was loaded from, a folder or a
-    checkpoint file); when the adapter records another base's sha256, a warning says so: the layers fit any SDXL,
-    but an adapter drawn on a base it was not trained on looks off.
+    Pivotal tuning's new tokens come too (bundled in a kohya file, or the ``_emb`` file beside the others): write
+    them in prompts, or the abstraction they stand for through ``adapter.rewrite(prompt)``. ``base`` is where the
+    pipeline's weights came from (by default the path it was loaded from, a folder or a checkpoint file); when the
+    adapter records another base's sha256, a warning says so: the layers fit any SDXL, but an adapter drawn on a
+    base it was not trained on looks off.
     """
-    adapter = load_adapter_into(pipeline_components(pipe), path, scale=scale, fuse=fuse)
+    adapter = read_adapter(path, pipeline_components(pipe))
+    if adapter.embeddings:  # checked before anything changes
+        check_rows([pipe.text_encoder, pipe.text_encoder_2], adapter.embeddings[1], adapter.embeddings[0])
+    load_adapter_into(pipeline_components(pipe), adapter, scale=scale, fuse=fuse)
+    unload_embeddings(pipe)
+    if adapter.embeddings:
+        install_into(pipe, *adapter.embeddings)
     base = base if base is not None else pipe.config.get("_name_or_path")
-    line = base_mismatch(recorded(adapter.metadata), base, Path(path).name) if base else None
+    line = base_mismatch(recorded(adapter.metadata), base, Path(path).name) if base and check_base else None
     if line:
         warnings.warn(line, stacklevel=2)
     return adapter
@@ -71,7 +80,8 @@ def base_mismatch(record: dict, base: str | os.PathLike, adapter_name: str) -> s
 
 
 def unload_adapter(pipe) -> int:
-    """Takes the adapter out again (live or fused); returns how many layers were restored."""
+    """Takes the adapter (live or fused) and its new tokens out again; returns how many layers were restored."""
+    unload_embeddings(pipe)
     return sum(remove_adapter(model) for model in pipeline_components(pipe).values())
 
 

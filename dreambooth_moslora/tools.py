@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from .adapter import AdapterConfig
+from .embeddings import save_embeddings
 from .errors import AdapterError, AdapterFileError, AdapterMismatchError, MosloraError
 from .formats import AdapterFile, LayerWeights, file_entries, read_adapter, recorded, write_adapter_file
 from .safe_files import atomic_path, read_header, read_json_field, sha256_of
@@ -129,6 +130,7 @@ def inspect(loaded: Loaded) -> dict:
         "operation": read_json_field(metadata, "moslora_operation") or None,
         "delta_norm_by_block": {k: v**0.5 for k, v in sorted(blocks.items())},
         "delta_norm": sum(blocks.values()) ** 0.5,
+        "new_tokens": dict(adapter.embeddings[1].abstractions) if adapter.embeddings else None,
     }
 
 
@@ -146,17 +148,32 @@ def convert(loaded: Loaded, fmt: str, output: Path) -> Path:
     """The same adapter in another format: exact (ΔW to float rounding); plain LoRA becomes native with M = I."""
     refuse_overwriting(output, [loaded.path])
     record = recorded(loaded.adapter.metadata)
+    training = {**record["training"], **carry_embeddings(loaded.adapter, fmt, output)}
     return _write(output, fmt, loaded.adapter.layers, loaded.adapter.config, loaded.components, record["base_model"],
-                  record["training"], provenance("convert", [loaded.path], to=fmt))  # fmt: skip
+                  training, provenance("convert", [loaded.path], to=fmt), loaded.adapter.embeddings)  # fmt: skip
+
+
+def carry_embeddings(adapter: AdapterFile, fmt: str, output: Path) -> dict:
+    """Pivotal tuning's embeddings go where the new file will find them: bundled in a kohya file, else written as
+    ``<output>_emb.safetensors`` beside it; returns what the new file's settings then record."""
+    if not adapter.embeddings:
+        return {}
+    rows, new = adapter.embeddings
+    if fmt == "kohya":
+        return {"new_tokens": new.tokens}
+    companion = output.with_name(f"{output.stem}_emb.safetensors")
+    save_embeddings(companion, rows, new)
+    return {"new_tokens": new.tokens, "embeddings_file": companion.name}
 
 
 def _write(output: Path, fmt: str, layers: dict, config: AdapterConfig, components: dict, base_model, training,
-           extra: dict) -> Path:  # fmt: skip
+           extra: dict, embeddings=None) -> Path:  # fmt: skip
     """Layers in any format; a plain LoRA written as native gets M = I."""
     if fmt == "native" and config.mixer == "none":
         layers = {c: {p: as_plain_native(w) for p, w in by_path.items()} for c, by_path in layers.items()}
         config = replace(config, mixer="learned", mixer_init="identity")
-    return write_adapter_file(output, fmt, config, file_entries(layers, components), base_model, training, extra)
+    return write_adapter_file(output, fmt, config, file_entries(layers, components), base_model, training, extra,
+                              embeddings)  # fmt: skip
 
 
 # ---------------------------------------------------------------- resize (and merge's compression)
@@ -198,7 +215,7 @@ def resize(loaded: Loaded, output: Path, fmt: str, rank: int | None = None, ener
     layers, errors = _truncate_all(loaded.adapter.layers, rank, energy)
     settings = {"rank": rank} if rank is not None else {"energy": energy}
     _write_plain(output, fmt, layers, loaded.components, recorded(loaded.adapter.metadata)["base_model"],
-                 provenance("resize", [loaded.path], **settings))  # fmt: skip
+                 provenance("resize", [loaded.path], **settings), loaded.adapter, output)  # fmt: skip
     return errors
 
 
@@ -217,11 +234,14 @@ def _truncate_all(layers: dict, rank: int | None, energy: float | None) -> tuple
     return resized, errors
 
 
-def _write_plain(output: Path, fmt: str, layers: dict, components: dict, base_model, extra: dict) -> Path:
-    """Plain-LoRA layers (α = rank) in any format."""
+def _write_plain(output: Path, fmt: str, layers: dict, components: dict, base_model, extra: dict,
+                 source: AdapterFile | None = None, to: Path | None = None) -> Path:  # fmt: skip
+    """Plain-LoRA layers (α = rank) in any format, with the new tokens of the ``source`` adapter, if any."""
     first = next(iter(next(iter(layers.values())).values()))
     config = AdapterConfig(rank=first.rank, alpha=float(first.rank), mixer="none", mixer_init="identity")
-    return _write(output, fmt, layers, config, components, base_model, None, extra)
+    training = carry_embeddings(source, fmt, to) if source else None
+    return _write(output, fmt, layers, config, components, base_model, training or None, extra,
+                  source.embeddings if source else None)  # fmt: skip
 
 
 # ---------------------------------------------------------------- merge
@@ -241,6 +261,10 @@ def merge(inputs: list[Loaded], weights: list[float], output: Path, fmt: str, ra
     if not force and (len(bases) > 1 or len(hashes) > 1):
         named = ", ".join(sorted(bases)) if len(bases) > 1 else f"{next(iter(bases), '?')} with different weights"
         raise AdapterMismatchError(f"the files were trained on different base models: {named} (--force merges anyway)")
+    with_tokens = [i for i in inputs if i.adapter.embeddings]
+    if len(with_tokens) > 1:
+        raise AdapterError(f"{', '.join(i.path.name for i in with_tokens)} each carry new tokens (pivotal tuning), "
+                           "whose names clash: merge the adapters of one of them at most")  # fmt: skip
     merged: dict[str, dict[str, LayerWeights]] = {}
     for loaded, w in zip(inputs, weights):
         for component, by_path in loaded.adapter.layers.items():
@@ -254,7 +278,8 @@ def merge(inputs: list[Loaded], weights: list[float], output: Path, fmt: str, ra
             raise AdapterError(f"--rank must be at least 1, got {rank}")
         layers, errors = _truncate_all(layers, rank, None)
     extra = provenance("merge", paths, weights=weights, **({"rank": rank} if rank is not None else {}))
-    _write_plain(output, fmt, layers, inputs[0].components, bases.pop() if bases else None, extra)
+    _write_plain(output, fmt, layers, inputs[0].components, bases.pop() if bases else None, extra,
+                 with_tokens[0].adapter if with_tokens else None, output)  # fmt: skip
     return errors
 
 

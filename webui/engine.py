@@ -26,10 +26,9 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from dreambooth_moslora.errors import AdapterError, AdapterFileError, RequestError
-from dreambooth_moslora.formats import summarize
+from dreambooth_moslora.formats import AdapterFile, summarize
 from dreambooth_moslora.single_file import SDXL_BASE_CONFIG, file_pipeline, is_sdxl_checkpoint, is_single_file
-from dreambooth_moslora.inference import (base_mismatch, load_adapter_into, pipeline_components, sampling_config,
-                                         set_scale, unload_adapter)
+from dreambooth_moslora.inference import base_mismatch, load_adapter, sampling_config, set_scale, unload_adapter
 from dreambooth_moslora.safe_files import atomic_path, save_image, sha256_of
 
 SCHEDULERS = ("Euler", "Euler a", "DPM++ 2M", "DDIM")
@@ -142,6 +141,15 @@ def _same_folder(a: str, b: str) -> bool:
         return False
 
 
+def unused_tokens(adapter: AdapterFile, prompt: str) -> str | None:
+    """A line when a prompt names none of an adapter's new tokens (nor what they stand for), else None."""
+    new = adapter.embeddings[1]
+    if missing := new.missing_from(prompt):
+        words = ", ".join(f"{name} ({''.join(new.abstractions[name])})" for name in missing)
+        return f"the prompt does not mention {words}: the adapter's subject is named by its new tokens"
+    return None
+
+
 def file_hash(path: Path) -> str:
     return sha256_of(path)[:12]
 
@@ -203,6 +211,7 @@ class Engine:
         self._pipe_id: str | None = None
         self._scheduler_config = None
         self._loaded: tuple | None = None  # (path, mtime) of the adapter now in the pipeline
+        self._adapter: AdapterFile | None = None  # and the adapter itself
         self._hashes: dict[tuple, str] = {}
 
     # ---- adapters
@@ -317,20 +326,22 @@ class Engine:
         pipe.scheduler = classes[name].from_config(sampling_config(self._scheduler_config, schedule or {}))
         return 0.7 if pipe.scheduler.config.get("rescale_betas_zero_snr") else 0.0
 
-    def _use_adapter(self, pipe, path: Path | None, scale: float) -> None:
-        """Puts the adapter in the pipeline (live, so that taking it out restores the base exactly)."""
+    def _use_adapter(self, pipe, path: Path | None, scale: float) -> AdapterFile | None:
+        """Puts the adapter and its new tokens in the pipeline (live, so that taking it out restores the base
+        exactly); returns it, for its prompt rewriting."""
         key = None if path is None else (str(path), path.stat().st_mtime_ns)
         if key != self._loaded:
             unload_adapter(pipe)
-            self._loaded = None
+            self._loaded, self._adapter = None, None
             if path is not None:
                 try:
-                    load_adapter_into(pipeline_components(pipe), path, scale=scale)  # base warned of per image
+                    self._adapter = load_adapter(pipe, path, scale=scale, check_base=False)  # warned of per image
                 except AdapterError as exc:
                     raise RequestError(str(exc)) from None
                 self._loaded = key
         elif path is not None:
             set_scale(pipe, scale)
+        return self._adapter if path is not None else None
 
     # ---- generation
 
@@ -375,12 +386,15 @@ class Engine:
                 warnings = {v.id: w for v in variants if v and (w := base_mismatch(v.info, model_id, v.id))}
                 for variant in variants:
                     rescale = self._use_scheduler(pipe, r.scheduler, variant.info.get("noise_schedule") if variant else None)
-                    self._use_adapter(pipe, variant.path if variant else None, r.scale)
+                    adapter = self._use_adapter(pipe, variant.path if variant else None, r.scale)
+                    prompt = adapter.rewrite(r.prompt) if adapter else r.prompt  # pivotal tuning's TOK → <s0><s1>
+                    if adapter and adapter.embeddings and (unused := unused_tokens(adapter, r.prompt)):
+                        warnings[variant.id] = "; ".join(filter(None, (warnings.get(variant.id), unused)))
                     for i in range(r.num_images):
                         done = len(results) * r.steps
                         on_step = self._step_callback(progress, done, total, variant.id if variant else "base model", started)
                         image = pipe(
-                            prompt=r.prompt, negative_prompt=r.negative_prompt or None, num_inference_steps=r.steps,
+                            prompt=prompt, negative_prompt=r.negative_prompt or None, num_inference_steps=r.steps,
                             guidance_scale=r.guidance, guidance_rescale=rescale, width=r.width, height=r.height,
                             generator=torch.Generator("cpu").manual_seed(seed + i), callback_on_step_end=on_step,
                         ).images[0]  # fmt: skip

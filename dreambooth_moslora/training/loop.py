@@ -109,10 +109,10 @@ def train(args) -> Path:
     accelerator.wait_for_everyone()
     if main:
         settings = run_settings(args, plan.max_steps, base.noise_scheduler.config, last_loss, instance_images, class_images)
-        files = save_adapter(output_dir, components, formats=args.output_formats, base_model=args.pretrained_model_name_or_path,
-                             training=settings)  # fmt: skip
-        if pivotal:
-            files["embeddings"] = pivotal.save(embeddings_file(output_dir))
+        embeddings = {"embeddings": pivotal.save(embeddings_file(output_dir))} if pivotal else {}  # read beside them
+        files = save_adapter(output_dir, components, formats=args.output_formats, training=settings,
+                             base_model=args.pretrained_model_name_or_path,
+                             embeddings=pivotal.as_embeddings() if pivotal else None) | embeddings
         grid = validate(output_dir / "validation.png") if validate else None
         write_model_card(output_dir, settings, files, grid)
         logger.info("done: %d steps in %.1f s, final loss %.4f; adapters in %s", global_step, time.perf_counter() - started,
@@ -133,7 +133,8 @@ def run_settings(args, max_steps: int, schedule, last_loss: float, instance_imag
                     rescale_betas_zero_snr=bool(schedule.get("rescale_betas_zero_snr")), final_loss=last_loss,
                     num_train_images=len(instance_images), num_class_images=len(class_images))
     if args.train_text_encoder_ti:  # what the files' prompts now hold in place of the abstraction
-        settings.update(new_tokens=NewTokens.plan(args.token_abstraction, args.num_new_tokens_per_abstraction).tokens)
+        settings.update(new_tokens=NewTokens.plan(args.token_abstraction, args.num_new_tokens_per_abstraction).tokens,
+                        embeddings_file=embeddings_file(Path(args.output_dir)).name)
     return settings
 
 

@@ -47,6 +47,10 @@ def write_model_card(output_dir: Path, settings: dict, files: dict[str, Path], g
         "embeddings": "pivotal tuning's new tokens (clip_l, clip_g): load them with the LoRA, and write the tokens "
                       "in prompts as the example does",
     }
+    if settings.get("new_tokens"):
+        abstractions = " or ".join(f"`{a.strip()}`" for a in str(settings.get("token_abstraction", "")).split(","))
+        descriptions["kohya"] += (f"; it bundles the new tokens' embeddings, which AUTOMATIC1111 and Forge draw where a "
+                                  f"prompt says {abstractions} (in ComfyUI load the `_emb` file as an embedding)")
     lines += [f"- `{name}` — {descriptions[fmt]}" for fmt, name in names.items()]
     if "diffusers" in names:
         lines += [

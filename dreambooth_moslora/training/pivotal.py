@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..embeddings import NewTokens, TokenRows, install, read_embeddings, save_embeddings
+from ..embeddings import ENCODER_KEYS, NewTokens, TokenRows, install, read_embeddings, save_embeddings
 from ..errors import TrainingError
 from ..runtime import seeded_generator
 
@@ -57,6 +57,10 @@ class Pivotal:
 
         lr_scheduler.lr_lambdas[group] = gated
 
+    def as_embeddings(self) -> tuple[dict, NewTokens]:
+        """The rows by encoder key and their tokens, as adapter files bundle them."""
+        return {key: module.rows.detach() for key, module in zip(ENCODER_KEYS, self.modules)}, self.new
+
     def save(self, path: Path) -> Path:
         return save_embeddings(path, self.modules, self.new)
 
@@ -65,7 +69,7 @@ class Pivotal:
 
         rows, _ = read_embeddings(path)
         with torch.no_grad():
-            for module, key in zip(self.modules, ("clip_l", "clip_g")):
+            for module, key in zip(self.modules, ENCODER_KEYS):
                 module.rows.copy_(rows[key].to(module.rows.dtype))
 
 

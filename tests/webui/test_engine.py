@@ -258,6 +258,30 @@ def test_an_adapter_used_on_another_base_than_it_records_is_warned_about(world, 
     assert f"(AutoV2 {own[:10].upper()})" in warning
 
 
+def test_an_adapters_new_tokens_stand_for_its_abstraction_in_prompts(world, tmp_path):
+    from dreambooth_moslora.embeddings import NewTokens
+
+    pipe = build_tiny_sdxl(seed=0)
+    components = pipeline_components(pipe)
+    inject_components(components, AdapterConfig(rank=4))
+    randomize_adapter_(components, seed=4, std=0.2)
+    new = NewTokens.plan("TOK", 2)
+    widths = [pipe.text_encoder.config.hidden_size, pipe.text_encoder_2.config.hidden_size]
+    rows = {key: torch.randn(2, width, generator=torch.Generator().manual_seed(5)) for key, width in
+            zip(("clip_l", "clip_g"), widths)}  # fmt: skip
+    save_adapter(tmp_path / "adapters" / "pet", components, formats=["kohya"], embeddings=(rows, new))
+    engine = Engine(tmp_path / "adapters", demo_model=str(world["model"]), output_dir=tmp_path / "images")
+    adapter = ["pet/pytorch_lora_weights_kohya.safetensors"]
+    by_name, by_tokens, without = (engine.generate(Request(prompt=p, adapters=adapter, **SMALL))[0]
+                                   for p in ("a photo of TOK", "a photo of <s0><s1>", "a photo of a circle"))
+    assert np.array_equal(pixels(by_name), pixels(by_tokens))  # TOK is written as its tokens
+    assert not np.array_equal(pixels(by_name), pixels(without))
+    assert "warning" not in by_name.parameters and "warning" not in by_tokens.parameters
+    assert without.parameters["warning"].startswith("the prompt does not mention TOK (<s0><s1>)")
+    base = engine.generate(Request(prompt="a photo of TOK", **SMALL))[0]  # the tokens leave with the adapter
+    assert len(engine.pipeline(str(world["model"])).tokenizer) == len(pipe.tokenizer) and "warning" not in base.parameters
+
+
 def test_an_adapter_trained_with_v_prediction_and_zero_terminal_snr_samples_with_them(world, tmp_path, monkeypatch):
     from diffusers import StableDiffusionXLPipeline
 

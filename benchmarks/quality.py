@@ -29,6 +29,9 @@ world's attribute classifier:
   class as base        share of those images with the shape, colour and background the base model drew
                        from the same noise: the class's variety kept, not only its kind
 
+--variants where compares where the subject's word is learned: text-encoder adapters (lora, moslora-kaiming),
+pivotal tuning's new tokens (lora-pivotal, moslora-pivotal) or nowhere (lora-unet-only, moslora-unet-only).
+
 Behind --variants, the knobs Adam is not invariant to and masked loss: moslora-mixer-lr10 (the mixer at
 10× the learning rate), lora-kaiming-a and moslora-kaiming-a (A kaiming-uniform, as nn.Linear, instead
 of the trainer's default Gaussian with std 1/r), lora-rank16 and moslora-rank16 (α scaled with the rank), lora-unmasked and
@@ -67,6 +70,14 @@ class Variant:
     colour: tuple[int, int, int]
     masked: bool = True
     default: bool = False
+    text_encoder: bool = True  # adapters on the text encoders when --train_text_encoder is on
+
+
+def pivotal(mixer: str) -> Callable[[argparse.Namespace], list[str]]:
+    """Pivotal tuning: new tokens for "sks" (learned at the text encoders' rate for half the steps) and the UNet's
+    adapter; no text-encoder adapters."""
+    return lambda a: ["--mixer", mixer, "--train_text_encoder_ti", "--token_abstraction", "sks",
+                      "--text_encoder_lr", str(a.text_encoder_lr)]  # fmt: skip
 
 
 VARIANTS = {
@@ -84,7 +95,16 @@ VARIANTS = {
                               (130, 40, 20)),  # fmt: skip
     "lora-unmasked": Variant(lambda a: ["--mixer", "none"], (170, 50, 200), masked=False),
     "moslora-unmasked": Variant(lambda a: ["--mixer", "learned", "--mixer_init", "kaiming"], (0, 170, 170), masked=False),
+    # where the subject's word is learned: text-encoder adapters (above), pivotal tuning's new tokens, or nowhere
+    "lora-unet-only": Variant(lambda a: ["--mixer", "none"], (120, 80, 40), text_encoder=False),
+    "moslora-unet-only": Variant(lambda a: ["--mixer", "learned", "--mixer_init", "kaiming"], (200, 140, 80),
+                                 text_encoder=False),  # fmt: skip
+    "lora-pivotal": Variant(pivotal("none"), (60, 60, 160), text_encoder=False),
+    "moslora-pivotal": Variant(pivotal("learned"), (120, 120, 255), text_encoder=False),
 }
+# issue 26's comparison: subject fidelity and class variety by where the word is learned, with and without the mixer
+WHERE_THE_WORD_IS_LEARNED = ["lora", "moslora-kaiming", "lora-pivotal", "moslora-pivotal", "lora-unet-only",
+                             "moslora-unet-only"]  # fmt: skip
 DEFAULT_VARIANTS = [name for name, v in VARIANTS.items() if v.default]
 # Student's t for a two-sided 95% interval, by degrees of freedom (paired differences over n seeds: n − 1).
 T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
@@ -144,10 +164,11 @@ class Evaluation:
         self.base_variety = self._variety(pipe, classifier)
         return {**self._metrics(found), "class_tv": 0.0}
 
-    def measure(self, pipe, classifier, final: bool = False) -> dict:
-        """The measures of an adapter now in the pipeline; with ``final``, the class's variety too: the total-variation
-        distance between its shapes and colours and the base model's from the same noise (toyworld.recipe)."""
-        metrics = self._metrics(self._classify(pipe, classifier))
+    def measure(self, pipe, classifier, final: bool = False, rewrite=lambda prompt: prompt) -> dict:
+        """The measures of an adapter now in the pipeline (its prompts through ``rewrite``: pivotal tuning's tokens);
+        with ``final``, the class's variety too: the total-variation distance between its shapes and colours and the
+        base model's from the same noise (toyworld.recipe)."""
+        metrics = self._metrics(self._classify(pipe, classifier, rewrite))
         if final and self.variety_seeds:
             from toyworld.recipe import class_variety
 
@@ -162,10 +183,10 @@ class Evaluation:
         return {bg: classify(classifier, generate(pipe, [f"{CLASS_PROMPT} on a {bg} background"] * self.variety_seeds,
                                                   seed=self.seed, steps=self.sample_steps)) for bg in NEW_BACKGROUNDS}  # fmt: skip
 
-    def _classify(self, pipe, classifier) -> list[dict]:
+    def _classify(self, pipe, classifier, rewrite=lambda prompt: prompt) -> list[dict]:
         from toyworld.classifier import classify, generate
 
-        texts = [p for p, _ in self.subject_prompts] + [p for p, _ in self.class_prompts]
+        texts = [rewrite(p) for p, _ in self.subject_prompts] + [rewrite(p) for p, _ in self.class_prompts]
         return classify(classifier, generate(pipe, texts, seed=self.seed, steps=self.sample_steps))
 
     def _metrics(self, found: list[dict]) -> dict:
@@ -189,7 +210,8 @@ def train_one(out: Path, variant: str, seed: int, s: dict, args, class_dir: Path
     masked = args.masked_loss and VARIANTS[variant].masked
     argv = toy_dreambooth_argv(ASSETS / "subject", out, s["steps"], args.learning_rate, args.rank, args.lora_alpha, seed,
                                class_dir if args.with_prior_preservation else None,
-                               args.text_encoder_lr if args.train_text_encoder else None, SUBJECT_MASKS if masked else None,
+                               args.text_encoder_lr if args.train_text_encoder and VARIANTS[variant].text_encoder else None,
+                               SUBJECT_MASKS if masked else None,
                                num_class_images=args.num_class_images, prior_loss_weight=args.prior_loss_weight)  # fmt: skip
     train(parse_args([*argv, *variant_flags(variant, args), "--checkpointing_steps", str(s["eval_every"]), "--output_formats", "native"]))
 
@@ -265,7 +287,8 @@ def options(argv) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="2 seeds, 40 steps, few images (for the test)")
     parser.add_argument("--seeds", type=int, help="override the number of seeds")
     parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
-                        help="comma-separated, from " + ", ".join(VARIANTS) + " (default: the first four)")
+                        help="comma-separated, from " + ", ".join(VARIANTS) + " (default: the first four); 'where' "
+                             "for " + ", ".join(WHERE_THE_WORD_IS_LEARNED))  # fmt: skip
     parser.add_argument("--learning_rate", type=float, default=TOY_TRAINING["learning_rate"])
     parser.add_argument("--rank", type=int, default=TOY_TRAINING["rank"])
     parser.add_argument("--lora_alpha", type=float, default=TOY_TRAINING["lora_alpha"])
@@ -281,7 +304,8 @@ def options(argv) -> argparse.Namespace:
                         help="the loss on the subject's pixels only, assets/subject_masks (the demo's setting)")
     parser.add_argument("--output_dir", type=Path, default=ROOT / "outputs" / "quality")
     args = parser.parse_args(argv)
-    args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    args.variants = [v.strip() for v in args.variants.replace("where", ",".join(WHERE_THE_WORD_IS_LEARNED)).split(",")
+                     if v.strip()]  # fmt: skip
     if unknown := [v for v in args.variants if v not in VARIANTS]:
         parser.error(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
     return args
@@ -300,8 +324,8 @@ def train_and_measure(args, s: dict, pipe, classifier, evaluation: Evaluation) -
             run_started = time.perf_counter()
             train_one(out, variant, seed, s, args, out_root / "class_images")
             for step, path in adapter_files(out, s["steps"]).items():
-                load_adapter(pipe, path)
-                m = evaluation.measure(pipe, classifier, final=step == s["steps"])
+                adapter = load_adapter(pipe, path)  # with pivotal tuning's tokens, which "sks" is rewritten as
+                m = evaluation.measure(pipe, classifier, final=step == s["steps"], rewrite=adapter.rewrite)
                 unload_adapter(pipe)
                 results[variant]["by_step"].setdefault(step, []).append(m)
             results[variant]["loss"].append(read_loss(out))

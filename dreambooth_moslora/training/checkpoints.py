@@ -70,9 +70,10 @@ def register_adapter_hooks(accelerator, components: dict, base_model: str, pivot
 
     def save_hook(models, weights, folder):
         if accelerator.is_main_process:
-            save_adapter(folder, components, formats=["native"], base_model=base_model)
-            if pivotal is not None:
+            if pivotal is not None:  # before the adapter, which names it: load_adapter finds the tokens there
                 pivotal.save(Path(folder) / EMBEDDINGS_FILE)
+            tokens = {"new_tokens": pivotal.new.tokens, "embeddings_file": EMBEDDINGS_FILE} if pivotal else None
+            save_adapter(folder, components, formats=["native"], base_model=base_model, training=tokens)
         weights.clear()
 
     def load_hook(models, folder):

@@ -388,7 +388,8 @@ class KohyaFormat:
             "modelspec.architecture": "stable-diffusion-xl-v1-base/lora",
             "modelspec.sai_model_spec": "1.0.0",
         }
-        metadata.update({f"ss_{key}": str(value) for key, value in (training or {}).items()})
+        metadata.update({f"ss_{key}": json.dumps(value) if isinstance(value, (dict, list)) else str(value)
+                         for key, value in (training or {}).items()})  # fmt: skip
         if training and training.get("base_model_sha256"):  # the base's hashes, under sd-scripts' names
             metadata["ss_new_sd_model_hash"] = training["base_model_sha256"]
             metadata.update({"ss_sd_model_hash": training["base_model_legacy_hash"]}

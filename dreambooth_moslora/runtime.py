@@ -18,6 +18,7 @@ BATCH_ORDER = -1  # the order of an epoch's batches, per (seed, epoch)
 CLASS_IMAGE_NOISE = -2  # the starting noise of class image i, per (seed, i)
 LOADER_WORKERS = -3  # the seeds a data loader hands its workers, per (epoch)
 IMAGE_NOISE = -4  # the starting noise of generated image i (samples, evaluations), per (seed, i)
+CAPTIONS = -5  # caption dropout and tag shuffling, per (seed, epoch, stream, 0 instance | 1 class, index)
 
 
 def seed_from(*numbers: int) -> int:

@@ -24,7 +24,7 @@ import torch
 from PIL import Image, ImageOps
 
 from ..errors import DataError
-from ..runtime import BATCH_ORDER, CLASS_IMAGE_NOISE, CROP_AND_FLIP, LOADER_WORKERS, seeded_generator
+from ..runtime import BATCH_ORDER, CAPTIONS, CLASS_IMAGE_NOISE, CROP_AND_FLIP, LOADER_WORKERS, seeded_generator
 from ..safe_files import save_image
 
 logger = logging.getLogger(__name__)
@@ -158,9 +158,13 @@ def image_size(path: Path) -> tuple[int, int]:
     return (width, height) if orientation in (5, 6, 7, 8) else (height, width)
 
 
+AUTO_CAPTIONS = "auto"  # a caption extension meaning .txt, else .caption (kohya_ss writes the one, sd-scripts reads the other)
+
+
 def read_caption(image_path: Path, caption_extension: str | None, fallback: str) -> str:
-    if caption_extension:
-        caption_path = image_path.with_suffix(caption_extension if caption_extension.startswith(".") else f".{caption_extension}")
+    extensions = (".txt", ".caption") if caption_extension == AUTO_CAPTIONS else (caption_extension,) if caption_extension else ()
+    for extension in extensions:
+        caption_path = image_path.with_suffix(extension if extension.startswith(".") else f".{extension}")
         if caption_path.is_file():
             text = " ".join(caption_path.read_text(encoding="utf-8", errors="replace").split())
             if text:
@@ -168,17 +172,44 @@ def read_caption(image_path: Path, caption_extension: str | None, fallback: str)
     return fallback
 
 
+@dataclass(frozen=True)
+class CaptionRules:
+    """How a caption is varied each time it is drawn, as sd-scripts does: dropped (the empty caption) at
+    ``dropout_rate``, else with its comma-separated tags shuffled after the first ``keep_tokens``."""
+
+    shuffle: bool = False
+    keep_tokens: int = 0
+    dropout_rate: float = 0.0
+
+    @property
+    def varies(self) -> bool:
+        return self.shuffle or self.dropout_rate > 0
+
+    def apply(self, caption: str, generator: torch.Generator) -> str:
+        if self.dropout_rate > 0 and float(torch.rand(1, generator=generator)) < self.dropout_rate:
+            return ""
+        if not self.shuffle:
+            return caption
+        tags = [tag.strip() for tag in caption.split(",")]
+        kept, rest = tags[: self.keep_tokens], tags[self.keep_tokens :]
+        return ", ".join(kept + [rest[i] for i in torch.randperm(len(rest), generator=generator).tolist()])
+
+
 # ---------------------------------------------------------------- buckets and crops
 
 
-def make_buckets(resolution: int, step: int = 64, max_aspect: float = 2.0) -> list[tuple[int, int]]:
-    """(height, width) pairs of about resolution² pixels, sides multiples of ``step``, aspect ≤ max_aspect."""
+def make_buckets(resolution: int, step: int = 64, max_aspect: float = 2.0,
+                 limits: tuple[int | None, int | None] = (None, None)) -> list[tuple[int, int]]:  # fmt: skip
+    """(height, width) pairs of about resolution² pixels, sides multiples of ``step``, aspect ≤ max_aspect, and sides
+    within ``limits`` (kohya's --min_bucket_reso, --max_bucket_reso) when given."""
     area = resolution * resolution
+    low, high = limits[0] or step, limits[1] or resolution * max_aspect
     buckets = set()
     width = step
     while width <= resolution * max_aspect:
         height = int(area / width) // step * step
-        if height >= step and max(width / height, height / width) <= max_aspect:
+        if height >= step and max(width / height, height / width) <= max_aspect and low <= min(width, height) \
+                and max(width, height) <= high:  # fmt: skip
             buckets.add((height, width))
         width += step
     buckets.add((resolution, resolution))
@@ -278,19 +309,30 @@ class DreamBoothDataset(torch.utils.data.Dataset):
         seed: int = 0,
         mask_dir: Path | None = None,
         alpha_mask: bool = False,
+        captions: list[str] | None = None,
+        class_captions: list[str] | None = None,
+        caption_rules: list[CaptionRules] | None = None,
+        class_caption_rules: list[CaptionRules] | None = None,
+        length: int | None = None,
+        bucket_limits: tuple[int | None, int | None] = (None, None),
     ):
+        """``captions``/``class_captions``: each image's caption as already read (else read here, with the prompt as
+        the fallback); ``caption_rules``: how each image's caption varies from draw to draw; ``length``: the items
+        of an epoch (default: the larger of the two sets, as diffusers pairs them; kohya's: the instance images)."""
         if not instance_images:
             raise DataError("no usable instance image")
         # Masked loss: a mask per instance image (same name in mask_dir, kohya's convention), or its alpha channel.
         self.mask_files = find_masks(instance_images, mask_dir) if mask_dir is not None else None
         self.alpha_mask = alpha_mask
         self.instance_images = list(instance_images)
-        self.captions = [read_caption(p, caption_extension, instance_prompt) for p in self.instance_images]
+        self.captions = captions or [read_caption(p, caption_extension, instance_prompt) for p in self.instance_images]
         self.class_images = list(class_images or [])
         # Class images may carry captions too (the same extension); the class prompt is the fallback.
-        self.class_captions = [read_caption(p, caption_extension, class_prompt) for p in self.class_images]
+        self.class_captions = class_captions or [read_caption(p, caption_extension, class_prompt) for p in self.class_images]
+        self.rules = {"instance": caption_rules, "class": class_caption_rules}
+        self.length = length
         self.center_crop, self.random_flip, self.seed = center_crop, random_flip, seed
-        self.buckets = make_buckets(resolution, bucket_step) if aspect_ratio_buckets else [(resolution, resolution)]
+        self.buckets = make_buckets(resolution, bucket_step, limits=bucket_limits) if aspect_ratio_buckets else [(resolution, resolution)]
         # Sizes come from the headers alone; the pixels are read when an item is asked for.
         self.instance_sizes = [image_size(p) for p in self.instance_images]
         self.class_sizes = [image_size(p) for p in self.class_images]
@@ -301,7 +343,19 @@ class DreamBoothDataset(torch.utils.data.Dataset):
             logger.warning("upscaling %d image(s) smaller than %d px: %s", len(small), resolution, ", ".join(small))
 
     def __len__(self) -> int:
-        return max(len(self.instance_images), len(self.class_images))
+        return self.length or max(len(self.instance_images), len(self.class_images))
+
+    @property
+    def captions_vary(self) -> bool:
+        return any(rule.varies for rules in self.rules.values() for rule in rules or [])
+
+    def caption(self, kind: str, index: int, epoch: int) -> str:
+        """The caption of item ``index``'s instance or class image as drawn in ``epoch`` (the same in a resumed run)."""
+        captions, rules = (self.captions if kind == "instance" else self.class_captions), self.rules[kind]
+        i = index % len(captions)
+        if not rules or not rules[i].varies:
+            return captions[i]
+        return rules[i].apply(captions[i], seeded_generator(self.seed, epoch, CAPTIONS, kind != "instance", index))
 
     def bucket_of(self, index: int) -> tuple[int, int]:
         return self.instance_bucket[index % len(self.instance_images)]
@@ -313,9 +367,8 @@ class DreamBoothDataset(torch.utils.data.Dataset):
         image = load_image(paths[i])
         plan = CropPlan.draw(image.size, bucket, self.center_crop, self.random_flip, generator)
         mask = self.mask_of(i, image.size) if kind == "instance" else None
-        caption = (self.captions if kind == "instance" else self.class_captions)[i]
         mask = None if mask is None else to_mask(plan.apply(mask, Image.BILINEAR))
-        return Example(to_pixels(plan.apply(image)), sizes[i], plan.crop_top_left, caption, mask=mask)
+        return Example(to_pixels(plan.apply(image)), sizes[i], plan.crop_top_left, self.caption(kind, index, epoch), mask=mask)
 
     def mask_of(self, index: int, size: tuple[int, int]) -> Image.Image | None:
         """The instance image's mask as a grayscale image of the loaded image's ``size``, or None (no mask)."""
@@ -420,7 +473,11 @@ def batch_source(dataset, batches: list[list[int]], epoch: int, latent_cache: li
     """Collated batches for the given lists of indices: from the latent cache, or read by a data loader."""
     if latent_cache is not None:
         for indices in batches:
-            yield collate([latent_cache[i] for i in indices])
+            items = [latent_cache[i] for i in indices]
+            if dataset.captions_vary:  # the cache holds epoch 0's captions: this epoch's draws instead
+                items = [{kind: dataclasses.replace(example, caption=dataset.caption(kind, i, epoch))
+                          for kind, example in item.items()} for i, item in zip(indices, items)]  # fmt: skip
+            yield collate(items)
         return
     yield from torch.utils.data.DataLoader(
         dataset, batch_sampler=[[(epoch, i) for i in b] for b in batches], collate_fn=collate, num_workers=num_workers,

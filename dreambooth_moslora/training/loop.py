@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from ..embeddings import NewTokens
-from ..errors import DataError, MosloraError, TrainingError
+from ..errors import MosloraError, TrainingError
 from ..formats import save_adapter
 from ..runtime import free_memory, has_module, quiet_libraries, seeded_generator
 from ..safe_files import base_hashes
@@ -26,6 +26,7 @@ from ..sdxl import encode_prompts, tokenize
 from ..surgery import mixer_parameters
 from .checkpoints import clean_leftovers, register_adapter_hooks, resume, save_checkpoint
 from .data import DreamBoothDataset, StepPlan, batch_source, cache_latents, epoch_batches, generate_class_images, process_batches, scan_images
+from .dataset_config import Images, gather
 from .loss import StepModels, batch_loss
 from .model_card import write_model_card
 from .pivotal import Pivotal, embeddings_file
@@ -50,12 +51,14 @@ def train(args) -> Path:
     base_id = (args.pretrained_model_name_or_path, args.revision, args.variant)
     schedule = base_schedule(args.pretrained_model_name_or_path, args.prediction_type, args.rescale_betas_zero_snr)
 
-    # 1. Data first: a bad folder fails before any model is loaded.
-    instance_images = find_images(args.instance_data_dir, "instance", warn=main)
-    class_images: list[Path] = []
-    if args.with_prior_preservation:
-        class_images = class_images_for_prior(accelerator, (*base_id, schedule, args.base_config), args.class_data_dir, args.class_prompt, args.num_class_images,
-                                              args.sample_batch_size, args.seed, args.resolution, args.class_inference_steps)  # fmt: skip
+    # 1. Data first: a bad folder fails before any model is loaded. The subsets' images (repeated as each says), and
+    #    the class images: the regularisation subsets', or those the base model draws for --class_prompt.
+    instance = gather(args.subsets, warn=main)
+    classes = gather(args.reg_subsets, warn=main) if args.reg_subsets else Images()
+    if args.with_prior_preservation and not args.reg_subsets:
+        classes.paths = class_images_for_prior(accelerator, (*base_id, schedule, args.base_config), args.class_data_dir, args.class_prompt, args.num_class_images,
+                                               args.sample_batch_size, args.seed, args.resolution, args.class_inference_steps)  # fmt: skip
+    instance_images, class_images = instance.paths, classes.paths
 
     # 2. Models (fitted to memory first, when asked): frozen base, adapters in fp32, the optimizer over the adapters.
     fit_to_memory(args, accelerator, max(len(instance_images), len(class_images)), bool(class_images))
@@ -73,8 +76,7 @@ def train(args) -> Path:
 
     # 3. The dataset, and what is computed once: prompt embeddings while the text encoders are frozen,
     #    latents with --cache_latents (then the VAE is freed).
-    dataset, prompt_cache, latent_cache, vae_config = prepare_data(args, base, instance_images, class_images, device,
-                                                                   pivotal)  # fmt: skip
+    dataset, prompt_cache, latent_cache, vae_config = prepare_data(args, base, instance, classes, device, pivotal)
     plan = StepPlan.make(len(epoch_batches(dataset, args.train_batch_size, 0, args.seed)), accelerator.num_processes,
                          args.gradient_accumulation_steps, args.max_train_steps, args.num_train_epochs)  # fmt: skip
 
@@ -108,7 +110,7 @@ def train(args) -> Path:
     # 6. Outputs, written by the main process alone.
     accelerator.wait_for_everyone()
     if main:
-        settings = run_settings(args, plan.max_steps, base.noise_scheduler.config, last_loss, instance_images, class_images)
+        settings = run_settings(args, plan.max_steps, base.noise_scheduler.config, last_loss, instance, classes)
         embeddings = {"embeddings": pivotal.save(embeddings_file(output_dir))} if pivotal else {}  # read beside them
         files = save_adapter(output_dir, components, formats=args.output_formats, training=settings,
                              base_model=args.pretrained_model_name_or_path,
@@ -121,9 +123,10 @@ def train(args) -> Path:
     return output_dir
 
 
-def run_settings(args, max_steps: int, schedule, last_loss: float, instance_images: list, class_images: list) -> dict:
+def run_settings(args, max_steps: int, schedule, last_loss: float, instance: Images, classes: Images) -> dict:
     """What the adapter files and the model card record of the run: the options as run, the noise schedule trained
-    against (the model's own or the command line's), the final loss, the images."""
+    against (the model's own or the command line's), the final loss, the images (counted as kohya counts them:
+    images × repeats, per folder, and their tags)."""
     settings = settings_for_metadata(args)
     hashes = base_hashes(args.pretrained_model_name_or_path)
     if hashes:  # what the files, the card and the web demo identify the base by
@@ -131,7 +134,15 @@ def run_settings(args, max_steps: int, schedule, last_loss: float, instance_imag
         settings.update({"base_model_legacy_hash": hashes["legacy"]} if "legacy" in hashes else {})
     settings.update(max_train_steps=max_steps, prediction_type=schedule.prediction_type,
                     rescale_betas_zero_snr=bool(schedule.get("rescale_betas_zero_snr")), final_loss=last_loss,
-                    num_train_images=len(instance_images), num_class_images=len(class_images))
+                    num_train_images=len(instance.paths), num_class_images=len(classes.paths),
+                    num_reg_images=len(classes.paths) if args.reg_subsets else 0,
+                    dataset_dirs={**instance.folders, **classes.folders}, tag_frequency={**instance.tags, **classes.tags})
+    if not settings.get("instance_prompt"):  # kohya's folders and subsets: their prompts, each subject's once
+        settings["instance_prompt"] = "; ".join(dict.fromkeys(s.class_tokens for s in args.subsets if s.class_tokens)) \
+            or instance.captions[0]  # fmt: skip
+    subsets = args.subsets + args.reg_subsets  # one figure each, as sd-scripts records: the largest where they differ
+    settings.update(caption_dropout_rate=max(s.caption_dropout_rate for s in subsets),
+                    shuffle_caption=any(s.shuffle_caption for s in subsets), keep_tokens=max(s.keep_tokens for s in subsets))
     if args.train_text_encoder_ti:  # what the files' prompts now hold in place of the abstraction
         settings.update(new_tokens=NewTokens.plan(args.token_abstraction, args.num_new_tokens_per_abstraction).tokens,
                         embeddings_file=embeddings_file(Path(args.output_dir)).name)
@@ -174,15 +185,6 @@ def end_processes(accelerator) -> None:
 def progress_bars_wanted(main: bool) -> bool:
     """On the main process, unless tqdm's own TQDM_DISABLE says otherwise (an explicit disable= would override it)."""
     return main and os.environ.get("TQDM_DISABLE", "").lower() in ("", "0", "false")
-
-
-def find_images(folder: Path, what: str, warn: bool) -> list[Path]:
-    images, skipped = scan_images(folder, what)
-    if skipped and warn:
-        logger.warning("skipping %d file(s) in %s: %s", len(skipped), folder, "; ".join(skipped))
-    if not images:
-        raise DataError(f"no usable image in {folder}")
-    return images
 
 
 def class_images_for_prior(accelerator, model: tuple, class_dir: Path, prompt: str, count: int, batch_size: int, seed: int,
@@ -232,17 +234,22 @@ def fit_to_memory(args, accelerator, examples: int, prior: bool) -> None:
                     "(--scale_lr multiplies it by the batch)", budget, args.resolution, setting.describe(), setting.peak_gib)
 
 
-def prepare_data(args, base, instance_images: list, class_images: list, device, pivotal):
+def prepare_data(args, base, instance: Images, classes: Images, device, pivotal):
     """The dataset (captions in pivotal tuning's tokens), the prompt embeddings while the text encoders and their
-    tokens are frozen, and the latents with --cache_latents (the VAE then freed: None stands for it)."""
+    tokens are frozen and the captions are not shuffled, and the latents with --cache_latents (the VAE then freed:
+    None stands for it)."""
     dataset = DreamBoothDataset(
-        instance_images, args.instance_prompt, args.resolution, class_images, args.class_prompt,
+        instance.paths, args.instance_prompt, args.resolution, classes.paths, args.class_prompt,
         args.caption_extension, args.center_crop, args.random_flip, args.aspect_ratio_buckets,
-        bucket_step=64 if args.resolution >= 512 else 8, seed=args.seed, mask_dir=args.mask_dir, alpha_mask=args.alpha_mask,
+        bucket_step=args.bucket_reso_steps or (64 if args.resolution >= 512 else 8), seed=args.seed,
+        mask_dir=args.mask_dir, alpha_mask=args.alpha_mask, captions=instance.captions, caption_rules=instance.rules,
+        class_captions=classes.captions or None, class_caption_rules=classes.rules or None,
+        length=len(instance.paths) if args.kohya_epochs else None, bucket_limits=(args.min_bucket_reso, args.max_bucket_reso),
     )  # fmt: skip
     if pivotal:
         pivotal.rewrite_captions(dataset)
-    frozen = not (args.train_text_encoder or pivotal)
+    shuffled = any(rule.shuffle for rule in instance.rules + classes.rules)  # too many orders to encode beforehand
+    frozen = not (args.train_text_encoder or pivotal or shuffled)
     prompt_cache = cache_prompts(base, dataset, device, bool(args.validation_prompt)) if frozen else None
     latent_cache = cache_latents(dataset, base.vae, device) if args.cache_latents else None
     vae_config = base.vae.config
@@ -256,7 +263,8 @@ def prepare_data(args, base, instance_images: list, class_images: list, device, 
 def cache_prompts(base, dataset: DreamBoothDataset, device, keep_encoders: bool) -> dict:
     """caption → (hidden states, pooled) for every caption of the data; the encoders then leave the device
     unless validation images will need them."""
-    captions = sorted(set(dataset.captions) | set(dataset.class_captions))
+    dropped = {""} if dataset.captions_vary else set()  # caption dropout's empty caption
+    captions = sorted(set(dataset.captions) | set(dataset.class_captions) | dropped)
     embeds, pooled = encode_prompts(base.text_encoders, tokenize(base.tokenizers, captions), device)
     if not keep_encoders:
         for encoder in base.text_encoders:

@@ -17,7 +17,9 @@ from pathlib import Path
 
 from ..adapter import LORA_INITS, MIXER_INITS, MIXER_MODES, AdapterConfig
 from ..formats import FORMATS
+from ..errors import DataError
 from ..single_file import SDXL_BASE_CONFIG
+from .dataset_config import resolve_data
 from .loss import LossSettings
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs", "regional")
@@ -64,8 +66,23 @@ def _add_model_and_data_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--num_class_images", type=int, default=100)
     g.add_argument("--sample_batch_size", type=int, default=4, help="batch size for generating class images")
     g.add_argument("--class_inference_steps", type=int, default=50, help="denoising steps per generated class image")
+    g.add_argument("--repeats", type=int, default=1, help="how many times each instance image counts in an epoch")
+    g.add_argument("--train_data_dir", type=Path,
+                   help="kohya's layout instead of --instance_data_dir: subfolders <repeats>_<prompt> (e.g. "
+                        "'10_sks dog'), captions from .txt/.caption files beside the images, else the folder's prompt")
+    g.add_argument("--reg_data_dir", type=Path,
+                   help="class (regularisation) images in kohya's layout (e.g. '1_dog'): prior preservation on them")
+    g.add_argument("--dataset_config", type=Path,
+                   help="kohya's dataset TOML ([general], [[datasets]], [[datasets.subsets]]) instead of the folders")
+    g.add_argument("--caption_dropout_rate", type=float, default=0.0,
+                   help="the share of draws that train on the empty caption (kohya's)")
+    g.add_argument("--shuffle_caption", action="store_true", help="shuffle a caption's comma-separated tags each draw")
+    g.add_argument("--keep_tokens", type=int, default=0, help="with --shuffle_caption: the first N tags stay in front")
     g.add_argument("--resolution", type=int, default=1024, help="side of a square image, or the area's side with buckets")
     g.add_argument("--aspect_ratio_buckets", action="store_true", help="group images by aspect ratio")
+    g.add_argument("--min_bucket_reso", type=int, help="with buckets: no side shorter (kohya's)")
+    g.add_argument("--max_bucket_reso", type=int, help="with buckets: no side longer (kohya's)")
+    g.add_argument("--bucket_reso_steps", type=int, help="with buckets: sides are multiples of N (default 64; 8 below 512 px)")
     g.add_argument("--center_crop", action="store_true")
     g.add_argument("--random_flip", action="store_true")
     g.add_argument("--dataloader_num_workers", type=int,
@@ -235,18 +252,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.lora_alpha is None:
         args.lora_alpha = float(args.rank)
+    given = given_options(argv) | (set(values) if first.config is not None else set())
+    try:
+        resolve_data(args, given)
+    except DataError as exc:
+        parser.error(str(exc))
     validate(args, parser)
     return args
 
 
+def given_options(argv: list[str]) -> set[str]:
+    """The options the command line itself gives (not their defaults)."""
+    probe = build_parser()
+    for action in probe._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(probe.parse_known_args(argv)[0]))
+
+
 def validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     """Every check that needs no model, so a bad command fails at once with one line."""
-    for required in ("pretrained_model_name_or_path", "instance_data_dir", "instance_prompt"):
-        if not getattr(args, required):
-            parser.error(f"--{required} is required")
-    if not args.instance_data_dir.is_dir():
-        parser.error(f"--instance_data_dir {args.instance_data_dir} does not exist or is not a folder")
-    if args.with_prior_preservation:
+    if not args.pretrained_model_name_or_path:
+        parser.error("--pretrained_model_name_or_path is required")
+    if args.with_prior_preservation and not args.reg_subsets:
         if not args.class_prompt:
             parser.error("--with_prior_preservation needs --class_prompt")
         if args.class_data_dir is None:
@@ -259,8 +286,11 @@ def validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
         parser.error(f"--resolution must be a positive multiple of 8, got {args.resolution}")
     if args.memory_budget_gib is not None and args.memory_budget_gib <= 0:
         parser.error(f"--memory_budget_gib must be positive, got {args.memory_budget_gib:g}")
+    if not 0 <= args.caption_dropout_rate <= 1 or args.keep_tokens < 0:
+        parser.error("--caption_dropout_rate must be in [0, 1] and --keep_tokens at least 0")
     numbers = ("train_batch_size",) if args.train_batch_size != "auto" else ()
-    for name in ("rank", *numbers, "num_train_epochs", "gradient_accumulation_steps", "sample_batch_size", "class_inference_steps",
+    optional = [n for n in ("min_bucket_reso", "max_bucket_reso", "bucket_reso_steps") if getattr(args, n) is not None]
+    for name in ("rank", *numbers, "repeats", *optional, "num_train_epochs", "gradient_accumulation_steps", "sample_batch_size", "class_inference_steps",
                  "checkpointing_steps", "num_validation_images", "validation_epochs"):  # fmt: skip
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
@@ -319,7 +349,12 @@ def _check_writable(directory: Path, parser: argparse.ArgumentParser) -> None:
 
 def settings_for_metadata(args: argparse.Namespace) -> dict:
     """The training settings as plain JSON values, for the adapter files and the model card."""
-    return {k: (str(v) if isinstance(v, os.PathLike) else v) for k, v in sorted(vars(args).items()) if k != "local_rank"}
+    def plain(value):
+        if isinstance(value, list):
+            return [v.to_json() if hasattr(v, "to_json") else plain(v) for v in value]
+        return str(value) if isinstance(value, os.PathLike) else value
+
+    return {k: plain(v) for k, v in sorted(vars(args).items()) if k != "local_rank"}
 
 
 # ---------------------------------------------------------------- the options as the values each phase takes

@@ -30,12 +30,12 @@ class Pivotal:
         if not args.train_text_encoder_ti:
             return None
         new = NewTokens.plan(args.token_abstraction, args.num_new_tokens_per_abstraction)
-        if missing := new.missing_from(args.instance_prompt):
+        if args.instance_prompt is not None and (missing := new.missing_from(args.instance_prompt)):
             raise TrainingError(f"--instance_prompt {args.instance_prompt!r} does not name {', '.join(missing)} "
                                 "(--token_abstraction): pivotal tuning learns new tokens where it stands")  # fmt: skip
         base.tokenizers = install(base.tokenizers, base.text_encoders, new,
                                   generator=seeded_generator(args.seed, EMBEDDING_DRAW))  # fmt: skip
-        args.instance_prompt = new.rewrite(args.instance_prompt)
+        args.instance_prompt = new.rewrite(args.instance_prompt) if args.instance_prompt is not None else None
         if args.validation_prompt:
             args.validation_prompt = new.rewrite(args.validation_prompt)
         return cls(new, [encoder.get_input_embeddings() for encoder in base.text_encoders])

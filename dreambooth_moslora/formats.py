@@ -435,16 +435,19 @@ def save_adapter(
     base_model: str | None = None,
     training: dict | None = None,
     embeddings: tuple[dict[str, torch.Tensor], NewTokens] | None = None,
+    suffix: str = "",
 ) -> dict[str, Path]:
     """Writes the adapter carried by ``components`` in each requested format (the kohya file bundling
-    ``embeddings``, pivotal tuning's rows and tokens, when given); returns the paths."""
+    ``embeddings``, pivotal tuning's rows and tokens, when given), each file's name ending in ``suffix``
+    (``_live``: the live weights beside an EMA); returns the paths."""
     unknown = [f for f in formats if f not in FILE_NAMES]
     if unknown:
         raise AdapterFileError(f"unknown output format {unknown[0]!r}: choose from {', '.join(FORMATS)}")
     config, entries = live_entries(components)
     # Build every file's tensors before writing any, so a naming error writes nothing.
     states = {fmt: file_state(fmt, config, entries, base_model, training, embeddings) for fmt in formats}
-    return {fmt: write_safetensors(Path(output_dir) / FILE_NAMES[fmt], *state) for fmt, state in states.items()}
+    names = {fmt: FILE_NAMES[fmt].replace(".safetensors", f"{suffix}.safetensors") for fmt in formats}
+    return {fmt: write_safetensors(Path(output_dir) / names[fmt], *state) for fmt, state in states.items()}
 
 
 def write_adapter_file(path: str | os.PathLike, fmt: str, config: AdapterConfig, entries: list[Entry],

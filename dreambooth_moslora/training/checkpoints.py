@@ -65,8 +65,9 @@ def save_checkpoint(accelerator, output_dir: Path, step: int, total_limit: int |
     return final
 
 
-def register_adapter_hooks(accelerator, components: dict, base_model: str, pivotal=None) -> None:
-    """Checkpoints hold the adapter (one native file) and pivotal tuning's token rows, not the frozen models."""
+def register_adapter_hooks(accelerator, components: dict, base_model: str, pivotal=None, ema=None) -> None:
+    """Checkpoints hold the adapter (one native file, the live weights), pivotal tuning's token rows and the EMA,
+    not the frozen models."""
 
     def save_hook(models, weights, folder):
         if accelerator.is_main_process:
@@ -74,6 +75,8 @@ def register_adapter_hooks(accelerator, components: dict, base_model: str, pivot
                 pivotal.save(Path(folder) / EMBEDDINGS_FILE)
             tokens = {"new_tokens": pivotal.new.tokens, "embeddings_file": EMBEDDINGS_FILE} if pivotal else None
             save_adapter(folder, components, formats=["native"], base_model=base_model, training=tokens)
+            if ema is not None:
+                ema.save(folder)
         weights.clear()
 
     def load_hook(models, folder):
@@ -81,6 +84,8 @@ def register_adapter_hooks(accelerator, components: dict, base_model: str, pivot
         restore_adapter_weights(components, Path(folder) / NATIVE_FILE)
         if pivotal is not None:
             pivotal.restore(Path(folder) / EMBEDDINGS_FILE)
+        if ema is not None and not ema.restore(folder):
+            logger.warning("%s holds no EMA of the adapter: the average starts from the weights it holds", folder)
 
     accelerator.register_save_state_pre_hook(save_hook)
     accelerator.register_load_state_pre_hook(load_hook)

@@ -12,6 +12,7 @@ import math
 import os
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from ..surgery import mixer_parameters
 from .checkpoints import clean_leftovers, register_adapter_hooks, resume, save_checkpoint
 from .data import DreamBoothDataset, StepPlan, batch_source, cache_latents, epoch_batches, generate_class_images, process_batches, scan_images
 from .dataset_config import Images, gather
+from .ema import AdapterEMA
 from .loss import StepModels, batch_loss
 from .model_card import write_model_card
 from .pivotal import Pivotal, embeddings_file
@@ -88,7 +90,9 @@ def train(args) -> Path:
                      * accelerator.num_processes)  # fmt: skip
     prepared = accelerator.prepare(*components.values(), optimizer, lr_scheduler)
     trained, optimizer, lr_scheduler = list(prepared[: len(components)]), prepared[-2], prepared[-1]
-    register_adapter_hooks(accelerator, components, args.pretrained_model_name_or_path, pivotal)
+    ema = AdapterEMA([p for k, ps in params.items() if k != "token_rows" for p in ps], args.ema_decay, args.ema_warmup,
+                     args.ema_cpu) if args.use_ema else None  # --use_ema: an average of the adapter's weights
+    register_adapter_hooks(accelerator, components, args.pretrained_model_name_or_path, pivotal, ema)
     global_step = resume(accelerator, output_dir, args.resume_from_checkpoint)
     if main:
         tracked = {k: v for k, v in settings_for_metadata(args).items() if isinstance(v, (int, float, str, bool))}
@@ -102,7 +106,7 @@ def train(args) -> Path:
     step_models = StepModels(trained[0], base.vae, vae_config, encoders, base.tokenizers, base.noise_scheduler, prompt_cache,
                              weight_dtype, device)  # fmt: skip
     run = Run(accelerator, trained, [p for ps in params.values() for p in ps], optimizer, lr_scheduler, step_models, components,
-              StepProfile(args.profile_steps if main else 0, output_dir))
+              StepProfile(args.profile_steps if main else 0, output_dir), ema)
     started = time.perf_counter()
     validate = validation_for(args, accelerator, run, base) if args.validation_prompt else None
     global_step, last_loss = train_steps(run, dataset, plan, global_step, latent_cache, loop_settings(args), output_dir, validate)
@@ -111,16 +115,31 @@ def train(args) -> Path:
     accelerator.wait_for_everyone()
     if main:
         settings = run_settings(args, plan.max_steps, base.noise_scheduler.config, last_loss, instance, classes)
-        embeddings = {"embeddings": pivotal.save(embeddings_file(output_dir))} if pivotal else {}  # read beside them
-        files = save_adapter(output_dir, components, formats=args.output_formats, training=settings,
-                             base_model=args.pretrained_model_name_or_path,
-                             embeddings=pivotal.as_embeddings() if pivotal else None) | embeddings
-        grid = validate(output_dir / "validation.png") if validate else None
-        write_model_card(output_dir, settings, files, grid)
+        write_outputs(args, output_dir, components, settings, pivotal, ema, validate)
         logger.info("done: %d steps in %.1f s, final loss %.4f; adapters in %s", global_step, time.perf_counter() - started,
                     last_loss, output_dir)  # fmt: skip
     end_processes(accelerator)
     return output_dir
+
+
+def write_outputs(args, output_dir: Path, components: dict, settings: dict, pivotal, ema, validate) -> None:
+    """The adapter files (with --use_ema the average's weights, the live ones beside them as ``*_live``), pivotal
+    tuning's embeddings, the validation grid and the model card."""
+    embeddings = {"embeddings": pivotal.save(embeddings_file(output_dir))} if pivotal else {}  # read beside them
+
+    def save(suffix: str = "") -> dict:
+        return save_adapter(output_dir, components, formats=args.output_formats, training=settings, suffix=suffix,
+                            base_model=args.pretrained_model_name_or_path,
+                            embeddings=pivotal.as_embeddings() if pivotal else None) | embeddings  # fmt: skip
+
+    if ema is not None:
+        save("_live")
+        with ema.swapped():
+            files = save()
+    else:
+        files = save()
+    grid = validate(output_dir / "validation.png") if validate else None
+    write_model_card(output_dir, settings, files, grid)
 
 
 def run_settings(args, max_steps: int, schedule, last_loss: float, instance: Images, classes: Images) -> dict:
@@ -297,6 +316,7 @@ class Run:
     models: StepModels
     components: dict  # the unwrapped adapted models, by component name
     profile: StepProfile  # --profile_steps: where a step's time goes
+    ema: AdapterEMA | None = None  # --use_ema
 
 
 class LossLog:
@@ -432,6 +452,8 @@ def train_steps(run: Run, dataset, plan: StepPlan, global_step: int, latent_cach
                 if not accelerator.sync_gradients:
                     continue
                 global_step += 1
+                if run.ema is not None:
+                    run.ema.update()
                 losses.add(global_step, loss, run.lr_scheduler.get_last_lr()[0])
                 checkpointed = global_step % s.checkpointing_steps == 0 and global_step < plan.max_steps
                 validating = validate and main and s.validation_steps and global_step % s.validation_steps == 0 \
@@ -484,8 +506,10 @@ def validation_images(accelerator, run: Run, base, vae_id: tuple, sampling: dict
     encoders = [accelerator.unwrap_model(e).to(accelerator.device) for e in run.models.text_encoders]
     parts = dict(vae=vae, text_encoder=encoders[0], text_encoder_2=encoders[1], tokenizer=base.tokenizers[0],
                  tokenizer_2=base.tokenizers[1], scheduler_config=base.noise_scheduler.config)  # fmt: skip
-    return validation_grid(parts, run.components, sampling["prompt"], sampling["count"], sampling["seed"], sampling["steps"],
-                           sampling["resolution"], accelerator.device, accelerator.mixed_precision != "no", path)  # fmt: skip
+    with run.ema.swapped() if run.ema is not None else nullcontext():  # --use_ema: the images of the average
+        return validation_grid(parts, run.components, sampling["prompt"], sampling["count"], sampling["seed"],
+                               sampling["steps"], sampling["resolution"], accelerator.device,
+                               accelerator.mixed_precision != "no", path)  # fmt: skip
 
 
 # ---------------------------------------------------------------- the command

@@ -157,6 +157,12 @@ def _add_optimisation_options(p: argparse.ArgumentParser) -> None:
                    help="torch.compile's mode for the whole UNet (reduce-overhead: CUDA graphs), or regional: each "
                         "transformer block compiled once (quicker to compile)")
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--use_ema", action="store_true",
+                   help="keep an exponential moving average of the adapter's weights and save it as the adapter "
+                        "(the live weights beside it as *_live.safetensors)")
+    g.add_argument("--ema_decay", type=float, default=0.995, help="the EMA's decay per optimizer step (SimpleTuner's default)")
+    g.add_argument("--ema_warmup", action="store_true", help="the EMA's decay ramps up as 1 - (1 + step)^(-2/3)")
+    g.add_argument("--ema_cpu", action="store_true", help="keep the EMA in host memory (each step then waits for the GPU)")
 
 
 def _add_output_options(p: argparse.ArgumentParser) -> None:
@@ -286,6 +292,8 @@ def validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
         parser.error(f"--resolution must be a positive multiple of 8, got {args.resolution}")
     if args.memory_budget_gib is not None and args.memory_budget_gib <= 0:
         parser.error(f"--memory_budget_gib must be positive, got {args.memory_budget_gib:g}")
+    if not 0 <= args.ema_decay < 1:
+        parser.error(f"--ema_decay must be in [0, 1), got {args.ema_decay:g}")
     if not 0 <= args.caption_dropout_rate <= 1 or args.keep_tokens < 0:
         parser.error("--caption_dropout_rate must be in [0, 1] and --keep_tokens at least 0")
     numbers = ("train_batch_size",) if args.train_batch_size != "auto" else ()

@@ -18,7 +18,8 @@ import torch
 from dreambooth_moslora.safe_files import save_image, write_text
 
 from .classifier import classify, generate
-from .world import BACKGROUNDS, CLASS_PROMPT, INSTANCE_BACKGROUNDS, SUBJECT_CLASS, SUBJECT_COLOUR, SUBJECT_PROMPT
+from .world import (BACKGROUNDS, CLASS_PROMPT, INSTANCE_BACKGROUNDS, SUBJECT_CLASS, SUBJECT_COLOUR, SUBJECT_PROMPT,
+                    SUBJECT_TOKEN)
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 WORLD_MODEL_DIR = ASSETS / "toy-sdxl"
@@ -58,10 +59,12 @@ def shows_ordinary_member(found: dict) -> bool:
 def toy_dreambooth_argv(subject: Path, output_dir: Path, steps: int, lr: float, rank: int, alpha: float, seed: int,
                         class_dir: Path | None = None, text_encoder_lr: float | None = None,
                         mask_dir: Path | None = None, lora_init: str = TOY_TRAINING["lora_init"],
-                        num_class_images: int = NUM_CLASS_IMAGES, prior_loss_weight: float = 1.0) -> list[str]:  # fmt: skip
+                        num_class_images: int = NUM_CLASS_IMAGES, prior_loss_weight: float = 1.0,
+                        pivotal: bool = False) -> list[str]:  # fmt: skip
     """train_dreambooth.py's arguments for DreamBooth on the toy world (the demo's, shared by the
     quality benchmark): prior preservation when ``class_dir`` is given, adapters on the text encoders
-    too when ``text_encoder_lr`` is. The mixer is left to the caller.
+    too when ``text_encoder_lr`` is, or with ``pivotal`` new tokens for "sks" learned at that rate instead.
+    The mixer is left to the caller.
 
     The subject's photos are captioned with their backgrounds ("a sks circle on a black background"),
     and so are the class images (see ``write_class_images``): when the class images carried the bare
@@ -78,7 +81,8 @@ def toy_dreambooth_argv(subject: Path, output_dir: Path, steps: int, lr: float, 
         argv += ["--with_prior_preservation", "--class_prompt", CLASS_PROMPT, "--class_data_dir", str(class_dir),
                  "--num_class_images", str(num_class_images), "--prior_loss_weight", str(prior_loss_weight)]  # fmt: skip
     if text_encoder_lr is not None:
-        argv += ["--train_text_encoder", "--text_encoder_lr", str(text_encoder_lr)]
+        argv += ["--text_encoder_lr", str(text_encoder_lr)]
+        argv += ["--train_text_encoder_ti", "--token_abstraction", SUBJECT_TOKEN] if pivotal else ["--train_text_encoder"]
     if mask_dir is not None:  # masked loss: the subject's pixels count, its photos' backgrounds do not
         argv += ["--mask_dir", str(mask_dir)]
     return argv

@@ -10,14 +10,17 @@ from toyworld.demo import main
 
 
 def test_demo_trains_offline_writes_adapters_and_the_subject_appears(tmp_path, capsys):
-    """The README's main job at its default settings (prior preservation, text-encoder adapters): the adapter
-    draws the subject the base model cannot, and plain class prompts still draw the class."""
+    """The README's main job at its default settings (prior preservation, pivotal tuning's new tokens for "sks"):
+    the adapter draws the subject the base model cannot, and plain class prompts still draw the class."""
     assert main(["--output_dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     for name in FILE_NAMES.values():
         assert (tmp_path / "adapter" / name).stat().st_size > 10_000
     assert (tmp_path / "adapter" / "README.md").is_file()
-    assert "MISMATCH" not in out and out.count(" ok") == 8
+    # six loads of ours, and stock diffusers' LoRA + textual-inversion loaders on the diffusers file (the kohya file
+    # bundles the embeddings for A1111 and Forge, which stock diffusers refuses)
+    assert "MISMATCH" not in out and out.count(" ok") == 7 and "+ load_textual_inversion" in out
+    assert (tmp_path / "adapter" / "adapter_emb.safetensors").is_file()
     grid = Image.open(tmp_path / "samples.png")
     assert grid.size == (8 * 96, 6 * (96 + 14))  # three rows (base, adapter, "a circle") per unseen background
 
@@ -27,14 +30,15 @@ def test_demo_trains_offline_writes_adapters_and_the_subject_appears(tmp_path, c
 
     with_adapter = counts(r"subject \(a purple circle\) in \d+ of 8 on gray")
     assert len(with_adapter) == 4, out
-    # gray, blue with the adapter; gray, blue without: the subject on backgrounds its photos never show (measured with
-    # 100 class images: 13, 16 and 16 of 16 over seeds 0-2, the fewest 5 of 8 on gray; none without)
+    # gray, blue with the adapter; gray, blue without: the subject on backgrounds its photos never show (measured:
+    # 14, 16 and 15 of 16 over seeds 0-2, the fewest 6 of 8 on gray; none without)
     assert min(with_adapter[:2]) >= 5 and sum(with_adapter[:2]) >= 12 and sum(with_adapter[2:]) == 0, out
     # the class's variety, 48 seeds per background: a distance with its interval, and the base model's own noise floor
     tv, low, high, floor = (float(x) for x in re.search(
         r"shapes and colours (\d\.\d\d) \[95% (\d\.\d\d), (\d\.\d\d)\] .*other seeds: (\d\.\d\d)", out).groups())
     assert 0.0 <= low <= tv <= high <= 1.0 and floor < 0.3, out
-    assert tv <= 0.4, out  # measured 0.25-0.26 over seeds 0-2 (with 20 class images: 0.75, one colour per background)
+    # measured 0.16-0.18 over seeds 0-2 (text-encoder adapters: 0.25-0.26; with 20 class images: 0.75)
+    assert tv <= 0.25, out
     assert re.search(r"colours on gray: base model \w+ \d+, .*; with the adapter \w+ \d+", out), out
 
 

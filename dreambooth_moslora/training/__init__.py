@@ -3,6 +3,7 @@
     options      the command line (diffusers' flag names) and config files
     data         images read safely, captions, buckets, batches, cached latents, class images
     dataset_config  kohya's folders and dataset TOMLs as subsets of images, repeats, caption rules
+    ema          --use_ema: a moving average of the adapter's weights
     models       the frozen base model, the adapters put in, the optimizer
     loss         the denoising loss of a batch, with prior preservation
     checkpoints  whole-or-nothing checkpoints that hold the adapter; resume

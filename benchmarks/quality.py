@@ -29,6 +29,7 @@ world's attribute classifier:
   class as base        share of those images with the shape, colour and background the base model drew
                        from the same noise: the class's variety kept, not only its kind
 
+--variants lora,moslora-kaiming,lora-ema,moslora-ema compares the adapters with their moving average (--use_ema).
 --variants where compares where the subject's word is learned: text-encoder adapters (lora, moslora-kaiming),
 pivotal tuning's new tokens (lora-pivotal, moslora-pivotal) or nowhere (lora-unet-only, moslora-unet-only).
 
@@ -101,6 +102,10 @@ VARIANTS = {
                                  text_encoder=False),  # fmt: skip
     "lora-pivotal": Variant(pivotal("none"), (60, 60, 160), text_encoder=False),
     "moslora-pivotal": Variant(pivotal("learned"), (120, 120, 255), text_encoder=False),
+}
+VARIANTS |= {  # an exponential moving average of the adapter saved in its place (--use_ema, default decay)
+    "lora-ema": Variant(lambda a: ["--mixer", "none", "--use_ema"], (160, 160, 60)),
+    "moslora-ema": Variant(lambda a: ["--mixer", "learned", "--mixer_init", "kaiming", "--use_ema"], (250, 120, 60)),
 }
 # issue 26's comparison: subject fidelity and class variety by where the word is learned, with and without the mixer
 WHERE_THE_WORD_IS_LEARNED = ["lora", "moslora-kaiming", "lora-pivotal", "moslora-pivotal", "lora-unet-only",

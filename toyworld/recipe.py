@@ -98,17 +98,18 @@ def model_fingerprint(pipe) -> str:
     return digest.hexdigest()[:16]
 
 
-def write_class_images(pipe, folder: Path, seed: int = 0, count: int = NUM_CLASS_IMAGES) -> list[Path]:
+def write_class_images(pipe, folder: Path, seed: int = 0, count: int = NUM_CLASS_IMAGES,
+                       class_prompt: str = CLASS_PROMPT) -> list[Path]:  # fmt: skip
     """The class images for prior preservation: the base model's own "a circle on a <bg> background"
     for every background, each saved with its prompt as caption. ``folder`` is the demo's own: images
-    already made by this base model with this seed (stamped in the folder: ``model_fingerprint`` and
-    the seed) are kept; anything else in it is removed (the trainer would count it as a class image,
-    and images of another model are not this model's prior)."""
+    already made by this base model with this seed (stamped in the folder: ``model_fingerprint``, the
+    seed, and another class's prompt) are kept; anything else in it is removed (the trainer would count
+    it as a class image, and images of another model are not this model's prior)."""
     backgrounds = list(BACKGROUNDS)
-    prompts = [f"{CLASS_PROMPT} on a {backgrounds[i % len(backgrounds)]} background" for i in range(count)]
+    prompts = [f"{class_prompt} on a {backgrounds[i % len(backgrounds)]} background" for i in range(count)]
     paths = [folder / f"{i:05d}.png" for i in range(count)]
     stamp = folder / MADE_BY
-    made_by = f"{model_fingerprint(pipe)} seed {seed}"
+    made_by = f"{model_fingerprint(pipe)} seed {seed}" + (f" {class_prompt}" if class_prompt != CLASS_PROMPT else "")
     folder.mkdir(parents=True, exist_ok=True)
     current = stamp.is_file() and stamp.read_text().strip() == made_by
     keep = {*paths, *(p.with_suffix(".txt") for p in paths), stamp} if current else set()

@@ -156,15 +156,16 @@ def run_settings(args, max_steps: int, schedule, last_loss: float, instance: Ima
                     num_train_images=len(instance.paths), num_class_images=len(classes.paths),
                     num_reg_images=len(classes.paths) if args.reg_subsets else 0,
                     dataset_dirs={**instance.folders, **classes.folders}, tag_frequency={**instance.tags, **classes.tags})
+    new = NewTokens.plan(args.token_abstraction, args.num_new_tokens_per_abstraction) if args.train_text_encoder_ti \
+        else None  # fmt: skip
     if not settings.get("instance_prompt"):  # kohya's folders and subsets: their prompts, each subject's once
-        settings["instance_prompt"] = "; ".join(dict.fromkeys(s.class_tokens for s in args.subsets if s.class_tokens)) \
-            or instance.captions[0]  # fmt: skip
+        prompts = "; ".join(dict.fromkeys(s.class_tokens for s in args.subsets if s.class_tokens)) or instance.captions[0]
+        settings["instance_prompt"] = new.rewrite(prompts) if new else prompts
     subsets = args.subsets + args.reg_subsets  # one figure each, as sd-scripts records: the largest where they differ
     settings.update(caption_dropout_rate=max(s.caption_dropout_rate for s in subsets),
                     shuffle_caption=any(s.shuffle_caption for s in subsets), keep_tokens=max(s.keep_tokens for s in subsets))
-    if args.train_text_encoder_ti:  # what the files' prompts now hold in place of the abstraction
-        settings.update(new_tokens=NewTokens.plan(args.token_abstraction, args.num_new_tokens_per_abstraction).tokens,
-                        embeddings_file=embeddings_file(Path(args.output_dir)).name)
+    if new:  # what the files' prompts now hold in place of the abstraction
+        settings.update(new_tokens=new.tokens, embeddings_file=embeddings_file(Path(args.output_dir)).name)
     return settings
 
 

@@ -193,3 +193,25 @@ def test_varied_captions_are_the_same_in_a_resumed_run(world, tmp_path):
     _, metadata = read_safetensors(out / "pytorch_lora_weights_kohya.safetensors")
     assert (metadata["ss_caption_dropout_rate"], metadata["ss_shuffle_caption"], metadata["ss_keep_tokens"]) == (
         "0.25", "True", "1")
+
+
+def test_two_subjects_train_one_adapter_with_a_token_each(world, kohya, tmp_path):
+    from dreambooth_moslora.embeddings import read_embeddings
+
+    second = kohya / "train" / "4_zqx square"
+    second.mkdir(exist_ok=True)
+    rng = random.Random(5)
+    for i in range(2):
+        save_image(render(sample_scene(rng, shape="square"), 64), second / f"square_{i}.png")
+    out = tmp_path / "run"
+    try:
+        assert run(world, out, "--train_data_dir", str(kohya / "train"), "--reg_data_dir", str(kohya / "reg"),
+                   "--train_text_encoder_ti", "--token_abstraction", "sks,zqx", "--text_encoder_lr", "1e-2") == 0
+    finally:
+        shutil.rmtree(second)  # the module's tree as the other tests know it
+    _, new = read_embeddings(out / "run_emb.safetensors")
+    assert new.abstractions == {"sks": ("<s0>", "<s1>"), "zqx": ("<s2>", "<s3>")}
+    _, metadata = read_safetensors(out / "pytorch_lora_weights_kohya.safetensors")
+    assert metadata["ss_num_train_images"] == str(5 * 10 + 2 * 4)  # images × repeats, both subjects
+    assert metadata["ss_instance_prompt"] == "<s0><s1> circle; <s2><s3> square"  # each subject's prompt, in its tokens
+    assert {"bundle_emb.sks.clip_l", "bundle_emb.zqx.clip_g"} <= set(load_file(out / "pytorch_lora_weights_kohya.safetensors"))

@@ -492,7 +492,7 @@ def validation_for(args, accelerator, run: Run, base):
     """The validation images' call, path → grid, with what it needs of the options bound."""
     vae_id = (args.pretrained_model_name_or_path, args.pretrained_vae_model_name_or_path, args.revision, args.variant,
               args.base_config)
-    sampling = dict(prompt=args.validation_prompt, count=args.num_validation_images, seed=args.seed,
+    sampling = dict(prompt=args.validation_prompts, count=args.num_validation_images, seed=args.seed,
                     steps=args.num_validation_inference_steps, resolution=args.resolution)  # fmt: skip
     return lambda path: validation_images(accelerator, run, base, vae_id, sampling, path)
 

@@ -62,7 +62,9 @@ def write_model_card(output_dir: Path, settings: dict, files: dict[str, Path], g
             f"image = pipe({json.dumps(example)}, num_inference_steps=30).images[0]", "```",
         ]  # fmt: skip
     if grid is not None:
-        lines += ["", VALIDATION_HEADING, "", f"“{example}”, at the end of training:", "", f"![validation]({grid.name})"]
+        rows = settings.get("validation_prompts") or [example]
+        shown = f"“{example}”" if len(rows) == 1 else "; ".join(f"row {i + 1}: “{p}”" for i, p in enumerate(rows))
+        lines += ["", VALIDATION_HEADING, "", f"{shown}, at the end of training:", "", f"![validation]({grid.name})"]
     return write_text(output_dir / "README.md", "\n".join(lines) + "\n")
 
 

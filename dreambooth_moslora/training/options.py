@@ -173,6 +173,9 @@ def _add_output_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--checkpoints_total_limit", type=int)
     g.add_argument("--resume_from_checkpoint", help='a checkpoint folder, or "latest"')
     g.add_argument("--validation_prompt")
+    g.add_argument("--sample_prompts", type=Path,
+                   help="kohya's: a text file of validation prompts, one a line (a row of images each: one per "
+                        "subject); instead of --validation_prompt")
     g.add_argument("--num_validation_images", type=int, default=4)
     g.add_argument("--validation_epochs", type=int, default=50)
     g.add_argument("--validation_steps", type=int, help="validation images every N steps instead of every --validation_epochs")
@@ -340,9 +343,33 @@ def validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
         print("warning: with --cache_latents each image is encoded once, so --random_flip flips it once", file=sys.stderr)
     if args.report_to not in ("tensorboard", "wandb", "all", "none"):
         parser.error(f"--report_to must be tensorboard, wandb, all or none, got {args.report_to!r}")
+    args.validation_prompts = [args.validation_prompt] if args.validation_prompt else []
+    if args.sample_prompts is not None:
+        if args.validation_prompt:
+            parser.error("--sample_prompts and --validation_prompt both give validation prompts: choose one")
+        args.validation_prompts = read_sample_prompts(args.sample_prompts, parser)
+        args.validation_prompt = args.validation_prompts[0]  # the one the model card and the web demo suggest
     if args.resume_from_checkpoint not in (None, "latest") and not Path(args.resume_from_checkpoint).is_dir():
         parser.error(f"--resume_from_checkpoint {args.resume_from_checkpoint} is not a folder (or use 'latest')")
     _check_writable(args.output_dir, parser)
+
+
+def read_sample_prompts(path: Path, parser: argparse.ArgumentParser) -> list[str]:
+    """kohya's prompt file: a prompt a line, ``#`` comments and blank lines passed over. sd-scripts' per-line
+    options (`` --n negative``, ``--w``, ``--d`` …) are cut off with a warning: the validation settings hold for all."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        parser.error(f"--sample_prompts {path}: cannot be read ({getattr(exc, 'strerror', None) or exc})")
+    prompts = [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
+    cut = [p for p in prompts if " --" in f" {p}"]
+    if cut:
+        print(f"warning: --sample_prompts {path}: per-prompt options (--n, --w, --d, ...) are not read here; "
+              "the validation flags hold for every prompt", file=sys.stderr)  # fmt: skip
+    prompts = [f" {p}".split(" --", 1)[0].strip() for p in prompts]
+    if not all(prompts) or not prompts:
+        parser.error(f"--sample_prompts {path} holds no prompt")
+    return prompts
 
 
 def _check_writable(directory: Path, parser: argparse.ArgumentParser) -> None:

@@ -38,6 +38,7 @@ class Pivotal:
         args.instance_prompt = new.rewrite(args.instance_prompt) if args.instance_prompt is not None else None
         if args.validation_prompt:
             args.validation_prompt = new.rewrite(args.validation_prompt)
+        args.validation_prompts = [new.rewrite(p) for p in args.validation_prompts]
         return cls(new, [encoder.get_input_embeddings() for encoder in base.text_encoders])
 
     @property

@@ -42,9 +42,10 @@ def set_adapter_training(components: dict, training: bool) -> None:
 
 
 @torch.no_grad()
-def validation_grid(parts: dict, components: dict, prompt: str, count: int, seed: int, steps: int, resolution: int,
-                    device, mixed_precision: bool, path: Path) -> Path:  # fmt: skip
-    """Draws ``count`` images of ``prompt`` with the live adapter into one labelled grid (the same noise each time).
+def validation_grid(parts: dict, components: dict, prompt: str | list[str], count: int, seed: int, steps: int,
+                    resolution: int, device, mixed_precision: bool, path: Path) -> Path:  # fmt: skip
+    """Draws ``count`` images of ``prompt`` (a row for each of several) with the live adapter into one labelled grid
+    (the same noise each time).
 
     ``parts`` are the pipeline's other parts: vae, text_encoder(_2), tokenizer(_2), scheduler config.
     """
@@ -60,11 +61,14 @@ def validation_grid(parts: dict, components: dict, prompt: str, count: int, seed
     rescale = 0.7 if pipe.scheduler.config.get("rescale_betas_zero_snr") else 0.0
     pipe.set_progress_bar_config(disable=True)
     autocast = torch.autocast(torch.device(device).type) if mixed_precision else nullcontext()
-    images = []
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    images, labels = [], []
     with autocast:
-        for generator in image_generators(seed, range(count)):  # image i: the same noise at every validation
-            images.append(pipe(prompt, num_inference_steps=steps, height=resolution, width=resolution, generator=generator,
-                               guidance_rescale=rescale).images[0])
-    save_image(labelled_grid(images, [f"seed {seed}, #{i}" for i in range(count)]), path)
+        for row, text in enumerate(prompts):
+            for i, generator in enumerate(image_generators(seed, range(count))):  # image i: the same noise each time
+                images.append(pipe(text, num_inference_steps=steps, height=resolution, width=resolution,
+                                   generator=generator, guidance_rescale=rescale).images[0])
+                labels.append(f"seed {seed}, #{i}" if len(prompts) == 1 else f"prompt {row + 1}, #{i}")
+    save_image(labelled_grid(images, labels, columns=count), path)
     set_adapter_training(components, True)
     return path

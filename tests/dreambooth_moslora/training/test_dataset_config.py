@@ -7,6 +7,7 @@ import shutil
 
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 from dreambooth_moslora.safe_files import read_safetensors, save_image
@@ -151,6 +152,9 @@ def test_each_bad_dataset_config_is_one_line_before_any_model_loads(world, tmp_p
     (("--train_data_dir", "{subject}"), "has no <repeats>_<prompt> folder (e.g. 10_sks dog)"),
     (("--train_data_dir", "{train}", "--reg_data_dir", "{reg}", "--class_prompt", "a circle"),
      "the class images come from the regularisation folders"),
+    (("--train_data_dir", "{train}", "--sample_prompts", "{train}/none.txt"), "none.txt: cannot be read"),
+    (("--train_data_dir", "{train}", "--sample_prompts", "{subject}/sks_circle_0.txt", "--validation_prompt", "a"),
+     "--sample_prompts and --validation_prompt both give validation prompts"),
 ])  # fmt: skip
 def test_clashing_data_options_are_one_line(world, kohya, tmp_path, capsys, extra, message):
     names = {"subject": world["subject"], "train": kohya / "train", "reg": kohya / "reg"}
@@ -204,9 +208,12 @@ def test_two_subjects_train_one_adapter_with_a_token_each(world, kohya, tmp_path
     for i in range(2):
         save_image(render(sample_scene(rng, shape="square"), 64), second / f"square_{i}.png")
     out = tmp_path / "run"
+    prompts = toml(tmp_path / "prompts.txt", "# one row of samples each\na sks circle on a gray background\n\n"
+                                             "a zqx square --n blurry --w 512\n")  # fmt: skip
     try:
         assert run(world, out, "--train_data_dir", str(kohya / "train"), "--reg_data_dir", str(kohya / "reg"),
-                   "--train_text_encoder_ti", "--token_abstraction", "sks,zqx", "--text_encoder_lr", "1e-2") == 0
+                   "--train_text_encoder_ti", "--token_abstraction", "sks,zqx", "--text_encoder_lr", "1e-2",
+                   "--sample_prompts", str(prompts), "--num_validation_images", "2") == 0  # fmt: skip
     finally:
         shutil.rmtree(second)  # the module's tree as the other tests know it
     _, new = read_embeddings(out / "run_emb.safetensors")
@@ -215,3 +222,9 @@ def test_two_subjects_train_one_adapter_with_a_token_each(world, kohya, tmp_path
     assert metadata["ss_num_train_images"] == str(5 * 10 + 2 * 4)  # images × repeats, both subjects
     assert metadata["ss_instance_prompt"] == "<s0><s1> circle; <s2><s3> square"  # each subject's prompt, in its tokens
     assert {"bundle_emb.sks.clip_l", "bundle_emb.zqx.clip_g"} <= set(load_file(out / "pytorch_lora_weights_kohya.safetensors"))
+    # a row of validation images per subject, each prompt in the subject's tokens
+    training = json.loads(read_safetensors(out / "moslora_adapter.safetensors")[1]["training"])
+    assert training["validation_prompts"] == ["a <s0><s1> circle on a gray background", "a <s2><s3> square"]
+    grid = Image.open(out / "validation.png")
+    assert grid.height == 2 * (grid.width // 2 + 14)  # two rows of two square images, a caption strip under each
+    assert "row 2: “a <s2><s3> square”" in (out / "README.md").read_text()

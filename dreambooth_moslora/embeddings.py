@@ -197,7 +197,8 @@ def unbundle(path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]):
         recorded = {}
     if set(recorded) != set(found) or any(len(recorded[a]) != found[a]["clip_l"].shape[0] for a in found):
         count = iter(range(sum(parts["clip_l"].shape[0] for parts in found.values())))
-        recorded = {a: tuple(f"<s{next(count)}>" for _ in range(parts["clip_l"].shape[0])) for a, parts in found.items()}
+        recorded = {a: tuple(f"<s{next(count)}>" for _ in range(parts["clip_l"].shape[0]))
+                    for a, parts in found.items()}
     order = list(recorded)
     rows = {key: torch.cat([found[a][key].float() for a in order]) for key in ENCODER_KEYS}
     return rows, NewTokens(recorded)

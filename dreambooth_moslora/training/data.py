@@ -158,11 +158,12 @@ def image_size(path: Path) -> tuple[int, int]:
     return (width, height) if orientation in (5, 6, 7, 8) else (height, width)
 
 
-AUTO_CAPTIONS = "auto"  # a caption extension meaning .txt, else .caption (kohya_ss writes the one, sd-scripts reads the other)
+AUTO_CAPTIONS = "auto"  # caption extension: .txt, else .caption (kohya_ss writes the one, sd-scripts reads the other)
 
 
 def read_caption(image_path: Path, caption_extension: str | None, fallback: str) -> str:
-    extensions = (".txt", ".caption") if caption_extension == AUTO_CAPTIONS else (caption_extension,) if caption_extension else ()
+    extensions = (".txt", ".caption") if caption_extension == AUTO_CAPTIONS else (caption_extension,) \
+        if caption_extension else ()  # fmt: skip
     for extension in extensions:
         caption_path = image_path.with_suffix(extension if extension.startswith(".") else f".{extension}")
         if caption_path.is_file():
@@ -328,11 +329,13 @@ class DreamBoothDataset(torch.utils.data.Dataset):
         self.captions = captions or [read_caption(p, caption_extension, instance_prompt) for p in self.instance_images]
         self.class_images = list(class_images or [])
         # Class images may carry captions too (the same extension); the class prompt is the fallback.
-        self.class_captions = class_captions or [read_caption(p, caption_extension, class_prompt) for p in self.class_images]
+        self.class_captions = class_captions or [read_caption(p, caption_extension, class_prompt)
+                                                 for p in self.class_images]  # fmt: skip
         self.rules = {"instance": caption_rules, "class": class_caption_rules}
         self.length = length
         self.center_crop, self.random_flip, self.seed = center_crop, random_flip, seed
-        self.buckets = make_buckets(resolution, bucket_step, limits=bucket_limits) if aspect_ratio_buckets else [(resolution, resolution)]
+        self.buckets = make_buckets(resolution, bucket_step, limits=bucket_limits) if aspect_ratio_buckets \
+            else [(resolution, resolution)]  # fmt: skip
         # Sizes come from the headers alone; the pixels are read when an item is asked for.
         self.instance_sizes = [image_size(p) for p in self.instance_images]
         self.class_sizes = [image_size(p) for p in self.class_images]
@@ -368,7 +371,8 @@ class DreamBoothDataset(torch.utils.data.Dataset):
         plan = CropPlan.draw(image.size, bucket, self.center_crop, self.random_flip, generator)
         mask = self.mask_of(i, image.size) if kind == "instance" else None
         mask = None if mask is None else to_mask(plan.apply(mask, Image.BILINEAR))
-        return Example(to_pixels(plan.apply(image)), sizes[i], plan.crop_top_left, self.caption(kind, index, epoch), mask=mask)
+        caption = self.caption(kind, index, epoch)
+        return Example(to_pixels(plan.apply(image)), sizes[i], plan.crop_top_left, caption, mask=mask)
 
     def mask_of(self, index: int, size: tuple[int, int]) -> Image.Image | None:
         """The instance image's mask as a grayscale image of the loaded image's ``size``, or None (no mask)."""

@@ -39,6 +39,7 @@ class Subset:
     shuffle_caption: bool = False
     keep_tokens: int = 0  # with shuffle_caption: the first N comma-separated tags stay in front
     caption_dropout_rate: float = 0.0  # the share of draws that train on the empty caption
+    class_prompt: str | None = None  # this trainer's: the class the base model draws this subject's class images of
 
     def to_json(self) -> dict:
         return {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(self).items()}
@@ -76,7 +77,7 @@ SUBSET_KEYS = {
     "is_reg": ((bool,), None), "caption_extension": ((str,), "caption_extension"),
     "shuffle_caption": ((bool,), "shuffle_caption"), "keep_tokens": ((int,), "keep_tokens"),
     "caption_dropout_rate": ((float, int), "caption_dropout_rate"), "flip_aug": ((bool,), "random_flip"),
-    "color_aug": ((bool,), None),
+    "color_aug": ((bool,), None), "class_prompt": ((str,), None),
 }  # fmt: skip
 DATASET_KEYS = {
     "resolution": ((int, list), "resolution"), "batch_size": ((int,), "train_batch_size"),
@@ -217,7 +218,7 @@ def _subset(toml: Toml, merged: dict, index: int) -> Subset:
             raise fail(f"{key} must be {'between 0 and 1' if high else f'at least {low}'}, got {merged[key]!r}", key)
     return Subset(folder, merged.get("num_repeats", 1), merged.get("class_tokens"), merged.get("is_reg", False),
                   merged.get("caption_extension"), merged.get("shuffle_caption", False), merged.get("keep_tokens", 0),
-                  merged.get("caption_dropout_rate", 0.0))  # fmt: skip
+                  merged.get("caption_dropout_rate", 0.0), merged.get("class_prompt"))  # fmt: skip
 
 
 def _resolution(toml: Toml, value) -> int:
@@ -313,11 +314,17 @@ def resolve_data(args, given: set[str]) -> None:
     args.reg_subsets = [s for s in subsets if s.is_reg]
     if not args.subsets:
         raise DataError("no instance images: every subset is is_reg (class images)")
+    drawn = list(dict.fromkeys(s.class_prompt for s in args.subsets if s.class_prompt))
     if args.reg_subsets:
-        if args.class_data_dir or args.class_prompt:
+        if args.class_data_dir or args.class_prompt or drawn:
             raise DataError("the class images come from the regularisation folders: drop --class_data_dir and "
-                            "--class_prompt (they are for class images the base model draws)")  # fmt: skip
+                            "--class_prompt / class_prompt (they are for class images the base model draws)")  # fmt: skip
         args.with_prior_preservation = True
+    elif drawn:  # each subject's class, drawn by the base model
+        if args.class_prompt:
+            raise DataError(f"{args.dataset_config}: its subsets name their class_prompt: drop --class_prompt")
+        args.with_prior_preservation = True
+    args.class_prompts = drawn or ([args.class_prompt] if args.class_prompt else [])
 
 
 def _folder_captions(captions: dict) -> dict:
@@ -336,5 +343,5 @@ def _from_toml(args, given: set[str]) -> list[Subset]:
     unset = {name: getattr(args, name) for name in (*CAPTION_OPTIONS, "repeats") if name not in config.lines}
     unset = {{"repeats": "num_repeats"}.get(k, k): v for k, v in unset.items()}
     unset["caption_extension"] = unset.get("caption_extension", None) or AUTO_CAPTIONS
-    return [dataclasses.replace(s, **{k: v for k, v in unset.items()
-                                      if k != "caption_extension" or s.caption_extension is None}) for s in config.subsets]
+    return [dataclasses.replace(s, **{k: v for k, v in unset.items() if k != "caption_extension" or s.caption_extension
+                                      is None}) for s in config.subsets]  # fmt: skip

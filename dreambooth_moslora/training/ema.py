@@ -68,8 +68,8 @@ class AdapterEMA:
         if not path.is_file():
             return False
         tensors, metadata = read_safetensors(path)
-        if len(tensors) != len(self.shadow) or any(tuple(tensors.get(f"ema.{i}", torch.empty(0)).shape) != tuple(s.shape)
-                                                   for i, s in enumerate(self.shadow)):  # fmt: skip
+        shapes = [tuple(tensors[f"ema.{i}"].shape) if f"ema.{i}" in tensors else None for i in range(len(self.shadow))]
+        if len(tensors) != len(self.shadow) or shapes != [tuple(s.shape) for s in self.shadow]:
             raise TrainingError(f"{path}: its EMA does not match the adapter being trained")
         with torch.no_grad():
             for i, s in enumerate(self.shadow):

@@ -26,7 +26,7 @@ from ..safe_files import base_hashes
 from ..sdxl import encode_prompts, tokenize
 from ..surgery import mixer_parameters
 from .checkpoints import clean_leftovers, register_adapter_hooks, resume, save_checkpoint
-from .data import DreamBoothDataset, StepPlan, batch_source, cache_latents, epoch_batches, generate_class_images, process_batches, scan_images
+from .data import DreamBoothDataset, StepPlan, read_caption, batch_source, cache_latents, epoch_batches, generate_class_images, process_batches, scan_images
 from .dataset_config import Images, gather
 from .ema import AdapterEMA
 from .loss import StepModels, batch_loss
@@ -58,8 +58,7 @@ def train(args) -> Path:
     instance = gather(args.subsets, warn=main)
     classes = gather(args.reg_subsets, warn=main) if args.reg_subsets else Images()
     if args.with_prior_preservation and not args.reg_subsets:
-        classes.paths = class_images_for_prior(accelerator, (*base_id, schedule, args.base_config), args.class_data_dir, args.class_prompt, args.num_class_images,
-                                               args.sample_batch_size, args.seed, args.resolution, args.class_inference_steps)  # fmt: skip
+        classes = drawn_classes(args, accelerator, (*base_id, schedule, args.base_config))
     instance_images, class_images = instance.paths, classes.paths
 
     # 2. Models (fitted to memory first, when asked): frozen base, adapters in fp32, the optimizer over the adapters.
@@ -155,15 +154,18 @@ def run_settings(args, max_steps: int, schedule, last_loss: float, instance: Ima
                     rescale_betas_zero_snr=bool(schedule.get("rescale_betas_zero_snr")), final_loss=last_loss,
                     num_train_images=len(instance.paths), num_class_images=len(classes.paths),
                     num_reg_images=len(classes.paths) if args.reg_subsets else 0,
-                    dataset_dirs={**instance.folders, **classes.folders}, tag_frequency={**instance.tags, **classes.tags})
+                    dataset_dirs={**instance.folders, **classes.folders},
+                    tag_frequency={**instance.tags, **classes.tags})
     new = NewTokens.plan(args.token_abstraction, args.num_new_tokens_per_abstraction) if args.train_text_encoder_ti \
         else None  # fmt: skip
     if not settings.get("instance_prompt"):  # kohya's folders and subsets: their prompts, each subject's once
-        prompts = "; ".join(dict.fromkeys(s.class_tokens for s in args.subsets if s.class_tokens)) or instance.captions[0]
+        prompts = "; ".join(dict.fromkeys(s.class_tokens for s in args.subsets if s.class_tokens)) \
+            or instance.captions[0]  # fmt: skip
         settings["instance_prompt"] = new.rewrite(prompts) if new else prompts
     subsets = args.subsets + args.reg_subsets  # one figure each, as sd-scripts records: the largest where they differ
     settings.update(caption_dropout_rate=max(s.caption_dropout_rate for s in subsets),
-                    shuffle_caption=any(s.shuffle_caption for s in subsets), keep_tokens=max(s.keep_tokens for s in subsets))
+                    shuffle_caption=any(s.shuffle_caption for s in subsets),
+                    keep_tokens=max(s.keep_tokens for s in subsets))
     if new:  # what the files' prompts now hold in place of the abstraction
         settings.update(new_tokens=new.tokens, embeddings_file=embeddings_file(Path(args.output_dir)).name)
     return settings
@@ -205,6 +207,24 @@ def end_processes(accelerator) -> None:
 def progress_bars_wanted(main: bool) -> bool:
     """On the main process, unless tqdm's own TQDM_DISABLE says otherwise (an explicit disable= would override it)."""
     return main and os.environ.get("TQDM_DISABLE", "").lower() in ("", "0", "false")
+
+
+def drawn_classes(args, accelerator, model: tuple) -> Images:
+    """The class images the base model draws for each class prompt (one, or a subject's each: then in a folder of
+    its own under --class_data_dir), made where too few are there, captioned with their prompt."""
+    classes = Images()
+    for prompt in args.class_prompts:
+        folder = args.class_data_dir if len(args.class_prompts) == 1 else args.class_data_dir / slug(prompt)
+        paths = class_images_for_prior(accelerator, model, folder, prompt, args.num_class_images, args.sample_batch_size,
+                                       args.seed, args.resolution, args.class_inference_steps)  # fmt: skip
+        classes.paths += paths
+        classes.captions += [read_caption(p, args.caption_extension, prompt) for p in paths]
+    return classes
+
+
+def slug(text: str) -> str:
+    """A folder name for a prompt: "a photo of dog" → "a_photo_of_dog"."""
+    return "_".join("".join(c if c.isalnum() else " " for c in text).split())[:80] or "class"
 
 
 def class_images_for_prior(accelerator, model: tuple, class_dir: Path, prompt: str, count: int, batch_size: int, seed: int,
@@ -264,7 +284,8 @@ def prepare_data(args, base, instance: Images, classes: Images, device, pivotal)
         bucket_step=args.bucket_reso_steps or (64 if args.resolution >= 512 else 8), seed=args.seed,
         mask_dir=args.mask_dir, alpha_mask=args.alpha_mask, captions=instance.captions, caption_rules=instance.rules,
         class_captions=classes.captions or None, class_caption_rules=classes.rules or None,
-        length=len(instance.paths) if args.kohya_epochs else None, bucket_limits=(args.min_bucket_reso, args.max_bucket_reso),
+        length=len(instance.paths) if args.kohya_epochs else None,
+        bucket_limits=(args.min_bucket_reso, args.max_bucket_reso),
     )  # fmt: skip
     if pivotal:
         pivotal.rewrite_captions(dataset)

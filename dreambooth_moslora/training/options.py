@@ -82,7 +82,8 @@ def _add_model_and_data_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--aspect_ratio_buckets", action="store_true", help="group images by aspect ratio")
     g.add_argument("--min_bucket_reso", type=int, help="with buckets: no side shorter (kohya's)")
     g.add_argument("--max_bucket_reso", type=int, help="with buckets: no side longer (kohya's)")
-    g.add_argument("--bucket_reso_steps", type=int, help="with buckets: sides are multiples of N (default 64; 8 below 512 px)")
+    g.add_argument("--bucket_reso_steps", type=int,
+                   help="with buckets: sides are multiples of N (default 64; 8 below 512 px)")
     g.add_argument("--center_crop", action="store_true")
     g.add_argument("--random_flip", action="store_true")
     g.add_argument("--dataloader_num_workers", type=int,
@@ -160,9 +161,11 @@ def _add_optimisation_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--use_ema", action="store_true",
                    help="keep an exponential moving average of the adapter's weights and save it as the adapter "
                         "(the live weights beside it as *_live.safetensors)")
-    g.add_argument("--ema_decay", type=float, default=0.995, help="the EMA's decay per optimizer step (SimpleTuner's default)")
+    g.add_argument("--ema_decay", type=float, default=0.995,
+                   help="the EMA's decay per optimizer step (SimpleTuner's default)")
     g.add_argument("--ema_warmup", action="store_true", help="the EMA's decay ramps up as 1 - (1 + step)^(-2/3)")
-    g.add_argument("--ema_cpu", action="store_true", help="keep the EMA in host memory (each step then waits for the GPU)")
+    g.add_argument("--ema_cpu", action="store_true",
+                   help="keep the EMA in host memory (each step then waits for the GPU)")
 
 
 def _add_output_options(p: argparse.ArgumentParser) -> None:
@@ -283,7 +286,7 @@ def validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     if not args.pretrained_model_name_or_path:
         parser.error("--pretrained_model_name_or_path is required")
     if args.with_prior_preservation and not args.reg_subsets:
-        if not args.class_prompt:
+        if not args.class_prompts:
             parser.error("--with_prior_preservation needs --class_prompt")
         if args.class_data_dir is None:
             args.class_data_dir = args.output_dir / "class_images"

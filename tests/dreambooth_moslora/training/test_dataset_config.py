@@ -228,3 +228,31 @@ def test_two_subjects_train_one_adapter_with_a_token_each(world, kohya, tmp_path
     grid = Image.open(out / "validation.png")
     assert grid.height == 2 * (grid.width // 2 + 14)  # two rows of two square images, a caption strip under each
     assert "row 2: “a <s2><s3> square”" in (out / "README.md").read_text()
+
+
+def test_each_subject_gets_class_images_of_its_own_class(world, tmp_path):
+    square = tmp_path / "squares"
+    square.mkdir()
+    rng = random.Random(6)
+    for i in range(2):
+        save_image(render(sample_scene(rng, shape="square"), 64), square / f"square_{i}.png")
+    config = toml(tmp_path / "data.toml", f"""[[datasets]]
+  [[datasets.subsets]]
+  image_dir = "{world['subject']}"
+  class_tokens = "sks circle"
+  class_prompt = "a circle"
+
+  [[datasets.subsets]]
+  image_dir = "{square}"
+  class_tokens = "zqx square"
+  class_prompt = "a square"
+""")
+    out = tmp_path / "run"
+    assert main(["--pretrained_model_name_or_path", str(world["model"]), "--output_dir", str(out), "--dataset_config",
+                 str(config), *COMMON, "--max_train_steps", "2", "--num_class_images", "2",
+                 "--class_inference_steps", "2"]) == 0  # fmt: skip
+    for folder, prompt in (("a_circle", "a circle"), ("a_square", "a square")):
+        assert len(list((out / "class_images" / folder).glob("*.png"))) == 2, folder  # drawn, and kept for the next run
+    training = json.loads(read_safetensors(out / "moslora_adapter.safetensors")[1]["training"])
+    assert training["class_prompts"] == ["a circle", "a square"] and training["num_class_images"] == 4
+    assert training["with_prior_preservation"] is True

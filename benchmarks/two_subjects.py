@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import random
 import shutil
 import statistics
@@ -34,6 +35,7 @@ import time
 from pathlib import Path
 
 from dreambooth_moslora.safe_files import save_image, write_text
+from quality import paired_difference  # benchmarks/ is this script's folder, as gpu_suite imports vs_diffusers
 from toyworld.recipe import NEW_BACKGROUNDS, TOY_TRAINING
 from toyworld.world import INSTANCE_BACKGROUNDS, Scene, render, render_mask
 
@@ -44,7 +46,6 @@ SUBJECTS = {  # word, shape, colour
 }
 RUNS = {"both": ("circle", "square"), "circle alone": ("circle",), "square alone": ("square",)}
 IMAGES_PER_PROMPT = 8
-T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571}
 
 
 def write_second_subject(folder: Path, masks: Path, count: int = 5, size: int = 32) -> None:
@@ -133,12 +134,9 @@ def measure(pipe, classifier, adapter: Path, seed: int) -> dict:
 
 
 def paired(a: list[float], b: list[float]) -> str:
-    diffs = [x - y for x, y in zip(a, b)]
-    mean = statistics.fmean(diffs)
-    if len(diffs) < 2:
-        return f"{mean:+.2f}"
-    half = T95.get(len(diffs) - 1, 1.96) * statistics.stdev(diffs) / len(diffs) ** 0.5
-    return f"{mean:+.2f} [{mean - half:+.2f}, {mean + half:+.2f}]"
+    """The quality benchmark's paired difference (Student's t), as text."""
+    mean, low, high = paired_difference(a, b)
+    return f"{mean:+.2f}" if math.isnan(low) else f"{mean:+.2f} [{low:+.2f}, {high:+.2f}]"
 
 
 def report(results: dict) -> dict:

@@ -126,11 +126,8 @@ def uninstall(text_encoders) -> list:
     return originals
 
 
-def save_embeddings(path: str | Path, rows: dict[str, torch.Tensor] | list[TokenRows], new: NewTokens) -> Path:
-    """The rows (by encoder key, or the installed modules) as an SDXL textual inversion (clip_l, clip_g), the tokens
-    in the metadata."""
-    if not isinstance(rows, dict):
-        rows = {key: module.rows for key, module in zip(ENCODER_KEYS, rows)}
+def save_embeddings(path: str | Path, rows: dict[str, torch.Tensor], new: NewTokens) -> Path:
+    """The rows (by encoder key) as an SDXL textual inversion (clip_l, clip_g), the tokens in the metadata."""
     tensors = {key: rows[key].detach().float().cpu().contiguous() for key in ENCODER_KEYS}
     metadata = {"format": FORMAT, "tokens": json.dumps(new.tokens),
                 "abstractions": json.dumps({k: list(v) for k, v in new.abstractions.items()})}  # fmt: skip
@@ -226,9 +223,15 @@ def unload_embeddings(pipe) -> None:
         pipe.tokenizer, pipe.tokenizer_2 = originals
 
 
+def unused_line(new: NewTokens, prompt: str) -> str | None:
+    """A line when a prompt names one of the concepts neither by its word nor by its tokens, else None."""
+    if missing := new.missing_from(prompt):
+        words = ", ".join(f"{name} ({''.join(new.abstractions[name])})" for name in missing)
+        return f"the prompt does not mention {words}: those new tokens stay unused"
+    return None
+
+
 def warn_if_unused(new: NewTokens, prompt: str) -> None:
     """A prompt that names none of an embedding's concepts draws without them: say so."""
-    if missing := new.missing_from(prompt):
-        tokens = "".join(token for name in missing for token in new.abstractions[name])
-        warnings.warn(f"the prompt does not mention {', '.join(missing)}: the embedding's tokens ({tokens}) are unused",
-                      stacklevel=2)
+    if line := unused_line(new, prompt):
+        warnings.warn(line, stacklevel=2)

@@ -58,9 +58,10 @@ def load_adapter(pipe, path: str | os.PathLike, scale: float = 1.0, fuse: bool =
     if adapter.embeddings:  # checked before anything changes
         check_rows([pipe.text_encoder, pipe.text_encoder_2], adapter.embeddings[1], adapter.embeddings[0])
     load_adapter_into(pipeline_components(pipe), adapter, scale=scale, fuse=fuse)
-    unload_embeddings(pipe)
     if adapter.embeddings:
-        install_into(pipe, *adapter.embeddings)
+        install_into(pipe, *adapter.embeddings)  # in place of any tokens the pipeline had
+    else:
+        unload_embeddings(pipe)
     base = base if base is not None else pipe.config.get("_name_or_path")
     line = base_mismatch(recorded(adapter.metadata), base, Path(path).name) if base and check_base else None
     if line:

@@ -215,7 +215,7 @@ def resize(loaded: Loaded, output: Path, fmt: str, rank: int | None = None, ener
     layers, errors = _truncate_all(loaded.adapter.layers, rank, energy)
     settings = {"rank": rank} if rank is not None else {"energy": energy}
     _write_plain(output, fmt, layers, loaded.components, recorded(loaded.adapter.metadata)["base_model"],
-                 provenance("resize", [loaded.path], **settings), loaded.adapter, output)  # fmt: skip
+                 provenance("resize", [loaded.path], **settings), loaded.adapter)  # fmt: skip
     return errors
 
 
@@ -235,11 +235,11 @@ def _truncate_all(layers: dict, rank: int | None, energy: float | None) -> tuple
 
 
 def _write_plain(output: Path, fmt: str, layers: dict, components: dict, base_model, extra: dict,
-                 source: AdapterFile | None = None, to: Path | None = None) -> Path:  # fmt: skip
+                 source: AdapterFile | None = None) -> Path:  # fmt: skip
     """Plain-LoRA layers (α = rank) in any format, with the new tokens of the ``source`` adapter, if any."""
     first = next(iter(next(iter(layers.values())).values()))
     config = AdapterConfig(rank=first.rank, alpha=float(first.rank), mixer="none", mixer_init="identity")
-    training = carry_embeddings(source, fmt, to) if source else None
+    training = carry_embeddings(source, fmt, output) if source else None
     return _write(output, fmt, layers, config, components, base_model, training or None, extra,
                   source.embeddings if source else None)  # fmt: skip
 
@@ -279,7 +279,7 @@ def merge(inputs: list[Loaded], weights: list[float], output: Path, fmt: str, ra
         layers, errors = _truncate_all(layers, rank, None)
     extra = provenance("merge", paths, weights=weights, **({"rank": rank} if rank is not None else {}))
     _write_plain(output, fmt, layers, inputs[0].components, bases.pop() if bases else None, extra,
-                 with_tokens[0].adapter if with_tokens else None, output)  # fmt: skip
+                 with_tokens[0].adapter if with_tokens else None)  # fmt: skip
     return errors
 
 

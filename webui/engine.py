@@ -25,6 +25,7 @@ import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
+from dreambooth_moslora.embeddings import unused_line
 from dreambooth_moslora.errors import AdapterError, AdapterFileError, RequestError
 from dreambooth_moslora.formats import AdapterFile, summarize
 from dreambooth_moslora.single_file import SDXL_BASE_CONFIG, file_pipeline, is_sdxl_checkpoint, is_single_file
@@ -139,15 +140,6 @@ def _same_folder(a: str, b: str) -> bool:
         return Path(a).is_dir() and Path(b).is_dir() and Path(a).resolve() == Path(b).resolve()
     except (OSError, RuntimeError):
         return False
-
-
-def unused_tokens(adapter: AdapterFile, prompt: str) -> str | None:
-    """A line when a prompt names none of an adapter's new tokens (nor what they stand for), else None."""
-    new = adapter.embeddings[1]
-    if missing := new.missing_from(prompt):
-        words = ", ".join(f"{name} ({''.join(new.abstractions[name])})" for name in missing)
-        return f"the prompt does not mention {words}: the adapter's subject is named by its new tokens"
-    return None
 
 
 def file_hash(path: Path) -> str:
@@ -388,7 +380,7 @@ class Engine:
                     rescale = self._use_scheduler(pipe, r.scheduler, variant.info.get("noise_schedule") if variant else None)
                     adapter = self._use_adapter(pipe, variant.path if variant else None, r.scale)
                     prompt = adapter.rewrite(r.prompt) if adapter else r.prompt  # pivotal tuning's TOK → <s0><s1>
-                    if adapter and adapter.embeddings and (unused := unused_tokens(adapter, r.prompt)):
+                    if adapter and adapter.embeddings and (unused := unused_line(adapter.embeddings[1], r.prompt)):
                         warnings[variant.id] = "; ".join(filter(None, (warnings.get(variant.id), unused)))
                     for i in range(r.num_images):
                         done = len(results) * r.steps

@@ -63,7 +63,7 @@ class Pivotal:
         return {key: module.rows.detach() for key, module in zip(ENCODER_KEYS, self.modules)}, self.new
 
     def save(self, path: Path) -> Path:
-        return save_embeddings(path, self.modules, self.new)
+        return save_embeddings(path, *self.as_embeddings())
 
     def restore(self, path: Path) -> None:
         import torch

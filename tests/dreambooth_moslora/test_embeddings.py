@@ -84,7 +84,7 @@ def test_the_file_round_trips_and_stock_diffusers_reads_it_the_same(tiny_pipe, t
     tiny_pipe.tokenizer, tiny_pipe.tokenizer_2 = install(tokenizers, text_encoders, new,
                                                          generator=torch.Generator().manual_seed(1))  # fmt: skip
     modules = [te.get_input_embeddings() for te in text_encoders]
-    path = save_embeddings(tmp_path / "dog_emb.safetensors", modules, new)
+    path = save_embeddings(tmp_path / "dog_emb.safetensors", {"clip_l": modules[0].rows, "clip_g": modules[1].rows}, new)
     ours = embed(tiny_pipe, new.rewrite("a TOK on a gray background"))
     unload_embeddings(tiny_pipe)
     assert [len(t) for t in (tiny_pipe.tokenizer, tiny_pipe.tokenizer_2)] == vocabulary  # nothing left behind

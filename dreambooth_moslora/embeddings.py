@@ -134,6 +134,11 @@ def save_embeddings(path: str | Path, rows: dict[str, torch.Tensor], new: NewTok
     return write_safetensors(path, tensors, metadata)
 
 
+def is_embedding(names) -> bool:
+    """Whether a safetensors file's tensor names (its header's keys will do) are an SDXL embedding's."""
+    return set(ENCODER_KEYS) <= set(names)
+
+
 def read_embeddings(path: str | Path) -> tuple[dict[str, torch.Tensor], NewTokens]:
     """An SDXL textual inversion file, checked as data: its clip_l and clip_g rows, and its tokens (ours record
     them; another tool's file gets <s0>… for an abstraction named after the file)."""

@@ -25,12 +25,12 @@ import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from dreambooth_moslora.embeddings import unused_line
+from dreambooth_moslora.embeddings import is_embedding, unused_line
 from dreambooth_moslora.errors import AdapterError, AdapterFileError, RequestError
 from dreambooth_moslora.formats import AdapterFile, summarize
 from dreambooth_moslora.single_file import SDXL_BASE_CONFIG, file_pipeline, is_sdxl_checkpoint, is_single_file
 from dreambooth_moslora.inference import base_mismatch, load_adapter, sampling_config, set_scale, unload_adapter
-from dreambooth_moslora.safe_files import atomic_path, save_image, sha256_of
+from dreambooth_moslora.safe_files import atomic_path, read_header, save_image, sha256_of
 
 SCHEDULERS = ("Euler", "Euler a", "DPM++ 2M", "DDIM")
 MIN_SIDE, MAX_SIDE = 32, 2048  # 32: the toy world the offline demo uses
@@ -79,6 +79,8 @@ def describe(path: Path, root: Path) -> AdapterEntry | None:
         entry.error = str(exc).split(": ", 1)[-1]
         return entry
     if summary is None:
+        if is_embedding(read_header(path)[0]):
+            return None  # pivotal tuning's tokens: they come with their adapter, not on their own
         if "lora" in path.name.lower() or "adapter" in path.name.lower():
             entry.error = "not a LoRA/MoSLoRA file this toolkit knows"
             return entry

@@ -259,7 +259,7 @@ def test_an_adapter_used_on_another_base_than_it_records_is_warned_about(world, 
 
 
 def test_an_adapters_new_tokens_stand_for_its_abstraction_in_prompts(world, tmp_path):
-    from dreambooth_moslora.embeddings import NewTokens
+    from dreambooth_moslora.embeddings import NewTokens, save_embeddings
 
     pipe = build_tiny_sdxl(seed=0)
     components = pipeline_components(pipe)
@@ -270,7 +270,9 @@ def test_an_adapters_new_tokens_stand_for_its_abstraction_in_prompts(world, tmp_
     rows = {key: torch.randn(2, width, generator=torch.Generator().manual_seed(5)) for key, width in
             zip(("clip_l", "clip_g"), widths)}  # fmt: skip
     save_adapter(tmp_path / "adapters" / "pet", components, formats=["kohya"], embeddings=(rows, new))
+    save_embeddings(tmp_path / "adapters" / "pet" / "adapter_emb.safetensors", rows, new)  # as the trainer writes
     engine = Engine(tmp_path / "adapters", demo_model=str(world["model"]), output_dir=tmp_path / "images")
+    assert [a.id for a in engine.adapters()] == ["pet/pytorch_lora_weights_kohya.safetensors"]  # the _emb: not listed
     adapter = ["pet/pytorch_lora_weights_kohya.safetensors"]
     by_name, by_tokens, without = (engine.generate(Request(prompt=p, adapters=adapter, **SMALL))[0]
                                    for p in ("a photo of TOK", "a photo of <s0><s1>", "a photo of a circle"))

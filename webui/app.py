@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import html
+
 import gradio as gr
 
 from dreambooth_moslora.formats import LOADED_BY
@@ -101,7 +103,8 @@ class GenerateTab:
             i = entry.info
             prompt = prompt or entry.suggested_prompt
             base = base or i.get("base_model")
-            trained = f"“{i['instance_prompt']}”, " if i.get("instance_prompt") else ""
+            # escaped: pivotal tuning's "<s0><s1>" would otherwise be taken for HTML tags and vanish from the page
+            trained = f"“{html.escape(i['instance_prompt'])}”, " if i.get("instance_prompt") else ""
             steps = f", {i['steps']} steps" if i.get("steps") else ""
             lines.append(f"- `{entry.id}`: {trained}rank {i.get('rank')}, α {i.get('alpha')}, mixer {i.get('mixer')}{steps}; "
                          f"{entry.format} file, loads in {LOADED_BY[entry.format]}")  # fmt: skip

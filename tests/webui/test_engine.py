@@ -269,7 +269,8 @@ def test_an_adapters_new_tokens_stand_for_its_abstraction_in_prompts(world, tmp_
     widths = [pipe.text_encoder.config.hidden_size, pipe.text_encoder_2.config.hidden_size]
     rows = {key: torch.randn(2, width, generator=torch.Generator().manual_seed(5)) for key, width in
             zip(("clip_l", "clip_g"), widths)}  # fmt: skip
-    save_adapter(tmp_path / "adapters" / "pet", components, formats=["kohya"], embeddings=(rows, new))
+    save_adapter(tmp_path / "adapters" / "pet", components, formats=["kohya"], embeddings=(rows, new),
+                 training={"instance_prompt": "a photo of <s0><s1>"})
     save_embeddings(tmp_path / "adapters" / "pet" / "adapter_emb.safetensors", rows, new)  # as the trainer writes
     engine = Engine(tmp_path / "adapters", demo_model=str(world["model"]), output_dir=tmp_path / "images")
     assert [a.id for a in engine.adapters()] == ["pet/pytorch_lora_weights_kohya.safetensors"]  # the _emb: not listed
@@ -280,6 +281,14 @@ def test_an_adapters_new_tokens_stand_for_its_abstraction_in_prompts(world, tmp_
     assert not np.array_equal(pixels(by_name), pixels(without))
     assert "warning" not in by_name.parameters and "warning" not in by_tokens.parameters
     assert without.parameters["warning"].startswith("the prompt does not mention TOK (<s0><s1>)")
+    import gradio as gr
+
+    from webui.app import GenerateTab
+
+    with gr.Blocks(), gr.Tabs():
+        tab = GenerateTab(engine, 64)
+    details = tab.on_select(adapter)[1]
+    assert "“a photo of &lt;s0&gt;&lt;s1&gt;”" in details  # the page shows the tokens, not empty HTML tags
     base = engine.generate(Request(prompt="a photo of TOK", **SMALL))[0]  # the tokens leave with the adapter
     assert len(engine.pipeline(str(world["model"])).tokenizer) == len(pipe.tokenizer) and "warning" not in base.parameters
 

@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # toyworld, where this project is not installed into the environment that runs it
 OURS = ("ours", "ours --cache_latents", "ours --cache_latents --torch_compile")
 REFERENCE = ROOT.parent / "shared" / "reference" / "train_dreambooth_lora_sdxl.py"
 
@@ -87,6 +88,8 @@ def run(script: Path, argv: list[str], timeout: float, skip: int = 2) -> dict:
     timed = stamps[skip:] if len(stamps) > skip + 1 else stamps
     result["steps"] = len(stamps)
     result["steps_per_second"] = (len(timed) - 1) / (timed[-1] - timed[0]) if len(timed) > 1 else None
+    steps = [b - a for a, b in zip(timed, timed[1:])]
+    result["median_step_ms"] = round(statistics.median(steps) * 1e3, 2) if steps else None
     return result
 
 
@@ -137,8 +140,10 @@ def summarise(results: dict[str, list]) -> dict:
                   if o.get("steps_per_second") and t]
         summary[name] = {"ratio_median": statistics.median(ratios) if ratios else None,
                          "ratio_range": [min(ratios), max(ratios)] if ratios else None,
-                         "steps_per_second": [r.get("steps_per_second") for r in results[name]]}
-    summary["diffusers"] = {"steps_per_second": theirs}
+                         "steps_per_second": [r.get("steps_per_second") for r in results[name]],
+                         "median_step_ms": [r.get("median_step_ms") for r in results[name]]}
+    summary["diffusers"] = {"steps_per_second": theirs,
+                            "median_step_ms": [r.get("median_step_ms") for r in results["diffusers"]]}
     return summary
 
 

@@ -3,10 +3,11 @@
 The window opens after the first batches (allocation, autotuning, compilation) and closes ``N`` batches later. It
 writes ``profile.json`` beside the adapter — per batch: operations dispatched, kernel launches, reads of a device
 value by the host (``.item()``, ``float(t)``, ``if t:``), the loop's planned reads of its losses, device
-synchronisations, copies between host and device, tensors
-made on the host, wall time, the GPU's busy share, and the kernels that took longest — and ``profile-trace.json``
-for chrome://tracing or Perfetto. On a CPU the same counts come out (no kernels, no copies): a test reads them, so
-a step that starts waiting on the device again shows without a GPU.
+synchronisations, copies between host and device, tensors made on the host, Python's full garbage collections (each
+walks every object alive, stalling the step) and the objects frozen out of them, wall time, the GPU's busy share,
+and the kernels that took longest — and ``profile-trace.json`` for chrome://tracing or Perfetto. On a CPU the same
+counts come out (no kernels, no copies): a test reads them, so a step that starts waiting on the device again shows
+without a GPU.
 
 A tensor made on the host is one made by a factory (``torch.randn``, ``torch.tensor``, …) without a device, or from
 host data: on a GPU it must be copied over, and an ordinary copy makes the host wait.
@@ -14,6 +15,7 @@ host data: on a GPU it must be copied over, and an ordinary copy makes the host 
 
 from __future__ import annotations
 
+import gc
 import json
 import time
 from collections import Counter
@@ -64,6 +66,8 @@ class StepProfile:
         self.host_tensors: HostTensors | None = None
         self.started = 0.0
         self.summary: dict | None = None
+        self.collections: list[float] = []  # seconds each full collection in the window took
+        self._collecting = 0.0
 
     @contextmanager
     def batch(self):
@@ -91,7 +95,16 @@ class StepProfile:
         self.profiler = torch.profiler.profile(activities=activities)
         self.profiler.__enter__()
         self.host_tensors = HostTensors()
+        gc.callbacks.append(self._on_collection)
         self.started = time.perf_counter()
+
+    def _on_collection(self, phase: str, info: dict) -> None:
+        if info["generation"] != 2:
+            return
+        if phase == "start":
+            self._collecting = time.perf_counter()
+        else:
+            self.collections.append(time.perf_counter() - self._collecting)
 
     def close(self) -> dict | None:
         """Ends the window (at the loop's end at the latest) and writes the files; returns the summary."""
@@ -101,8 +114,12 @@ class StepProfile:
             torch.cuda.synchronize()
         wall = time.perf_counter() - self.started
         self.profiler.__exit__(None, None, None)
+        gc.callbacks.remove(self._on_collection)
         batches = max(self.ticks - self.after, 1)
         self.summary = summarise(self.profiler.events(), batches, wall, self.host_tensors.where)
+        self.summary.update(full_collections_per_batch=len(self.collections) / batches,
+                            full_collection_ms_per_batch=round(sum(self.collections) * 1e3 / batches, 3),
+                            frozen_objects=gc.get_freeze_count())
         self.output_dir.mkdir(parents=True, exist_ok=True)
         write_text(self.output_dir / "profile.json", json.dumps(self.summary, indent=1) + "\n")
         self.profiler.export_chrome_trace(str(self.output_dir / "profile-trace.json"))

@@ -1,6 +1,7 @@
 """--profile_steps: what a training step dispatches and waits for, counted on the CPU, so a step that starts waiting
 on the device again (an .item(), an `if` on a tensor, a tensor made on the host) fails here without a GPU."""
 
+import gc
 import json
 
 import torch
@@ -23,6 +24,8 @@ def test_a_training_step_reads_nothing_from_the_device_and_makes_nothing_on_the_
     assert profile["loss_reads_per_batch"] == 0.25  # the losses are read once every --logging_steps 4
     assert profile["host_tensors_per_batch"] == 0, profile["host_tensors_made_at"]
     assert profile["ops_per_batch"] > 5000  # the whole UNet's forward and backward were in the window
+    # what lived after the first step was frozen out of the full collections for the run, and given back after it
+    assert profile["frozen_objects"] > 10_000 and gc.get_freeze_count() == 0
     assert (out / "profile-trace.json").stat().st_size > 0
     rows = (out / "loss.csv").read_text().splitlines()[1:]
     assert [int(r.split(",")[0]) for r in rows] == list(range(1, 9))  # every step logged, four at a time
@@ -37,10 +40,12 @@ def test_the_profile_counts_what_a_careless_step_does(tmp_path):
             if not torch.isfinite(loss):  # a read of a device value
                 break
             loss.backward()
+            gc.collect()  # a full collection: a stall
     summary = profile.close()
     assert summary["batches"] == 3 and json.loads((tmp_path / "profile.json").read_text()) == summary
     assert summary["scalar_reads_per_batch"] == 1
     assert summary["host_tensors_per_batch"] == 1
+    assert summary["full_collections_per_batch"] == 1 and summary["full_collection_ms_per_batch"] > 0
     assert list(summary["host_tensors_made_at"]) == [f"test_profiling.py:{_line_of('torch.randn(3)')} torch.randn"]
 
 

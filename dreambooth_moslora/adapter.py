@@ -260,15 +260,25 @@ class MixerBank(nn.Module):
 
 
 class BankRefresh:
-    """The forward pre-hook that refreshes a model's mixer banks and, as its forward hook, closes the forward
-    (callable objects, so that a deepcopy of the model keeps them)."""
+    """The model's forward pre-hook: refreshes its mixer banks (a callable object, so that a deepcopy of the model
+    keeps it)."""
 
-    def __init__(self, banks: list[MixerBank], done: bool = False):
-        self.banks, self.done = banks, done
+    def __init__(self, banks: list[MixerBank]):
+        self.banks = banks
 
     def __call__(self, module, *args) -> None:
         for bank in self.banks:
-            if self.done:
-                bank.in_forward = False
-            else:
-                bank.refresh()
+            bank.refresh()
+
+
+class BankClose:
+    """The model's forward hook: its forward is over. A class of its own, not a flag of ``BankRefresh``: it has no
+    tensor operation, so torch.compile skips its code for good, and shared code would take the refresh with it
+    (the second step of a compiled run then traced the refresh again)."""
+
+    def __init__(self, banks: list[MixerBank]):
+        self.banks = banks
+
+    def __call__(self, module, *args) -> None:
+        for bank in self.banks:
+            bank.in_forward = False

@@ -11,7 +11,7 @@ from collections.abc import Iterable
 
 from torch import nn
 
-from .adapter import AdapterConfig, BankRefresh, MixerBank, MoSLoRALinear
+from .adapter import AdapterConfig, BankClose, BankRefresh, MixerBank, MoSLoRALinear
 from .errors import AdapterError
 
 # The attention projections that diffusers' SDXL DreamBooth LoRA script adapts, in self- (attn1)
@@ -89,7 +89,7 @@ def bank_mixers(model: nn.Module) -> list[MixerBank]:
             groups.setdefault(key, []).append(layer)
     banks = nn.ModuleList(MixerBank(layers) for layers in groups.values())
     model.add_module(_BANKS, banks)  # registered: .to(), the model's parameters and DDP see them
-    refresh, done = BankRefresh(list(banks)), BankRefresh(list(banks), done=True)
+    refresh, done = BankRefresh(list(banks)), BankClose(list(banks))
     object.__setattr__(model, _BANK_HOOK, (model.register_forward_pre_hook(refresh), model.register_forward_hook(done)))
     return list(banks)
 

@@ -70,7 +70,8 @@ def make_batch(config: dict, pooled_dim: int, batch: int, resolution: int, devic
 def add_peft_lora(unet, rank: int):
     from peft import LoraConfig
 
-    unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
+                                target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
     params = [p for p in unet.parameters() if p.requires_grad]
     for p in params:  # the adapter in fp32, as in diffusers' training scripts
         p.data = p.data.float()
@@ -97,7 +98,8 @@ class Variant:
     def step(self):
         b = self.batch
         with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
-            pred = self.unet(b["sample"], b["timestep"], b["encoder_hidden_states"], added_cond_kwargs=b["added_cond_kwargs"]).sample
+            pred = self.unet(b["sample"], b["timestep"], b["encoder_hidden_states"],
+                             added_cond_kwargs=b["added_cond_kwargs"]).sample
         loss = torch.nn.functional.mse_loss(pred.float(), b["target"].float())
         loss.backward()
         self.optimizer.step()
@@ -124,7 +126,8 @@ class Variant:
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             self.step()
         events = [e for e in prof.key_averages() if e.key.startswith("aten::")]
-        return sum(e.count for e in events), sum(e.count for e in events if e.key in ("aten::mm", "aten::addmm", "aten::bmm"))
+        matmuls = ("aten::mm", "aten::addmm", "aten::bmm")
+        return sum(e.count for e in events), sum(e.count for e in events if e.key in matmuls)
 
     def memory(self):
         if self.device.type == "cuda":
@@ -147,7 +150,8 @@ class Variant:
         b = self.batch
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
-                pred = self.unet(b["sample"], b["timestep"], b["encoder_hidden_states"], added_cond_kwargs=b["added_cond_kwargs"]).sample
+                pred = self.unet(b["sample"], b["timestep"], b["encoder_hidden_states"],
+                                 added_cond_kwargs=b["added_cond_kwargs"]).sample
         pred.float().mean().backward()
         self.optimizer.zero_grad(set_to_none=True)
         return sum(saved.values()) + state, "saved activations (each storage once) + trainable state"
@@ -157,7 +161,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--full-size", action="store_true", help="the real SDXL UNet shape (for a GPU)")
-    parser.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32", help="base weights; autocast to it")
+    parser.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32",
+                        help="base weights; autocast to it")
     parser.add_argument("--rank", type=int, default=4)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--resolution", type=int, default=None, help="image side in px (default 256 small, 1024 full)")
@@ -191,8 +196,9 @@ def main(argv=None):
         variants.append(Variant(name, unet, params, batch, autocast_dtype))
     del base
 
-    print(f"SDXL-shaped UNet ({size}), {args.device}, {args.dtype}, rank {args.rank}, batch {args.batch}, {resolution} px"
-          + (", gradient checkpointing" if args.gradient_checkpointing else ""))  # fmt: skip
+    print(f"SDXL-shaped UNet ({size}), {args.device}, {args.dtype}, rank {args.rank}, "
+          f"batch {args.batch}, {resolution} px"
+          + (", gradient checkpointing" if args.gradient_checkpointing else ""))
     for v in variants:  # warm-up
         v.step()
     rng = random.Random(0)
@@ -209,8 +215,9 @@ def main(argv=None):
     n_params = {v.name: sum(p.numel() for p in v.params) for v in variants}
     print(f"memory counted as: {memories[ref.name][1]}")
     print("time × is the median over rounds of (variant time / PEFT time in the same round), with its quartiles")
-    print(f"{'variant':24s} {'params':>10s} {'median ms':>10s} {'best ms':>8s} {'time ×':>7s} {'quartiles':>13s} {'memory MiB':>11s} "
-          f"{'mem ×':>7s} {'ops/step':>9s} {'ops ×':>6s} {'matmuls':>8s}")  # fmt: skip
+    print(f"{'variant':24s} {'params':>10s} {'median ms':>10s} {'best ms':>8s} {'time ×':>7s} "
+          f"{'quartiles':>13s} {'memory MiB':>11s} "
+          f"{'mem ×':>7s} {'ops/step':>9s} {'ops ×':>6s} {'matmuls':>8s}")
     for v in variants:
         ratios = sorted(t / r for t, r in zip(v.times, ref.times))
         q1, q2, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else (ratios[0],) * 3

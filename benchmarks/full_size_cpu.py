@@ -31,7 +31,8 @@ from dreambooth_moslora.training import parse_args, train
 quiet_libraries()
 start = time.perf_counter()
 train(parse_args(json.loads(sys.argv[1])))
-print("RESULT", json.dumps({"seconds": time.perf_counter() - start, "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}))
+peak_rss_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+print("RESULT", json.dumps({"seconds": time.perf_counter() - start, "peak_rss_gib": peak_rss_gib}))
 """
 
 WRITE_FILE = """
@@ -44,7 +45,8 @@ start = time.perf_counter()
 pipe = StableDiffusionXLPipeline.from_pretrained(sys.argv[1], torch_dtype=torch.float16)
 parts = {part: getattr(pipe, part) for part in ("unet", "vae", "text_encoder", "text_encoder_2")}
 save_single_file(parts, sys.argv[2], dtype=torch.float16)
-print("RESULT", json.dumps({"seconds": time.perf_counter() - start, "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}))
+peak_rss_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+print("RESULT", json.dumps({"seconds": time.perf_counter() - start, "peak_rss_gib": peak_rss_gib}))
 """
 
 RELOAD = """
@@ -106,9 +108,10 @@ def main(argv=None) -> int:
         "--class_inference_steps", "2", "--class_data_dir", str(args.output_dir / "class"), "--train_text_encoder",
         "--max_train_steps", str(args.steps), "--learning_rate", "1e-4", "--report_to", "none",
         "--output_dir", str(adapter),
-    ]  # fmt: skip
+    ]
     trained = run(TRAIN, json.dumps(train_argv))
-    print(f"trained {args.steps} steps at 64 px in {trained['seconds']:.0f} s, peak RSS {trained['peak_rss_gib']:.1f} GiB")
+    print(f"trained {args.steps} steps at 64 px in {trained['seconds']:.0f} s, peak RSS "
+          f"{trained['peak_rss_gib']:.1f} GiB")
     reload = run(RELOAD, str(args.model_dir), str(adapter))
     for name in ("pytorch_lora_weights.safetensors", "pytorch_lora_weights_kohya.safetensors"):
         r = reload[name]
@@ -132,8 +135,9 @@ def single_file_run(args, folder_argv: list[str], folder: dict) -> None:
     argv[argv.index("--output_dir") + 1] = str(args.output_dir / "adapter-from-file")
     argv += ["--base_config", str(args.model_dir)]
     trained = run(TRAIN, json.dumps(argv))
-    print(f"from the single file: trained 2 steps in {trained['seconds']:.0f} s, peak RSS {trained['peak_rss_gib']:.1f} "
-          f"GiB ({trained['peak_rss_gib'] / folder['peak_rss_gib']:.2f}x the folder run's {folder['peak_rss_gib']:.1f})")
+    ratio = trained["peak_rss_gib"] / folder["peak_rss_gib"]
+    print(f"from the single file: trained 2 steps in {trained['seconds']:.0f} s, peak RSS "
+          f"{trained['peak_rss_gib']:.1f} GiB ({ratio:.2f}x the folder run's {folder['peak_rss_gib']:.1f})")
 
 
 if __name__ == "__main__":

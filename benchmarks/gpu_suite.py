@@ -155,7 +155,8 @@ def table(results: dict) -> str:
         if "error" in r:
             lines.append(f"| {name} | {r['error']} | | |")
             continue
-        memory = f"{r['peak_bytes'] / 2**30:.2f} GiB" if r.get("peak_bytes") else f"RSS {r['rss_bytes'] / 2**30:.2f} GiB"
+        memory = (f"{r['peak_bytes'] / 2**30:.2f} GiB" if r.get("peak_bytes")
+                  else f"RSS {r['rss_bytes'] / 2**30:.2f} GiB")
         sps, ips = r.get("steps_per_second"), r.get("images_per_second")
         lines.append(f"| {name} | {sps or 0:.3f} | {ips or 0:.2f} | {memory} |")
     return "\n".join(lines)

@@ -35,8 +35,8 @@ pivotal tuning's new tokens (lora-pivotal, moslora-pivotal) or nowhere (lora-une
 
 Behind --variants, the knobs Adam is not invariant to and masked loss: moslora-mixer-lr10 (the mixer at
 10× the learning rate), lora-kaiming-a and moslora-kaiming-a (A kaiming-uniform, as nn.Linear, instead
-of the trainer's default Gaussian with std 1/r), lora-rank16 and moslora-rank16 (α scaled with the rank), lora-unmasked and
-moslora-unmasked (the loss on every pixel instead of the subject's, as without --masked_loss).
+of the trainer's default Gaussian with std 1/r), lora-rank16 and moslora-rank16 (α scaled with the rank),
+lora-unmasked and moslora-unmasked (the loss on every pixel instead of the subject's, as without --masked_loss).
 
 It prints mean ± std over seeds at the last step and, paired by seed (same data, noise and evaluation
 images), each variant minus plain LoRA with a 95% confidence interval (Student's t); writes
@@ -78,28 +78,33 @@ def pivotal(mixer: str) -> Callable[[argparse.Namespace], list[str]]:
     """Pivotal tuning: new tokens for "sks" (learned at the text encoders' rate for half the steps) and the UNet's
     adapter; no text-encoder adapters."""
     return lambda a: ["--mixer", mixer, "--train_text_encoder_ti", "--token_abstraction", "sks",
-                      "--text_encoder_lr", str(a.text_encoder_lr)]  # fmt: skip
+                      "--text_encoder_lr", str(a.text_encoder_lr)]
 
 
 VARIANTS = {
     # the default set: the mixer against plain LoRA, all else equal
     "lora": Variant(lambda a: ["--mixer", "none"], (90, 90, 90), default=True),
-    "moslora-kaiming": Variant(lambda a: ["--mixer", "learned", "--mixer_init", "kaiming"], (220, 60, 40), default=True),
-    "moslora-orthogonal": Variant(lambda a: ["--mixer", "learned", "--mixer_init", "orthogonal"], (40, 110, 220), default=True),
+    "moslora-kaiming": Variant(lambda a: ["--mixer", "learned", "--mixer_init", "kaiming"], (220, 60, 40),
+                               default=True),
+    "moslora-orthogonal": Variant(lambda a: ["--mixer", "learned", "--mixer_init", "orthogonal"], (40, 110, 220),
+                                  default=True),
     "frozen-mixer": Variant(lambda a: ["--mixer", "frozen", "--mixer_init", "kaiming"], (40, 160, 70), default=True),
     # behind --variants: the knobs Adam is not invariant to (mixer lr, A's init, rank), and masked loss
-    "moslora-mixer-lr10": Variant(lambda a: ["--mixer", "learned", "--mixer_lr", str(10 * a.learning_rate)], (240, 160, 0)),
+    "moslora-mixer-lr10": Variant(lambda a: ["--mixer", "learned", "--mixer_lr", str(10 * a.learning_rate)],
+                                  (240, 160, 0)),
     "lora-kaiming-a": Variant(lambda a: ["--mixer", "none", "--lora_init", "kaiming"], (150, 150, 150)),
     "moslora-kaiming-a": Variant(lambda a: ["--mixer", "learned", "--lora_init", "kaiming"], (240, 130, 170)),
-    "lora-rank16": Variant(lambda a: ["--mixer", "none", "--rank", "16", "--lora_alpha", str(4 * a.lora_alpha)], (30, 30, 30)),
+    "lora-rank16": Variant(lambda a: ["--mixer", "none", "--rank", "16", "--lora_alpha", str(4 * a.lora_alpha)],
+                           (30, 30, 30)),
     "moslora-rank16": Variant(lambda a: ["--mixer", "learned", "--rank", "16", "--lora_alpha", str(4 * a.lora_alpha)],
-                              (130, 40, 20)),  # fmt: skip
+                              (130, 40, 20)),
     "lora-unmasked": Variant(lambda a: ["--mixer", "none"], (170, 50, 200), masked=False),
-    "moslora-unmasked": Variant(lambda a: ["--mixer", "learned", "--mixer_init", "kaiming"], (0, 170, 170), masked=False),
+    "moslora-unmasked": Variant(lambda a: ["--mixer", "learned", "--mixer_init", "kaiming"], (0, 170, 170),
+                                masked=False),
     # where the subject's word is learned: text-encoder adapters (above), pivotal tuning's new tokens, or nowhere
     "lora-unet-only": Variant(lambda a: ["--mixer", "none"], (120, 80, 40), text_encoder=False),
     "moslora-unet-only": Variant(lambda a: ["--mixer", "learned", "--mixer_init", "kaiming"], (200, 140, 80),
-                                 text_encoder=False),  # fmt: skip
+                                 text_encoder=False),
     "lora-pivotal": Variant(pivotal("none"), (60, 60, 160), text_encoder=False),
     "moslora-pivotal": Variant(pivotal("learned"), (120, 120, 255), text_encoder=False),
 }
@@ -109,7 +114,7 @@ VARIANTS |= {  # an exponential moving average of the adapter saved in its place
 }
 # issue 26's comparison: subject fidelity and class variety by where the word is learned, with and without the mixer
 WHERE_THE_WORD_IS_LEARNED = ["lora", "moslora-kaiming", "lora-pivotal", "moslora-pivotal", "lora-unet-only",
-                             "moslora-unet-only"]  # fmt: skip
+                             "moslora-unet-only"]
 DEFAULT_VARIANTS = [name for name, v in VARIANTS.items() if v.default]
 # Student's t for a two-sided 95% interval, by degrees of freedom (paired differences over n seeds: n − 1).
 T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
@@ -145,8 +150,10 @@ def prompts(images_per_prompt: int):
     from toyworld.recipe import NEW_BACKGROUNDS
     from toyworld.world import BACKGROUNDS, CLASS_PROMPT, SUBJECT_PROMPT
 
-    subject = [(f"{SUBJECT_PROMPT} on a {bg} background", bg) for bg in NEW_BACKGROUNDS for _ in range(images_per_prompt)]
-    klass = [(f"{CLASS_PROMPT} on a {bg} background", bg) for bg in BACKGROUNDS for _ in range(max(1, images_per_prompt // 2))]
+    subject = [(f"{SUBJECT_PROMPT} on a {bg} background", bg) for bg in NEW_BACKGROUNDS
+               for _ in range(images_per_prompt)]
+    klass = [(f"{CLASS_PROMPT} on a {bg} background", bg)
+             for bg in BACKGROUNDS for _ in range(max(1, images_per_prompt // 2))]
     return subject, klass
 
 
@@ -186,7 +193,7 @@ class Evaluation:
         from toyworld.world import CLASS_PROMPT
 
         return {bg: classify(classifier, generate(pipe, [f"{CLASS_PROMPT} on a {bg} background"] * self.variety_seeds,
-                                                  seed=self.seed, steps=self.sample_steps)) for bg in NEW_BACKGROUNDS}  # fmt: skip
+                                                  seed=self.seed, steps=self.sample_steps)) for bg in NEW_BACKGROUNDS}
 
     def _classify(self, pipe, classifier, rewrite=lambda prompt: prompt) -> list[dict]:
         from toyworld.classifier import classify, generate
@@ -213,12 +220,14 @@ def train_one(out: Path, variant: str, seed: int, s: dict, args, class_dir: Path
     from toyworld.recipe import ASSETS, SUBJECT_MASKS, toy_dreambooth_argv
 
     masked = args.masked_loss and VARIANTS[variant].masked
-    argv = toy_dreambooth_argv(ASSETS / "subject", out, s["steps"], args.learning_rate, args.rank, args.lora_alpha, seed,
-                               class_dir if args.with_prior_preservation else None,
-                               args.text_encoder_lr if args.train_text_encoder and VARIANTS[variant].text_encoder else None,
+    argv = toy_dreambooth_argv(ASSETS / "subject", out, s["steps"], args.learning_rate, args.rank, args.lora_alpha,
+                               seed, class_dir if args.with_prior_preservation else None,
+                               args.text_encoder_lr if args.train_text_encoder and VARIANTS[variant].text_encoder
+                               else None,
                                SUBJECT_MASKS if masked else None,
-                               num_class_images=args.num_class_images, prior_loss_weight=args.prior_loss_weight)  # fmt: skip
-    train(parse_args([*argv, *variant_flags(variant, args), "--checkpointing_steps", str(s["eval_every"]), "--output_formats", "native"]))
+                               num_class_images=args.num_class_images, prior_loss_weight=args.prior_loss_weight)
+    train(parse_args([*argv, *variant_flags(variant, args), "--checkpointing_steps", str(s["eval_every"]),
+                      "--output_formats", "native"]))
 
 
 def adapter_files(out: Path, steps: int) -> dict[int, Path]:
@@ -257,12 +266,13 @@ def plot(results: dict, base: dict, path: Path) -> None:
         for step in steps:
             draw.text((left + x_of(step) - 8, pad + h + 4), str(step), fill="black")
         if key == "class_kept":
-            draw.line([(left + pad, y_of(base[key])), (left + pad + w - 10, y_of(base[key]))], fill=(150, 150, 150), width=1)
+            draw.line([(left + pad, y_of(base[key])), (left + pad + w - 10, y_of(base[key]))], fill=(150, 150, 150),
+                      width=1)
         for name, r in results.items():
             points = [(left + x_of(0), y_of(base[key]))] + [
                 (left + x_of(int(step)), y_of(statistics.fmean(m[key] for m in per_seed)))
                 for step, per_seed in sorted(r["by_step"].items(), key=lambda kv: int(kv[0]))
-            ]  # fmt: skip
+            ]
             draw.line(points, fill=VARIANTS[name].colour, width=2)
     for i, name in enumerate(results):
         y = h + 2 * pad + 20 * i
@@ -282,8 +292,10 @@ def print_paired(results: dict, steps: int) -> dict:
         if variant == "lora":
             continue
         final = r["by_step"][steps]
-        paired[variant] = {m: paired_difference([x[m] for x in final], [x[m] for x in reference]) for m in FINAL_METRICS}
-        print(f"{variant:19s} " + "  ".join(f"{m} {d:+.2f} [{lo:+.2f}, {hi:+.2f}]" for m, (d, lo, hi) in paired[variant].items()))
+        paired[variant] = {m: paired_difference([x[m] for x in final], [x[m] for x in reference])
+                           for m in FINAL_METRICS}
+        print(f"{variant:19s} " + "  ".join(f"{m} {d:+.2f} [{lo:+.2f}, {hi:+.2f}]"
+                                            for m, (d, lo, hi) in paired[variant].items()))
     return paired
 
 
@@ -293,7 +305,7 @@ def options(argv) -> argparse.Namespace:
     parser.add_argument("--seeds", type=int, help="override the number of seeds")
     parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
                         help="comma-separated, from " + ", ".join(VARIANTS) + " (default: the first four); 'where' "
-                             "for " + ", ".join(WHERE_THE_WORD_IS_LEARNED))  # fmt: skip
+                             "for " + ", ".join(WHERE_THE_WORD_IS_LEARNED))
     parser.add_argument("--learning_rate", type=float, default=TOY_TRAINING["learning_rate"])
     parser.add_argument("--rank", type=int, default=TOY_TRAINING["rank"])
     parser.add_argument("--lora_alpha", type=float, default=TOY_TRAINING["lora_alpha"])
@@ -302,7 +314,8 @@ def options(argv) -> argparse.Namespace:
     parser.add_argument("--train_text_encoder", action=argparse.BooleanOptionalAction, default=True,
                         help="adapters on both text encoders too (the demo's setting)")
     parser.add_argument("--text_encoder_lr", type=float, default=TOY_TRAINING["text_encoder_lr"])
-    parser.add_argument("--prior_loss_weight", type=float, default=1.0, help="the class images' share of the loss (the trainer's)")
+    parser.add_argument("--prior_loss_weight", type=float, default=1.0,
+                        help="the class images' share of the loss (the trainer's)")
     parser.add_argument("--num_class_images", type=int, default=NUM_CLASS_IMAGES,
                         help="class images the base model draws for prior preservation (the demo's: %(default)s)")
     parser.add_argument("--masked_loss", action=argparse.BooleanOptionalAction, default=TOY_MASKED_LOSS,
@@ -310,7 +323,7 @@ def options(argv) -> argparse.Namespace:
     parser.add_argument("--output_dir", type=Path, default=ROOT / "outputs" / "quality")
     args = parser.parse_args(argv)
     args.variants = [v.strip() for v in args.variants.replace("where", ",".join(WHERE_THE_WORD_IS_LEARNED)).split(",")
-                     if v.strip()]  # fmt: skip
+                     if v.strip()]
     if unknown := [v for v in args.variants if v not in VARIANTS]:
         parser.error(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
     return args
@@ -336,15 +349,16 @@ def train_and_measure(args, s: dict, pipe, classifier, evaluation: Evaluation) -
             results[variant]["loss"].append(read_loss(out))
             last = results[variant]["by_step"][s["steps"]][-1]
             print(f"{variant:19s} seed {seed}: subject {last['subject']:.2f}, prompt {last['prompt']:.2f}, "
-                  f"class kept {last['class_kept']:.2f}, as base {last['class_as_base']:.2f}, class TV {last['class_tv']:.2f} "
-                  f"({time.perf_counter() - run_started:.0f} s)", flush=True)  # fmt: skip
+                  f"class kept {last['class_kept']:.2f}, as base {last['class_as_base']:.2f}, "
+                  f"class TV {last['class_tv']:.2f} "
+                  f"({time.perf_counter() - run_started:.0f} s)", flush=True)
     return results
 
 
 def print_summary(results: dict, base: dict, s: dict, counts: tuple[int, int]) -> dict:
     """Mean ± std over seeds of each measure after the last step, and of the final loss; variant → summary."""
     print(f"\nafter {s['steps']} steps, mean ± std over {s['seeds']} seed(s); {counts[0]} subject and "
-          f"{counts[1]} class images per run, classified by the toy world's attribute classifier")  # fmt: skip
+          f"{counts[1]} class images per run, classified by the toy world's attribute classifier")
     print(f"{'variant':19s} " + "  ".join(f"{m:>13s}" for m in FINAL_METRICS) + f"  {'final loss':>13s}")
     print(f"{'base model':19s} " + "  ".join(f"{base[m]:13.2f}" for m in FINAL_METRICS))
     summary = {}
@@ -353,7 +367,8 @@ def print_summary(results: dict, base: dict, s: dict, counts: tuple[int, int]) -
         summary[variant] = {m: mean_std([x[m] for x in final]) for m in FINAL_METRICS}
         tail = max(1, s["steps"] // 10)  # the mean of the last tenth of each curve: single steps are noisy
         summary[variant]["final_loss"] = mean_std([statistics.fmean(curve[-tail:]) for curve in r["loss"]])
-        print(f"{variant:19s} " + "  ".join(f"{summary[variant][m][0]:6.2f} ± {summary[variant][m][1]:4.2f}" for m in (*FINAL_METRICS, "final_loss")))
+        print(f"{variant:19s} " + "  ".join(f"{summary[variant][m][0]:6.2f} ± {summary[variant][m][1]:4.2f}"
+                                            for m in (*FINAL_METRICS, "final_loss")))
     return summary
 
 
@@ -382,9 +397,11 @@ def main(argv=None) -> int:
     pipe.set_progress_bar_config(disable=True)
     if args.with_prior_preservation:  # the demo's captioned class images, made once for every run
         write_class_images(pipe, out_root / "class_images", count=args.num_class_images)
-    evaluation = Evaluation(*prompts(s["images_per_prompt"]), sample_steps=s["sample_steps"], variety_seeds=s["variety_seeds"])
+    evaluation = Evaluation(*prompts(s["images_per_prompt"]), sample_steps=s["sample_steps"],
+                            variety_seeds=s["variety_seeds"])
     base = evaluation.measure_base(pipe, classifier)
-    print(f"base model: subject {base['subject']:.2f}, prompt {base['prompt']:.2f}, class kept {base['class_kept']:.2f}", flush=True)
+    print(f"base model: subject {base['subject']:.2f}, prompt {base['prompt']:.2f}, "
+          f"class kept {base['class_kept']:.2f}", flush=True)
 
     results = train_and_measure(args, s, pipe, classifier, evaluation)
     summary = print_summary(results, base, s, (len(evaluation.subject_prompts), len(evaluation.class_prompts)))
@@ -396,7 +413,8 @@ def main(argv=None) -> int:
                            "num_class_images": args.num_class_images if args.with_prior_preservation else 0,
                            "prior_loss_weight": args.prior_loss_weight if args.with_prior_preservation else None,
                            "text_encoder_lr": args.text_encoder_lr if args.train_text_encoder else None},
-              "base": base, "summary": summary, "paired_vs_lora": paired, "results": results, "seconds": round(seconds, 1)}  # fmt: skip
+              "base": base, "summary": summary, "paired_vs_lora": paired, "results": results,
+              "seconds": round(seconds, 1)}
     write_text(out_root / "results.json", json.dumps(record, indent=1))
     plot(results, base, out_root / "quality.png")
     print(f"results: {out_root / 'results.json'}; plot: {out_root / 'quality.png'}")

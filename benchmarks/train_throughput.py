@@ -33,7 +33,7 @@ def job_argv(model: Path, subject: Path, class_dir: Path, out: Path, steps: int,
         "--max_train_steps", str(steps), "--rank", "4", "--mixer", mixer, "--learning_rate", "1e-4",
         "--checkpointing_steps", str(10**9), "--report_to", "none", "--output_formats", "native",
         "--output_dir", str(out), *extra,
-    ]  # fmt: skip
+    ]
 
 
 RUNNER = """
@@ -52,7 +52,7 @@ print("RESULT", json.dumps({"wall": wall, "maxrss_mib": resource.getrusage(resou
 def run_job(argv: list[str]) -> dict:
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     out = subprocess.run([sys.executable, "-c", RUNNER, json.dumps(argv)], env=env,
-                         capture_output=True, text=True)  # fmt: skip
+                         capture_output=True, text=True)
     lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
     if out.returncode != 0 or not lines:
         raise SystemExit(f"the training run failed:\n{out.stderr[-3000:]}")
@@ -73,7 +73,7 @@ def breakdown(model: Path, subject: Path, class_dir: Path, steps: int, mixer: st
     unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet")
     vae = AutoencoderKL.from_pretrained(model, subfolder="vae")
     tes = [CLIPTextModel.from_pretrained(model, subfolder="text_encoder"),
-           CLIPTextModelWithProjection.from_pretrained(model, subfolder="text_encoder_2")]  # fmt: skip
+           CLIPTextModelWithProjection.from_pretrained(model, subfolder="text_encoder_2")]
     toks = [AutoTokenizer.from_pretrained(model, subfolder=s) for s in ("tokenizer", "tokenizer_2")]
     sched = DDPMScheduler.from_pretrained(model, subfolder="scheduler")
     for m in (unet, vae, *tes):
@@ -97,11 +97,13 @@ def breakdown(model: Path, subject: Path, class_dir: Path, steps: int, mixer: st
         batch = timed("data", lambda: collate([ds[(0, i)] for i in indices]))
         with torch.no_grad():
             latents = timed("vae", lambda: vae.encode(batch["pixels"]).latent_dist.sample() * vae.config.scaling_factor)
-            embeds, pooled = timed("text encoders", lambda: encode_prompts(tes, tokenize(toks, batch["captions"]), "cpu"))
+            embeds, pooled = timed("text encoders",
+                                   lambda: encode_prompts(tes, tokenize(toks, batch["captions"]), "cpu"))
         noise = torch.randn_like(latents)
         t = torch.randint(0, 1000, (latents.shape[0],))
         time_ids = square_time_ids(64, latents.shape[0])
-        pred = timed("unet forward", lambda: unet_prediction(unet, sched.add_noise(latents, noise, t), t, embeds, pooled, time_ids))
+        pred = timed("unet forward",
+                     lambda: unet_prediction(unet, sched.add_noise(latents, noise, t), t, embeds, pooled, time_ids))
         loss = torch.nn.functional.mse_loss(pred, noise)
         timed("backward", loss.backward)
         timed("optimizer", lambda: (optimizer.step(), optimizer.zero_grad(set_to_none=True)))
@@ -148,7 +150,8 @@ def main(argv=None):
             summary[mixer] = sps
             print(f"{'mixer=' + mixer:16s} {sps:8.2f} {wall:7.1f} {rss:13.0f}")
         print(f"MoSLoRA / plain LoRA steps/s: {summary['learned'] / summary['none']:.3f}")
-        print("for reference: the goal names ~6 it/s for diffusers' train_dreambooth_lora_sdxl.py on a tiny job on these "
+        print("for reference: the goal names ~6 it/s for diffusers' "
+              "train_dreambooth_lora_sdxl.py on a tiny job on these "
               "machines; that script is not run here, and its tiny model is not this one, so no ratio is claimed")
 
         print("\nwhere a step's time goes (median ms over the steps, same components; the trainer itself encodes each")

@@ -109,7 +109,7 @@ def train_run(root: Path, run: str, seed: int, masks: Path) -> Path:
             "--lora_init", t["lora_init"], "--seed", str(seed), "--report_to", "none", "--output_dir", str(out),
             "--train_text_encoder_ti", "--token_abstraction", words, "--text_encoder_lr", str(t["text_encoder_lr"]),
             "--mixer", "learned", "--mixer_init", "kaiming", "--output_formats", "native",
-            "--checkpointing_steps", "100000"]  # fmt: skip
+            "--checkpointing_steps", "100000"]
     train(parse_args(argv))
     return out / "moslora_adapter.safetensors"
 
@@ -124,10 +124,10 @@ def measure(pipe, classifier, adapter: Path, seed: int) -> dict:
     for subject, (word, shape, colour) in SUBJECTS.items():
         for kind, prompt in (("subject", f"a {word} {shape}"), ("class kept", f"a {shape}")):
             prompts = [loaded.rewrite(f"{prompt} on a {bg} background") for bg in NEW_BACKGROUNDS
-                       for _ in range(IMAGES_PER_PROMPT)]  # fmt: skip
+                       for _ in range(IMAGES_PER_PROMPT)]
             found = classify(classifier, generate(pipe, prompts, seed=1_000 + seed))
             wanted = (lambda f: f["shape"] == shape and f["colour"] == colour) if kind == "subject" else \
-                (lambda f: f["shape"] == shape and f["colour"] != colour)  # fmt: skip
+                (lambda f: f["shape"] == shape and f["colour"] != colour)
             metrics[f"{subject} {kind}"] = sum(map(wanted, found)) / len(found)
     unload_adapter(pipe)
     return metrics
@@ -143,8 +143,9 @@ def report(results: dict) -> dict:
     metrics = list(next(iter(results["both"])))
     print(f"\n{'run':14s} " + "  ".join(f"{m:>18s}" for m in metrics))
     for run, per_seed in results.items():
-        cells = [(statistics.fmean(x[m] for x in per_seed), statistics.stdev(x[m] for x in per_seed) if len(per_seed) > 1
-                  else 0.0) for m in metrics]  # fmt: skip
+        cells = [(statistics.fmean(x[m] for x in per_seed), statistics.stdev(x[m] for x in per_seed)
+                  if len(per_seed) > 1
+                  else 0.0) for m in metrics]
         print(f"{run:14s} " + "  ".join(f"{mean:10.2f} ± {std:4.2f}" for mean, std in cells))
     print("\npaired by seed, both subjects in one adapter − each alone [95% CI]:")
     differences = {}
@@ -179,12 +180,13 @@ def main(argv=None) -> int:
     for seed in range(args.seeds):
         for run in RUNS:
             results[run].append(measure(pipe, classifier, train_run(args.output_dir, run, seed, masks), seed))
-            print(f"{run:14s} seed {seed}: " + ", ".join(f"{k} {v:.2f}" for k, v in results[run][-1].items()), flush=True)
+            print(f"{run:14s} seed {seed}: " + ", ".join(f"{k} {v:.2f}" for k, v in results[run][-1].items()),
+                  flush=True)
     differences = report(results)
     seconds = time.perf_counter() - started
     print(f"\n{seconds / 60:.1f} minutes")
     write_text(args.output_dir / "results.json", json.dumps({"results": results, "paired_both_minus_alone": differences,
-                                                              "seconds": round(seconds, 1)}, indent=1))  # fmt: skip
+                                                              "seconds": round(seconds, 1)}, indent=1))
     return 0
 
 

@@ -115,8 +115,8 @@ def compare(a) -> dict:
         caption.unlink()
     make_class_images(a, subject, class_dir)
     runs = {"ours": (ROOT / "train_dreambooth.py", ["--report_to", "none", "--output_formats", "diffusers"]),
-            "ours --cache_latents": (ROOT / "train_dreambooth.py", ["--report_to", "none", "--output_formats",
-                                                                     "diffusers", "--cache_latents"]),
+            "ours --cache_latents": (ROOT / "train_dreambooth.py",
+                                     ["--report_to", "none", "--output_formats", "diffusers", "--cache_latents"]),
             "ours --cache_latents --torch_compile": (ROOT / "train_dreambooth.py", [
                 "--report_to", "none", "--output_formats", "diffusers", "--cache_latents", "--torch_compile"]),
             "diffusers": (a.reference, ["--report_to", "tensorboard"])}
@@ -180,7 +180,8 @@ def main(argv=None) -> int:
         s = summary[name]
         if s["ratio_median"] is not None:
             print(f"{name} ÷ diffusers, steps/s: {s['ratio_median']:.2f}× "
-                  f"(range {s['ratio_range'][0]:.2f}–{s['ratio_range'][1]:.2f} over {len(s['steps_per_second'])} pair(s))")
+                  f"(range {s['ratio_range'][0]:.2f}–{s['ratio_range'][1]:.2f} over "
+                  f"{len(s['steps_per_second'])} pair(s))")
         else:
             print(f"{name} ÷ diffusers: no ratio (a run failed; see above)")
     if a.json:

@@ -41,4 +41,4 @@ __all__ = [
     "load_adapter", "load_adapter_into", "unload_adapter", "set_scale", "pipeline_components",
     "UNET_TARGETS", "TEXT_ENCODER_TARGETS", "DEFAULT_TARGETS", "find_targets", "inject_adapter", "inject_components",
     "remove_adapter", "fuse_adapter", "adapter_layers", "trainable_parameters",
-]  # fmt: skip
+]

@@ -227,7 +227,7 @@ class MixerBank(nn.Module):
         super().__init__()
         self.ups = nn.Parameter(torch.stack([layer.lora_B.detach() for layer in layers]))
         self.mixers = nn.Parameter(torch.stack([layer.lora_M.detach() for layer in layers]),
-                                   requires_grad=layers[0].lora_M.requires_grad)  # fmt: skip
+                                   requires_grad=layers[0].lora_M.requires_grad)
         object.__setattr__(self, "layers", layers)  # not submodules: they belong to the model already
         for slot, layer in enumerate(layers):
             del layer._parameters["lora_B"], layer._parameters["lora_M"]

@@ -21,7 +21,7 @@ EPILOG = """examples:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="moslora", description="Inspect, convert, resize, merge and fuse MoSLoRA / LoRA "
                                 "adapter files (native, diffusers or kohya).", epilog=EPILOG,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     base_help = ("diffusers folder whose layer layout the file is for (default: the base model the file records, "
                  "when it is a folder here, else SDXL base's published layout)")
@@ -41,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("file", type=Path)
     how = s.add_mutually_exclusive_group(required=True)
     how.add_argument("--rank", type=int, help="the new rank of every layer")
-    how.add_argument("--energy", type=float, help="per layer, the smallest rank keeping this share of ‖ΔW‖² (e.g. 0.99)")
+    how.add_argument("--energy", type=float,
+                     help="per layer, the smallest rank keeping this share of ‖ΔW‖² (e.g. 0.99)")
     s.add_argument("--to", choices=FORMATS, help="output format (default: the input's)")
     s.add_argument("-o", "--output", type=Path, required=True)
     s.add_argument("--base", help=base_help)
@@ -67,15 +68,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def print_report(report: dict) -> None:
-    print(f"{report['file']}: {report['format']} adapter, rank {report['rank']}, α {report['alpha']:g}, mixer {report['mixer']}")
-    print(f"  base model: {report['base_model'] or 'not recorded'}; instance prompt: {report['instance_prompt'] or 'not recorded'}")
+    print(f"{report['file']}: {report['format']} adapter, rank {report['rank']}, α "
+          f"{report['alpha']:g}, mixer {report['mixer']}")
+    print(f"  base model: {report['base_model'] or 'not recorded'}; instance prompt: "
+          f"{report['instance_prompt'] or 'not recorded'}")
     print("  layers: " + ", ".join(f"{c} {n}" for c, n in report["layers"].items()))
     if report["new_tokens"]:
         print("  new tokens: " + ", ".join(f"{name} = {''.join(group)}" for name, group in report["new_tokens"].items())
               + " (write either in prompts)")
     if report["operation"]:
         print(f"  made by: moslora {report['operation'].get('operation')} of " +
-              ", ".join(i.get("file", "?") for i in report["operation"].get("inputs", [])))  # fmt: skip
+              ", ".join(i.get("file", "?") for i in report["operation"].get("inputs", [])))
     keys = ("max_train_steps", "learning_rate", "train_batch_size", "resolution", "lora_init", "train_text_encoder")
     settings = {k: report["training"][k] for k in keys if k in report["training"]}
     if settings:

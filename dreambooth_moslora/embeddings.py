@@ -79,7 +79,7 @@ class TokenRows(nn.Module):
 
 
 def install(tokenizers, text_encoders, new: NewTokens, rows: dict[str, torch.Tensor] | None = None,
-            generator: torch.Generator | None = None) -> list:  # fmt: skip
+            generator: torch.Generator | None = None) -> list:
     """Gives each text encoder the new rows: the given ``rows`` (by ENCODER_KEYS), or Gaussian with the table's own
     std, as diffusers' advanced script starts them. Returns copies of the tokenizers that know the new tokens (the
     given ones stay as they were, kept for ``uninstall``)."""
@@ -110,7 +110,7 @@ def check_rows(text_encoders, new: NewTokens, rows: dict[str, torch.Tensor]) -> 
         expected = (len(new.tokens), encoder.get_input_embeddings().weight.shape[1])
         if tuple(rows[key].shape) != expected:
             raise AdapterFileError(f"{key}: embeddings of shape {tuple(rows[key].shape)}; this text encoder needs "
-                                   f"{expected}")  # fmt: skip
+                                   f"{expected}")
 
 
 def uninstall(text_encoders) -> list:
@@ -130,7 +130,7 @@ def save_embeddings(path: str | Path, rows: dict[str, torch.Tensor], new: NewTok
     """The rows (by encoder key) as an SDXL textual inversion (clip_l, clip_g), the tokens in the metadata."""
     tensors = {key: rows[key].detach().float().cpu().contiguous() for key in ENCODER_KEYS}
     metadata = {"format": FORMAT, "tokens": json.dumps(new.tokens),
-                "abstractions": json.dumps({k: list(v) for k, v in new.abstractions.items()})}  # fmt: skip
+                "abstractions": json.dumps({k: list(v) for k, v in new.abstractions.items()})}
     return write_safetensors(path, tensors, metadata)
 
 
@@ -192,7 +192,7 @@ def unbundle(path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]):
         shapes = [tuple(parts[k].shape) if k in parts else None for k in ENCODER_KEYS]
         if None in shapes or len(shapes[0]) != 2 or len(shapes[1]) != 2 or shapes[0][0] != shapes[1][0]:
             raise AdapterFileError(f"{path}: bundled embedding {abstraction!r} needs clip_l and clip_g rows, "
-                                   f"alike in number (has {shapes})")  # fmt: skip
+                                   f"alike in number (has {shapes})")
     try:
         recorded = {k: tuple(v) for k, v in json.loads(metadata.get(BUNDLE_METADATA, "{}")).items()}
     except (ValueError, AttributeError, TypeError):
@@ -218,7 +218,7 @@ def install_into(pipe, rows: dict[str, torch.Tensor], new: NewTokens) -> None:
     know the tokens; ``unload_embeddings`` gives back its own)."""
     unload_embeddings(pipe)
     pipe.tokenizer, pipe.tokenizer_2 = install([pipe.tokenizer, pipe.tokenizer_2],
-                                               [pipe.text_encoder, pipe.text_encoder_2], new, rows)  # fmt: skip
+                                               [pipe.text_encoder, pipe.text_encoder_2], new, rows)
 
 
 def unload_embeddings(pipe) -> None:

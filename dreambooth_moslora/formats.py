@@ -153,7 +153,8 @@ def kohya_name(component: str, path: str, model: nn.Module) -> str:
     if component == "unet":
         sgm = sgm_unet_path(path, _layers_per_block(model))
         if sgm is None:
-            raise AdapterFileError(f"unet layer {path} has no kohya (SGM) name: the kohya format covers layers inside attention blocks")
+            raise AdapterFileError(f"unet layer {path} has no kohya (SGM) name: the kohya format covers "
+                                   "layers inside attention blocks")
         path = sgm
     return KOHYA_PREFIXES[component] + path.replace(".", "_")
 
@@ -166,7 +167,8 @@ def kohya_name_map(components: dict[str, nn.Module]) -> dict[str, tuple[str, str
             continue
         prefixes = [KOHYA_PREFIXES[component]] + (["lora_te_"] if component == "text_encoder" else [])
         lpb = _layers_per_block(model) if component == "unet" else None
-        linear = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, MoSLoRALinear)) and not n.endswith(".base_layer")]
+        linear = [n for n, m in model.named_modules()
+                  if isinstance(m, (nn.Linear, MoSLoRALinear)) and not n.endswith(".base_layer")]
         for path in linear:
             spellings = [file_path(component, model, path)]
             if component == "unet" and (sgm := sgm_unet_path(path, lpb)):
@@ -234,11 +236,14 @@ def _layer(path, name, parts, alpha: float | None) -> LayerWeights:
     down, up, mixer = parts["down"], parts["up"], parts.get("mixer")
     matrices = (down, up) + ((mixer,) if mixer is not None else ())
     if any(t.dtype not in FLOAT_DTYPES for t in matrices):
-        raise AdapterFileError(f"{path}: layer {name} is stored as {down.dtype}: float16, bfloat16, float32 or float64 expected")
+        raise AdapterFileError(f"{path}: layer {name} is stored as {down.dtype}: float16, "
+                               "bfloat16, float32 or float64 expected")
     if down.ndim != 2 or up.ndim != 2 or up.shape[1] != down.shape[0] or down.shape[0] == 0:
-        raise AdapterFileError(f"{path}: layer {name} has inconsistent shapes (down {tuple(down.shape)}, up {tuple(up.shape)})")
+        raise AdapterFileError(f"{path}: layer {name} has inconsistent shapes (down "
+                               f"{tuple(down.shape)}, up {tuple(up.shape)})")
     if mixer is not None and tuple(mixer.shape) != (down.shape[0], down.shape[0]):
-        raise AdapterFileError(f"{path}: layer {name} has a mixer of shape {tuple(mixer.shape)} for rank {down.shape[0]}")
+        raise AdapterFileError(f"{path}: layer {name} has a mixer of shape "
+                               f"{tuple(mixer.shape)} for rank {down.shape[0]}")
     if not all(torch.isfinite(t).all() for t in matrices):
         raise AdapterFileError(f"{path}: layer {name} holds non-finite values")
     if "alpha" in parts:
@@ -321,7 +326,7 @@ class DiffusersFormat:
     suffixes = {
         ".lora_A.weight": "down", ".lora_B.weight": "up", ".lora.down.weight": "down", ".lora.up.weight": "up",
         ".alpha": "alpha",
-    }  # fmt: skip
+    }
 
     def matches(self, names, metadata) -> bool:
         return any(k.split(".", 1)[0] in COMPONENTS and (".lora_A." in k or ".lora.down." in k) for k in names)
@@ -389,7 +394,7 @@ class KohyaFormat:
             "modelspec.sai_model_spec": "1.0.0",
         }
         metadata.update({f"ss_{key}": json.dumps(value) if isinstance(value, (dict, list)) else str(value)
-                         for key, value in (training or {}).items()})  # fmt: skip
+                         for key, value in (training or {}).items()})
         if training and training.get("base_model_sha256"):  # the base's hashes, under sd-scripts' names
             metadata["ss_new_sd_model_hash"] = training["base_model_sha256"]
             metadata.update({"ss_sd_model_hash": training["base_model_legacy_hash"]}
@@ -452,7 +457,7 @@ def save_adapter(
 
 def write_adapter_file(path: str | os.PathLike, fmt: str, config: AdapterConfig, entries: list[Entry],
                        base_model: str | None = None, training: dict | None = None, extra: dict | None = None,
-                       embeddings=None) -> Path:  # fmt: skip
+                       embeddings=None) -> Path:
     """One file of the given format from entries (e.g. layers read from other files), with extra metadata."""
     tensors, metadata = file_state(fmt, config, entries, base_model, training, embeddings)
     return write_safetensors(path, tensors, {**metadata, **(extra or {})})
@@ -508,11 +513,11 @@ def companion_embeddings(path: str | os.PathLike, metadata: dict[str, str]):
     candidates = [folder / Path(named).name] if isinstance(named, str) else sorted(folder.glob("*_emb.safetensors"))
     if len(candidates) != 1 or not candidates[0].is_file():
         raise AdapterFileError(f"{path}: it was trained with new tokens {''.join(map(str, tokens))}, but their "
-                               f"embeddings file ({named or '*_emb.safetensors'}) is not beside it")  # fmt: skip
+                               f"embeddings file ({named or '*_emb.safetensors'}) is not beside it")
     rows, new = read_embeddings(candidates[0])
     if new.tokens != list(tokens):
         raise AdapterFileError(f"{candidates[0]}: holds tokens {''.join(new.tokens)}, the adapter was trained with "
-                               f"{''.join(map(str, tokens))}")  # fmt: skip
+                               f"{''.join(map(str, tokens))}")
     return rows, new
 
 
@@ -520,7 +525,8 @@ def _check_fits(path, layers, components) -> None:
     for component, by_path in layers.items():
         model = components.get(component)
         if component not in COMPONENTS or model is None:
-            raise AdapterMismatchError(f"{path}: the adapter has {component} layers, but the pipeline has no {component}")
+            raise AdapterMismatchError(f"{path}: the adapter has {component} layers, but "
+                                       f"the pipeline has no {component}")
         modules = dict(model.named_modules())
         for layer_path, weights in by_path.items():
             module = modules.get(layer_path)
@@ -576,13 +582,16 @@ def summarize(path: str | os.PathLike) -> dict | None:
     fmt = detect_format(header, metadata)
     if fmt is None:
         return None
-    ranks = [e["shape"][0] for k, e in header.items() if k.endswith(("moslora_A", "lora_A.weight", "lora_down.weight")) and e["shape"]]
-    config = _metadata_object(path, metadata, "adapter_config") or read_json_field(metadata, "dreambooth_moslora").get("adapter_config", {})
+    downs = ("moslora_A", "lora_A.weight", "lora_down.weight")
+    ranks = [e["shape"][0] for k, e in header.items() if k.endswith(downs) and e["shape"]]
+    config = (_metadata_object(path, metadata, "adapter_config")
+              or read_json_field(metadata, "dreambooth_moslora").get("adapter_config", {}))
     config = config if isinstance(config, dict) else {}
     alpha = config.get("alpha") or metadata.get("ss_network_alpha")
     summary = {
         "format": fmt,
-        "rank": config.get("rank") or metadata.get("ss_network_dim") or (max(set(ranks), key=ranks.count) if ranks else None),
+        "rank": (config.get("rank") or metadata.get("ss_network_dim")
+                 or (max(set(ranks), key=ranks.count) if ranks else None)),
         "alpha": f"{alpha:g}" if isinstance(alpha, float) else alpha,
         "mixer": config.get("mixer") or read_json_field(metadata, "ss_network_args").get("moslora_mixer") or "none",
         **recorded(metadata),
@@ -592,7 +601,8 @@ def summarize(path: str | os.PathLike) -> dict | None:
 
 
 def recorded(metadata: dict[str, str]) -> dict:
-    """What a file of any format records of its training: instance and sample prompts, steps, base model, and all settings."""
+    """What a file of any format records of its training: instance and sample prompts, steps, base model, and all
+    settings."""
     training = read_json_field(metadata, "training")
     return {
         "instance_prompt": training.get("instance_prompt") or metadata.get("ss_instance_prompt"),
@@ -613,7 +623,8 @@ def recorded_schedule(training: dict, metadata: dict[str, str]) -> dict:
     if training.get("prediction_type") in ("epsilon", "v_prediction"):
         schedule["prediction_type"] = training["prediction_type"]
     elif v or metadata.get("ss_v_parameterization") in ("True", "False"):
-        schedule["prediction_type"] = v or ("v_prediction" if metadata["ss_v_parameterization"] == "True" else "epsilon")
+        schedule["prediction_type"] = v or ("v_prediction" if metadata["ss_v_parameterization"] == "True"
+                                            else "epsilon")
     if isinstance(training.get("rescale_betas_zero_snr"), bool):
         schedule["rescale_betas_zero_snr"] = training["rescale_betas_zero_snr"]
     elif metadata.get("ss_zero_terminal_snr") in ("True", "False"):

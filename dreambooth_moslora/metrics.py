@@ -85,7 +85,7 @@ def prompt_fidelity(images, prompts: list[str], clip: ClipScorer) -> float:
 
 
 def evaluate(pipe, adapter: str | None, prompts: list[str], references, clip: ClipScorer, dino: DinoScorer,
-             images_per_prompt: int = 4, seed: int = 0, **generate) -> dict:  # fmt: skip
+             images_per_prompt: int = 4, seed: int = 0, **generate) -> dict:
     """Generates images_per_prompt images for each prompt, base model and adapter, and scores both."""
     from .inference import load_adapter, unload_adapter
     from .runtime import image_generators
@@ -98,7 +98,8 @@ def evaluate(pipe, adapter: str | None, prompts: list[str], references, clip: Cl
             load_adapter(pipe, adapter)
         texts = [prompt for prompt in prompts for _ in range(images_per_prompt)]
         # image i gets the same noise with and without the adapter
-        images = [pipe(prompt, generator=g, **generate).images[0] for prompt, g in zip(texts, image_generators(seed, range(len(texts))))]
+        generators = image_generators(seed, range(len(texts)))
+        images = [pipe(prompt, generator=g, **generate).images[0] for prompt, g in zip(texts, generators)]
         report[name] = {
             "DINO": subject_fidelity(images, references, dino),
             "CLIP-I": subject_fidelity(images, references, clip),
@@ -144,14 +145,15 @@ def main(argv=None) -> int:
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
         dtype = torch.float16 if device == "cuda" else torch.float32
-        pipe = StableDiffusionXLPipeline.from_pretrained(args.pretrained_model_name_or_path, torch_dtype=dtype).to(device)
+        pipe = StableDiffusionXLPipeline.from_pretrained(args.pretrained_model_name_or_path,
+                                                         torch_dtype=dtype).to(device)
         pipe.set_progress_bar_config(disable=True)
         clip, dino = ClipScorer(args.clip_model, device), DinoScorer(args.dino_model, device)
         report = evaluate(
             pipe, args.adapter, prompts, references, clip, dino, args.images_per_prompt, args.seed,
             num_inference_steps=args.num_inference_steps, height=args.resolution, width=args.resolution,
             guidance_scale=args.guidance_scale,
-        )  # fmt: skip
+        )
     except (MosloraError, OSError) as exc:
         print(f"error: {str(exc).splitlines()[0]}", file=sys.stderr)
         return 1

@@ -24,7 +24,7 @@ from .errors import AdapterFileError
 DTYPE_SIZES = {
     "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
     "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8,
-}  # fmt: skip
+}
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit
 PARTIAL_SUFFIX = ".partial"  # what an unfinished write is called while it is being made
 DELETING_SUFFIX = ".deleting"  # what a folder is called while it is being deleted
@@ -124,7 +124,8 @@ def _check_entry(path: Path, name: str, entry, data_len: int) -> None:
     for d in entry["shape"]:
         numel *= d
     if not 0 <= begin <= end <= data_len:
-        raise AdapterFileError(f"{path}: truncated or corrupt (tensor {name!r} lies at bytes {begin}–{end}, data has {data_len})")
+        raise AdapterFileError(f"{path}: truncated or corrupt (tensor {name!r} lies at bytes "
+                               f"{begin}–{end}, data has {data_len})")
     if end - begin != numel * DTYPE_SIZES[entry["dtype"]]:
         raise AdapterFileError(f"{path}: corrupt tensor {name!r} (shape {entry['shape']} does not fit its bytes)")
 
@@ -143,7 +144,8 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, dict], dict[str, str
     with open(path, "rb") as f:
         (header_len,) = struct.unpack("<Q", f.read(8))
         if header_len > min(size - 8, MAX_HEADER_BYTES):
-            raise AdapterFileError(f"{path}: not a safetensors file, or truncated (header claims {header_len} bytes, file has {size})")
+            raise AdapterFileError(f"{path}: not a safetensors file, or truncated (header claims "
+                                   f"{header_len} bytes, file has {size})")
         raw = f.read(header_len)
     try:
         header = json.loads(raw)

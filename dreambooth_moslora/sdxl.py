@@ -34,11 +34,11 @@ SDXL_UNET_CONFIG = dict(
 SDXL_TEXT_ENCODER_CONFIG = dict(
     hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, projection_dim=768,
     hidden_act="quick_gelu", vocab_size=49408, max_position_embeddings=77,
-)  # fmt: skip
+)
 SDXL_TEXT_ENCODER_2_CONFIG = dict(
     hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20, projection_dim=1280,
     hidden_act="gelu", vocab_size=49408, max_position_embeddings=77,
-)  # fmt: skip
+)
 
 
 def meta_components(base: str | None = None) -> dict[str, torch.nn.Module]:
@@ -64,7 +64,8 @@ def meta_components(base: str | None = None) -> dict[str, torch.nn.Module]:
 def tokenize(tokenizers, prompts: list[str]) -> list[torch.Tensor]:
     """Each tokenizer's ids for the prompts, padded to its full length as SDXL's encoders expect."""
     return [
-        tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids
+        tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
+            return_tensors="pt").input_ids
         for tok in tokenizers
     ]
 
@@ -115,7 +116,8 @@ def sdxl_forward(pipe, prompt: str, seed: int = 0, timestep: int = 500, size: in
     latent_size = size // pipe.vae_scale_factor
     latents = torch.randn(1, pipe.unet.config.in_channels, latent_size, latent_size, generator=generator)
     ids = square_time_ids(size, 1, device, prompt_embeds.dtype)
-    prediction = unet_prediction(pipe.unet, latents.to(device, prompt_embeds.dtype), timestep, prompt_embeds, pooled, ids)
+    prediction = unet_prediction(pipe.unet, latents.to(device, prompt_embeds.dtype), timestep, prompt_embeds, pooled,
+                                 ids)
     return {"prompt_embeds": prompt_embeds, "pooled_prompt_embeds": pooled, "noise_prediction": prediction}
 
 

@@ -66,7 +66,8 @@ def inject_adapter(
     attention projections); ``extra_targets`` adds to them, for power users.
     """
     if has_adapter(model):
-        raise AdapterError(f"{type(model).__name__} already carries a MoSLoRA adapter: remove it before injecting another")
+        raise AdapterError(f"{type(model).__name__} already carries a MoSLoRA adapter: "
+                           "remove it before injecting another")
     patterns = list(UNET_TARGETS if targets is None else targets) + list(extra_targets)
     names = find_targets(model, patterns)
     if not names:
@@ -107,7 +108,8 @@ def unbank_mixers(model: nn.Module) -> None:
 def inject_layers(model: nn.Module, layers: dict[str, MoSLoRALinear]) -> None:
     """Puts ready-made MoSLoRA layers in place of the base layers they wrap (used when loading files)."""
     if has_adapter(model):
-        raise AdapterError(f"{type(model).__name__} already carries a MoSLoRA adapter: remove it before loading another")
+        raise AdapterError(f"{type(model).__name__} already carries a MoSLoRA adapter: "
+                           "remove it before loading another")
     for name, layer in layers.items():
         _set_submodule(model, name, layer)
 
@@ -122,7 +124,8 @@ def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
 def mixer_parameters(model: nn.Module) -> list[nn.Parameter]:
     """The parameters that hold the model's mixers: its groups' stacked M, and the M of layers outside a group."""
     banks = model._modules.get(_BANKS) or ()
-    own = [layer._parameters["lora_M"] for layer in adapter_layers(model).values() if layer._parameters.get("lora_M") is not None]
+    own = [layer._parameters["lora_M"] for layer in adapter_layers(model).values()
+           if layer._parameters.get("lora_M") is not None]
     return [bank.mixers for bank in banks] + own
 
 
@@ -171,5 +174,6 @@ def inject_components(
     chosen = {c: m for c, m in components.items() if c in targets and m is not None}
     for model in chosen.values():  # refuse before touching any model
         if has_adapter(model):
-            raise AdapterError(f"{type(model).__name__} already carries a MoSLoRA adapter: remove it before injecting another")
+            raise AdapterError(f"{type(model).__name__} already carries a MoSLoRA adapter: "
+                               "remove it before injecting another")
     return {c: inject_adapter(m, config, targets[c]) for c, m in chosen.items()}

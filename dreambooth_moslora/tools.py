@@ -61,7 +61,8 @@ def load(path: str | os.PathLike, base: str | None = None) -> Loaded:
     except AdapterMismatchError as exc:
         named = recorded_base(path)
         hint = (f" (the file records the base {named!r}, which is no model folder here: name its layout with --base)"
-                if layout is None and named else "" if layout else " (for a model other than SDXL base, name it with --base)")
+                if layout is None and named else "" if layout
+                else " (for a model other than SDXL base, name it with --base)")
         raise AdapterMismatchError(f"{exc}{hint}") from None
     return Loaded(Path(path), adapter, components)
 
@@ -150,7 +151,7 @@ def convert(loaded: Loaded, fmt: str, output: Path) -> Path:
     record = recorded(loaded.adapter.metadata)
     training = {**record["training"], **carry_embeddings(loaded.adapter, fmt, output)}
     return _write(output, fmt, loaded.adapter.layers, loaded.adapter.config, loaded.components, record["base_model"],
-                  training, provenance("convert", [loaded.path], to=fmt), loaded.adapter.embeddings)  # fmt: skip
+                  training, provenance("convert", [loaded.path], to=fmt), loaded.adapter.embeddings)
 
 
 def carry_embeddings(adapter: AdapterFile, fmt: str, output: Path) -> dict:
@@ -167,13 +168,13 @@ def carry_embeddings(adapter: AdapterFile, fmt: str, output: Path) -> dict:
 
 
 def _write(output: Path, fmt: str, layers: dict, config: AdapterConfig, components: dict, base_model, training,
-           extra: dict, embeddings=None) -> Path:  # fmt: skip
+           extra: dict, embeddings=None) -> Path:
     """Layers in any format; a plain LoRA written as native gets M = I."""
     if fmt == "native" and config.mixer == "none":
         layers = {c: {p: as_plain_native(w) for p, w in by_path.items()} for c, by_path in layers.items()}
         config = replace(config, mixer="learned", mixer_init="identity")
     return write_adapter_file(output, fmt, config, file_entries(layers, components), base_model, training, extra,
-                              embeddings)  # fmt: skip
+                              embeddings)
 
 
 # ---------------------------------------------------------------- resize (and merge's compression)
@@ -215,7 +216,7 @@ def resize(loaded: Loaded, output: Path, fmt: str, rank: int | None = None, ener
     layers, errors = _truncate_all(loaded.adapter.layers, rank, energy)
     settings = {"rank": rank} if rank is not None else {"energy": energy}
     _write_plain(output, fmt, layers, loaded.components, recorded(loaded.adapter.metadata)["base_model"],
-                 provenance("resize", [loaded.path], **settings), loaded.adapter)  # fmt: skip
+                 provenance("resize", [loaded.path], **settings), loaded.adapter)
     return errors
 
 
@@ -235,13 +236,13 @@ def _truncate_all(layers: dict, rank: int | None, energy: float | None) -> tuple
 
 
 def _write_plain(output: Path, fmt: str, layers: dict, components: dict, base_model, extra: dict,
-                 source: AdapterFile | None = None) -> Path:  # fmt: skip
+                 source: AdapterFile | None = None) -> Path:
     """Plain-LoRA layers (α = rank) in any format, with the new tokens of the ``source`` adapter, if any."""
     first = next(iter(next(iter(layers.values())).values()))
     config = AdapterConfig(rank=first.rank, alpha=float(first.rank), mixer="none", mixer_init="identity")
     training = carry_embeddings(source, fmt, output) if source else None
     return _write(output, fmt, layers, config, components, base_model, training or None, extra,
-                  source.embeddings if source else None)  # fmt: skip
+                  source.embeddings if source else None)
 
 
 # ---------------------------------------------------------------- merge
@@ -264,7 +265,7 @@ def merge(inputs: list[Loaded], weights: list[float], output: Path, fmt: str, ra
     with_tokens = [i for i in inputs if i.adapter.embeddings]
     if len(with_tokens) > 1:
         raise AdapterError(f"{', '.join(i.path.name for i in with_tokens)} each carry new tokens (pivotal tuning), "
-                           "whose names clash: merge the adapters of one of them at most")  # fmt: skip
+                           "whose names clash: merge the adapters of one of them at most")
     merged: dict[str, dict[str, LayerWeights]] = {}
     for loaded, w in zip(inputs, weights):
         for component, by_path in loaded.adapter.layers.items():
@@ -279,7 +280,7 @@ def merge(inputs: list[Loaded], weights: list[float], output: Path, fmt: str, ra
         layers, errors = _truncate_all(layers, rank, None)
     extra = provenance("merge", paths, weights=weights, **({"rank": rank} if rank is not None else {}))
     _write_plain(output, fmt, layers, inputs[0].components, bases.pop() if bases else None, extra,
-                 with_tokens[0].adapter if with_tokens else None)  # fmt: skip
+                 with_tokens[0].adapter if with_tokens else None)
     return errors
 
 

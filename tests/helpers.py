@@ -33,8 +33,10 @@ def denoising_loss(pipe, image_paths, captions, resolution=64, draws=8, seed=0) 
         timesteps = torch.linspace(50, 950, draws).long()
         noisy = scheduler.add_noise(latents, noise, timesteps)
         time_ids = square_time_ids(resolution, draws)
-        pred = unet_prediction(pipe.unet, noisy, timesteps, embeds.repeat(draws, 1, 1), pooled.repeat(draws, 1), time_ids)
-        target = noise if scheduler.config.prediction_type == "epsilon" else scheduler.get_velocity(latents, noise, timesteps)
+        pred = unet_prediction(pipe.unet, noisy, timesteps, embeds.repeat(draws, 1, 1), pooled.repeat(draws, 1),
+                               time_ids)
+        target = (noise if scheduler.config.prediction_type == "epsilon"
+                  else scheduler.get_velocity(latents, noise, timesteps))
         total += torch.nn.functional.mse_loss(pred, target).item()
     return total / len(image_paths)
 
@@ -54,8 +56,8 @@ def webui_server(log_path: Path, *args: str):
     port = free_port()
     env = dict(os.environ, HF_HUB_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False", PYTHONUNBUFFERED="1")
     with open(log_path, "w") as log:
-        process = subprocess.Popen([sys.executable, "-m", "webui", *args, "--port", str(port)], cwd=ROOT, env=env, stdout=log,
-                                   stderr=subprocess.STDOUT)  # fmt: skip
+        process = subprocess.Popen([sys.executable, "-m", "webui", *args, "--port", str(port)], cwd=ROOT, env=env,
+                                   stdout=log, stderr=subprocess.STDOUT)
         try:
             deadline = time.time() + 180
             while True:

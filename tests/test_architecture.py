@@ -1,5 +1,6 @@
 """The shape of the code: the product never imports the toy-world kit, no module imports form a cycle,
-and the product's functions stay short enough to read at once."""
+the product's functions stay short enough to read at once, and no line of the project's Python is longer than
+120 characters (nor excused from a formatter with ``# fmt: skip``)."""
 
 import ast
 from pathlib import Path
@@ -7,6 +8,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("dreambooth_moslora", "toyworld", "webui")
 MAX_FUNCTION_LINES = 80
+MAX_LINE = 120
 
 
 def module_name(path: Path) -> str:
@@ -42,13 +44,14 @@ def import_graph() -> dict[str, set[str]]:
 def test_the_product_never_imports_the_toy_world_kit_or_the_web_demo():
     graph = import_graph()
     offenders = {m: sorted(i for i in deps if not i.startswith("dreambooth_moslora"))
-                 for m, deps in graph.items() if m.startswith("dreambooth_moslora")}  # fmt: skip
+                 for m, deps in graph.items() if m.startswith("dreambooth_moslora")}
     assert {m: d for m, d in offenders.items() if d} == {}
 
 
 def test_the_kit_imports_the_product_and_never_the_web_demo():
     graph = import_graph()
-    assert any(d.startswith("dreambooth_moslora") for m, deps in graph.items() if m.startswith("toyworld") for d in deps)
+    assert any(d.startswith("dreambooth_moslora") for m, deps in graph.items() if m.startswith("toyworld")
+               for d in deps)
     assert not [(m, d) for m, deps in graph.items() if m.startswith("toyworld") for d in deps if d.startswith("webui")]
 
 
@@ -94,3 +97,21 @@ def test_product_functions_are_short():
                 if length > MAX_FUNCTION_LINES:
                     long.append(f"{module_name(path)}.{node.name}: {length} lines")
     assert long == [], long
+
+
+def python_files() -> list[Path]:
+    return [ROOT / "train_dreambooth.py",
+            *(p for folder in (*PACKAGES, "benchmarks", "tests") for p in sorted((ROOT / folder).rglob("*.py")))]
+
+
+def test_lines_stay_within_120_characters_without_formatter_excuses():
+    long, excused = [], []
+    for path in python_files():
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            where = f"{path.relative_to(ROOT)}:{number}"
+            if len(line) > MAX_LINE:
+                long.append(f"{where} ({len(line)})")
+            if line.rstrip().endswith("# fmt" + ": skip"):
+                excused.append(where)
+    assert len(python_files()) > 50
+    assert long == [] and excused == []

@@ -49,7 +49,7 @@ class AttributeClassifier(nn.Module):
             *conv(width, 2 * width), *conv(2 * width, 2 * width), nn.MaxPool2d(2),
             *conv(2 * width, 4 * width), nn.MaxPool2d(2),
             nn.Flatten(), nn.Linear(4 * width * (IMAGE_SIZE // 8) ** 2, 128), nn.ReLU(inplace=True),
-        )  # fmt: skip
+        )
         self.heads = nn.ModuleDict({name: nn.Linear(128, len(values)) for name, values in HEADS.items()})
 
     def forward(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -76,7 +76,8 @@ def classifier_scenes(count: int, seed: int) -> list[Scene]:
     """Ordinary scenes plus the subject's colour on every shape and background."""
     rng = random.Random(seed)
     return [
-        sample_scene(rng, is_subject=True, shape=rng.choice(SHAPES)) if rng.random() < SUBJECT_SHARE else sample_scene(rng)
+        sample_scene(rng, is_subject=True, shape=rng.choice(SHAPES)) if rng.random() < SUBJECT_SHARE
+            else sample_scene(rng)
         for _ in range(count)
     ]
 
@@ -87,7 +88,8 @@ def degrade(pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     blurred = F.avg_pool2d(F.pad(pixels, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
     amount = torch.rand(n, 1, 1, 1, generator=generator)
     pixels = torch.lerp(pixels, blurred, amount)
-    pixels = pixels + torch.randn(pixels.shape, generator=generator) * torch.rand(n, 1, 1, 1, generator=generator) * 0.08
+    strength = torch.rand(n, 1, 1, 1, generator=generator) * 0.08
+    pixels = pixels + torch.randn(pixels.shape, generator=generator) * strength
     pixels = pixels * (1 + (torch.rand(n, 1, 1, 1, generator=generator) - 0.5) * 0.15)
     return pixels.clamp(-1, 1)
 
@@ -134,7 +136,7 @@ def generate(pipe, prompts: list[str], seed: int = 0, steps: int = 25, guidance:
 
 
 def attribute_accuracy(pipe, classifier: AttributeClassifier, count: int = 200, seed: int = 0, steps: int = 25,
-                       guidance: float = 5.0):  # fmt: skip
+                       guidance: float = 5.0):
     """How often images generated from world captions show the prompted shape, colour and background.
 
     Returns the accuracy per attribute, the prompted scenes and the images.
@@ -154,7 +156,8 @@ def image_grid(images, columns: int, zoom: int = 3):
     rows = math.ceil(len(images) / columns)
     grid = Image.new("RGB", (columns * w * zoom, rows * h * zoom), (255, 255, 255))
     for i, image in enumerate(images):
-        grid.paste(image.resize((w * zoom, h * zoom), Image.NEAREST), ((i % columns) * w * zoom, (i // columns) * h * zoom))
+        grid.paste(image.resize((w * zoom, h * zoom), Image.NEAREST),
+                   ((i % columns) * w * zoom, (i // columns) * h * zoom))
     return grid
 
 

@@ -56,15 +56,16 @@ from .world import CLASS_PROMPT, SUBJECT_CLASS, SUBJECT_COLOUR, SUBJECT_PROMPT, 
 
 
 def run(output_dir: Path, rank: int, alpha: float, mixer: str, mixer_init: str, seed: int, steps: int, lr: float,
-        prior: bool = True, text_encoder_lr: float | None = TOY_TRAINING["text_encoder_lr"], lora_init: str = TOY_TRAINING["lora_init"],
-        masked: bool = TOY_MASKED_LOSS, num_class_images: int = NUM_CLASS_IMAGES, prior_loss_weight: float = 1.0,
-        pivotal: bool = False) -> int:  # fmt: skip
+        prior: bool = True, text_encoder_lr: float | None = TOY_TRAINING["text_encoder_lr"],
+        lora_init: str = TOY_TRAINING["lora_init"], masked: bool = TOY_MASKED_LOSS,
+        num_class_images: int = NUM_CLASS_IMAGES, prior_loss_weight: float = 1.0, pivotal: bool = False) -> int:
     quiet_libraries()  # before diffusers' pipelines are imported: they announce optional packages
     from diffusers import StableDiffusionXLPipeline
 
     start = time.perf_counter()
     if not (WORLD_MODEL_DIR / "model_index.json").is_file():
-        raise DataError(f"the pretrained toy world is missing at {WORLD_MODEL_DIR}: run the demo from a clone of the repository")
+        raise DataError(f"the pretrained toy world is missing at {WORLD_MODEL_DIR}: run the demo "
+                        "from a clone of the repository")
     subject, masks = ASSETS / "subject", SUBJECT_MASKS
     if not subject.is_dir() or not masks.is_dir():  # the repository's images went missing: draw the same ones again
         subject, masks = output_dir / "subject", output_dir / "subject_masks"
@@ -82,13 +83,15 @@ def run(output_dir: Path, rank: int, alpha: float, mixer: str, mixer_init: str, 
                                  masks if masked else None, lora_init, num_class_images, prior_loss_weight, pivotal),
             "--mixer", mixer, "--mixer_init", mixer_init, "--checkpointing_steps", str(steps),
             # the model card's samples, and the prompt the web demo pre-fills for this adapter
-            "--validation_prompt", TOY_SAMPLE_PROMPT]  # fmt: skip
-    prior_note = f"prior preservation on {num_class_images} images of {CLASS_PROMPT!r} on each background" if prior else "no prior preservation"
+            "--validation_prompt", TOY_SAMPLE_PROMPT]
+    prior_note = (f"prior preservation on {num_class_images} images of {CLASS_PROMPT!r} on each background" if prior
+                  else "no prior preservation")
     where = "UNet only" if text_encoder_lr is None else "UNet, with new tokens for 'sks' (pivotal tuning)" if pivotal \
-        else "UNet and text encoders"  # fmt: skip
+        else "UNet and text encoders"
     prior_note += ", masked loss (the subject's pixels only)" if masked else ""
-    print(f"2. DreamBooth on {SUBJECT_PROMPT!r}, {steps} steps, rank {rank}, alpha {alpha:g}, mixer {mixer} ({mixer_init}), A {lora_init}, "
-          f"adapters on the {where}, {prior_note}")  # fmt: skip
+    print(f"2. DreamBooth on {SUBJECT_PROMPT!r}, {steps} steps, rank {rank}, alpha {alpha:g}, mixer {mixer} "
+          f"({mixer_init}), A {lora_init}, "
+          f"adapters on the {where}, {prior_note}")
     files = train_adapter(argv, adapter_dir)
     checks = check_reloads(pipe, files, seed)
     draw_samples(pipe, files["diffusers"], output_dir, seed)
@@ -118,7 +121,8 @@ def check_reloads(pipe, files: dict[str, Path], seed: int) -> list[tuple[str, fl
     for fmt, path in files.items():
         for fuse in (False, True):
             load_adapter(pipe, path, fuse=fuse)
-            checks.append((f"load_adapter({fmt}, fuse={fuse})", max_abs_diff(trained, sdxl_forward(pipe, prompt, seed=seed))))
+            checks.append((f"load_adapter({fmt}, fuse={fuse})",
+                           max_abs_diff(trained, sdxl_forward(pipe, prompt, seed=seed))))
             unload_adapter(pipe)
     try:
         import peft  # noqa: F401 — stock diffusers needs it for load_lora_weights
@@ -145,7 +149,7 @@ def stock_loads(pipe, files: dict[str, Path], prompt: str, trained: dict, seed: 
         if embeddings:
             rows, new = read_embeddings(embeddings[0])
             for key, encoder, tokenizer in (("clip_l", pipe.text_encoder, pipe.tokenizer),
-                                            ("clip_g", pipe.text_encoder_2, pipe.tokenizer_2)):  # fmt: skip
+                                            ("clip_g", pipe.text_encoder_2, pipe.tokenizer_2)):
                 pipe.load_textual_inversion(rows[key], token=new.tokens, text_encoder=encoder, tokenizer=tokenizer)
         name = f"stock load_lora_weights({fmt})" + (" + load_textual_inversion" if embeddings else "")
         checks.append((name, max_abs_diff(trained, sdxl_forward(pipe, prompt, seed=seed))))
@@ -174,13 +178,15 @@ def draw_samples(pipe, adapter_file: Path, output_dir: Path, seed: int) -> dict:
     unload_adapter(pipe)
     order = [(kind, bg) for bg in NEW_BACKGROUNDS for kind in ("base", "MoSLoRA", CLASS_PROMPT)]
     found = {kind: {bg: sum(map(shows_subject, classify(classifier, rows[kind, bg]))) for bg in NEW_BACKGROUNDS}
-             for kind in ("base", "MoSLoRA")}  # fmt: skip
+             for kind in ("base", "MoSLoRA")}
     images = [image.resize((96, 96), Image.NEAREST) for row in order for image in rows[row]]
     labels = [f"{kind}: {bg}" for kind, bg in order for _ in range(SAMPLE_SEEDS)]
     grid_path = output_dir / "samples.png"
     save_image(labelled_grid(images, labels, columns=SAMPLE_SEEDS), grid_path)
-    print(f"4. samples on backgrounds the subject's photos never show, the same {SAMPLE_SEEDS} seeds in every row: {grid_path}")
-    print(f"   for each background: {SUBJECT_PROMPT!r} with the base model, the same with the adapter, {CLASS_PROMPT!r} with the adapter")
+    print(f"4. samples on backgrounds the subject's photos never show, the same {SAMPLE_SEEDS} "
+          f"seeds in every row: {grid_path}")
+    print(f"   for each background: {SUBJECT_PROMPT!r} with the base model, the same with the adapter, "
+          f"{CLASS_PROMPT!r} with the adapter")
 
     def per_background(counts: dict[str, int]) -> str:
         return ", ".join(f"{n} of {SAMPLE_SEEDS} on {bg}" for bg, n in counts.items())
@@ -200,19 +206,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lora_alpha", type=float, default=TOY_TRAINING["lora_alpha"])
     parser.add_argument("--mixer", choices=MIXER_MODES, default="learned")
     parser.add_argument("--mixer_init", choices=MIXER_INITS, default="kaiming")
-    parser.add_argument("--lora_init", choices=LORA_INITS, default=TOY_TRAINING["lora_init"], help="A's init, as the trainer's --lora_init")
+    parser.add_argument("--lora_init", choices=LORA_INITS, default=TOY_TRAINING["lora_init"],
+                        help="A's init, as the trainer's --lora_init")
     parser.add_argument("--max_train_steps", type=int, default=TOY_TRAINING["max_train_steps"])
     parser.add_argument("--learning_rate", type=float, default=TOY_TRAINING["learning_rate"])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--with_prior_preservation", action=argparse.BooleanOptionalAction, default=True,
-        help=f"also train on {NUM_CLASS_IMAGES} images of {CLASS_PROMPT!r} made by the base model, so that the class keeps its looks",
-    )  # fmt: skip
+        help=f"also train on {NUM_CLASS_IMAGES} images of {CLASS_PROMPT!r} made by the base model, so "
+             "that the class keeps its looks",
+    )
     parser.add_argument(
         "--train_text_encoder", action=argparse.BooleanOptionalAction, default=True,
         help="learn the word 'sks' in the text encoders: new tokens (--pivotal) or adapters on them (--no-pivotal); "
              "without either, the subject is not learned with prior preservation on this model",
-    )  # fmt: skip
+    )
     parser.add_argument("--text_encoder_lr", type=float, default=TOY_TRAINING["text_encoder_lr"])
     parser.add_argument("--pivotal", action=argparse.BooleanOptionalAction, default=True,
                         help="learn new tokens for 'sks' (pivotal tuning, at --text_encoder_lr) instead of adapters on "
@@ -225,9 +233,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.rank < 1 or args.max_train_steps < 1:
         parser.error("--rank and --max_train_steps must be at least 1")
     try:
-        return run(args.output_dir, args.rank, args.lora_alpha, args.mixer, args.mixer_init, args.seed, args.max_train_steps,
-                   args.learning_rate, args.with_prior_preservation, args.text_encoder_lr if args.train_text_encoder else None,
-                   args.lora_init, args.masked_loss, args.num_class_images, args.prior_loss_weight, args.pivotal)  # fmt: skip
+        return run(args.output_dir, args.rank, args.lora_alpha, args.mixer, args.mixer_init, args.seed,
+                   args.max_train_steps, args.learning_rate, args.with_prior_preservation,
+                   args.text_encoder_lr if args.train_text_encoder else None, args.lora_init, args.masked_loss,
+                   args.num_class_images, args.prior_loss_weight, args.pivotal)
     except (MosloraError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

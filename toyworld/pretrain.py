@@ -7,8 +7,8 @@ the world's scenes and as many random patterned shapes, so that it can encode wh
 shows), then the UNet and both text encoders together on the frozen VAE's latents, with
 v-prediction, min-SNR weighting, caption dropout to zero embeddings (so that classifier-free guidance
 works the way SDXL's pipelines do it) and an EMA of
-the weights, which is what gets saved. The result is an ordinary diffusers folder: ``StableDiffusionXLPipeline.from_pretrained``
-runs it, and the trainer fine-tunes it.
+the weights, which is what gets saved. The result is an ordinary diffusers folder:
+``StableDiffusionXLPipeline.from_pretrained`` runs it, and the trainer fine-tunes it.
 
 Nothing depends on the total number of steps (constant learning rate after a fixed warm-up, the EMA's
 decay and the data order depend on the step alone), so the snapshot a long run saves at step N is the
@@ -85,7 +85,8 @@ def codec_image(index: int, size: int, seed: int):
     if pattern == "stripes":
         width, slope = r / rng.uniform(1.2, 4.0), rng.uniform(-1.5, 1.5) * big
         for k in range(-int(3 * big / width), int(3 * big / width), 2):
-            draw.polygon([(k * width, 0), ((k + 1) * width, 0), ((k + 1) * width + slope, big), (k * width + slope, big)], fill=second)
+            draw.polygon([(k * width, 0), ((k + 1) * width, 0), ((k + 1) * width + slope, big),
+                          (k * width + slope, big)], fill=second)
     elif pattern == "halves":
         draw.rectangle((0, cy, big, big), fill=second)
     elif pattern == "ring":
@@ -172,7 +173,8 @@ class CaptionTokens:
         return [torch.stack([self.cache[c][k] for c in captions]) for k in range(len(self.tokenizers))]
 
 
-def caption_embeddings(text_encoders, token_ids: list[torch.Tensor], kept: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def caption_embeddings(text_encoders, token_ids: list[torch.Tensor],
+                       kept: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The UNet's text conditioning; zeros for the captions not ``kept`` (caption dropout). Zeros, as in
     SDXL's training: its pipelines (force_zeros_for_empty_prompt) guide with zeros, not with the encoded
     empty prompt, so a model trained on the encoded "" would meet an input it never saw in every guided step."""
@@ -187,7 +189,7 @@ def ema_update(ema: list[torch.Tensor], params: list[torch.Tensor], decay: float
 
 def train_diffusion(c: dict, scene_list, latent_mean, latent_std, steps: int, batch_size: int, lr: float, seed: int,
                     log, on_snapshot=None, snapshot_steps=(), max_seconds: float | None = None,
-                    caption_dropout: float = 0.1, snr_gamma: float = 5.0, ema_decay: float = 0.999) -> tuple[dict, int]:  # fmt: skip
+                    caption_dropout: float = 0.1, snr_gamma: float = 5.0, ema_decay: float = 0.999) -> tuple[dict, int]:
     """Trains UNet and text encoders jointly; returns their EMA copies and the number of steps taken.
 
     ``on_snapshot(step, ema)`` is called at each of ``snapshot_steps``.
@@ -221,7 +223,8 @@ def train_diffusion(c: dict, scene_list, latent_mean, latent_std, steps: int, ba
         latents = (mean + latent_std[index] * torch.randn(mean.shape, generator=generator, device=device)) * scale
         embeds, pooled = caption_embeddings([models["text_encoder"], models["text_encoder_2"]], tokens(captions), kept)
         noise = torch.randn(latents.shape, generator=generator, device=device)
-        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (batch_size,), generator=generator, device=device)
+        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (batch_size,), generator=generator,
+                                  device=device)
         alpha = alphas[timesteps]
         a, s = alpha.sqrt().view(-1, 1, 1, 1), (1 - alpha).sqrt().view(-1, 1, 1, 1)
         noisy, target = a * latents + s * noise, a * noise - s * latents  # v-prediction's target
@@ -254,7 +257,8 @@ def load_trained_vae(vae_dir: Path, expected_config):
     vae = AutoencoderKL.from_pretrained(vae_dir, torch_dtype=torch.float32)
     for key in ("block_out_channels", "latent_channels", "sample_size"):
         if tuple(np.atleast_1d(vae.config[key])) != tuple(np.atleast_1d(expected_config[key])):
-            raise ValueError(f"{vae_dir}: its {key} is {vae.config[key]}, this world model needs {expected_config[key]}")
+            raise ValueError(f"{vae_dir}: its {key} is {vae.config[key]}, "
+                             f"this world model needs {expected_config[key]}")
     return vae.eval().requires_grad_(False)
 
 
@@ -269,7 +273,8 @@ def load_world_weights(c: dict, model_dir: Path) -> dict:
         try:
             c[name].load_state_dict(saved.state_dict())
         except RuntimeError as exc:  # missing, unexpected or differently shaped weights
-            raise ValueError(f"{model_dir / name}: not this world model's layout ({str(exc).splitlines()[0]})") from None
+            reason = str(exc).splitlines()[0]
+            raise ValueError(f"{model_dir / name}: not this world model's layout ({reason})") from None
     record = model_dir / "pretraining.json"
     return json.loads(record.read_text()) if record.is_file() else {}
 
@@ -318,7 +323,7 @@ def evaluate_world_model(pipe, classifier, device: str, count: int, guidances=(5
 def pretrain(output_dir: Path, vae_steps: int, steps: int, batch_size: int, size: int, lr: float, vae_lr: float,
              seed: int, device: str, dataset_size: int = 100_000, workers: int = 1, snapshot_steps=(),
              max_seconds: float | None = None, classifier_path: Path | None = None, eval_count: int = 256,
-             eval_guidances=(5.0,), vae_dir: Path | None = None, init_from: Path | None = None, log=print) -> Path:  # fmt: skip
+             eval_guidances=(5.0,), vae_dir: Path | None = None, init_from: Path | None = None, log=print) -> Path:
     """Pretrains and saves the world model; snapshots go to ``<output_dir>-step<N>`` beside it.
 
     With ``vae_dir`` (an earlier run's ``vae`` folder) that VAE is kept as it is and only the diffusion
@@ -339,7 +344,8 @@ def pretrain(output_dir: Path, vae_steps: int, steps: int, batch_size: int, size
 
         classifier, _ = load_classifier(classifier_path)
     latent = size // 2 ** (len(WORLD_MODEL["vae_channels"]) - 1)
-    c = tiny_sdxl_components(seed=seed, words=vocabulary(), sample_size=latent, prediction_type="v_prediction", **WORLD_MODEL)
+    c = tiny_sdxl_components(seed=seed, words=vocabulary(), sample_size=latent, prediction_type="v_prediction",
+                             **WORLD_MODEL)
     earlier = {}
     if init_from is not None:
         earlier, vae_dir = load_world_weights(c, Path(init_from)), Path(init_from) / "vae"
@@ -355,22 +361,25 @@ def pretrain(output_dir: Path, vae_steps: int, steps: int, batch_size: int, size
     pixels = pixels.to(device)
     log(f"rendered {dataset_size} scenes in {time.perf_counter() - started:.1f} s")
     if vae_dir is None:
-        vae_psnr = train_vae(c["vae"], torch.cat([pixels, codec_pixels.to(device)]), vae_steps, batch_size, vae_lr, seed, log)
+        vae_psnr = train_vae(c["vae"], torch.cat([pixels, codec_pixels.to(device)]), vae_steps, batch_size, vae_lr,
+                             seed, log)
         del codec_pixels
     latent_mean, latent_std = encode_dataset(c["vae"], pixels)
     if vae_dir is not None:  # a kept VAE's reconstructions of this dataset, from the means just computed
         vae_psnr = decoded_psnr(c["vae"], pixels[:4096], latent_mean[:4096])
     # Unit-variance latents: the noise schedule assumes them (SD's 0.18215 is right for SD's VAE only).
     # A model trained further keeps the scale its UNet learned with.
-    scaling_factor = c["vae"].config.scaling_factor if init_from is not None else round(1.0 / latent_mean.std().item(), 5)
+    scaling_factor = (c["vae"].config.scaling_factor if init_from is not None
+                      else round(1.0 / latent_mean.std().item(), 5))
     c["vae"].register_to_config(scaling_factor=scaling_factor)
     log(f"VAE: PSNR {vae_psnr:.1f} dB, scaling_factor {scaling_factor}")
     settings = dict(vae_steps=vae_steps, batch_size=batch_size, image_size=size, lr=lr, vae_lr=vae_lr, seed=seed,
-                    dataset_size=dataset_size, device=device, model=WORLD_MODEL, vae_psnr_db=round(vae_psnr, 2))  # fmt: skip
+                    dataset_size=dataset_size, device=device, model=WORLD_MODEL, vae_psnr_db=round(vae_psnr, 2))
     if vae_dir is not None:  # its own steps and settings are those of the run that made it
         settings.update(vae_steps=0, vae_lr=None, vae_from=earlier.get("vae_from", str(vae_dir)))
     if init_from is not None:
-        settings.update(continued_from=str(init_from), earlier_steps=earlier.get("earlier_steps", 0) + earlier.get("steps", 0))
+        settings.update(continued_from=str(init_from),
+                        earlier_steps=earlier.get("earlier_steps", 0) + earlier.get("steps", 0))
 
     def save(ema: dict, where: Path, step: int) -> None:
         seconds = round(time.perf_counter() - started, 1)
@@ -387,7 +396,7 @@ def pretrain(output_dir: Path, vae_steps: int, steps: int, batch_size: int, size
         save(ema, output_dir.with_name(f"{output_dir.name}-step{step}"), step)
 
     ema, done = train_diffusion(c, scene_list, latent_mean, latent_std, steps, batch_size, lr, seed, log,
-                                on_snapshot=snapshot, snapshot_steps=set(snapshot_steps), max_seconds=max_seconds)  # fmt: skip
+                                on_snapshot=snapshot, snapshot_steps=set(snapshot_steps), max_seconds=max_seconds)
     save(ema, output_dir, done)
     log(f"done after {time.perf_counter() - started:.1f} s ({done} diffusion steps)")
     return output_dir
@@ -397,7 +406,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m toyworld.pretrain", description=__doc__.split("\n\n")[0])
     parser.add_argument("--output_dir", type=Path, required=True)
     parser.add_argument("--vae_steps", type=int, default=2000)
-    parser.add_argument("--steps", type=int, default=1107, help="UNet + text-encoder steps (the committed model stopped at 1107)")
+    parser.add_argument("--steps", type=int, default=1107,
+                        help="UNet + text-encoder steps (the committed model stopped at 1107)")
     parser.add_argument("--batch_size", type=int, default=256)
     parser.add_argument("--image_size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-3)
@@ -407,7 +417,8 @@ def main(argv=None) -> int:
     parser.add_argument("--workers", type=int, default=1, help="processes that render the dataset")
     parser.add_argument("--snapshot_steps", default="", help="comma-separated steps at which to save a snapshot too")
     parser.add_argument("--max_minutes", type=float, default=None, help="stop the diffusion phase after this long")
-    parser.add_argument("--classifier", type=Path, default=None, help="evaluate each saved model with this attribute classifier")
+    parser.add_argument("--classifier", type=Path, default=None,
+                        help="evaluate each saved model with this attribute classifier")
     parser.add_argument("--eval_count", type=int, default=256, help="prompts per evaluation")
     parser.add_argument("--eval_guidance", default="5", help="comma-separated guidance scales to evaluate at")
     parser.add_argument("--vae", type=Path, default=None,
@@ -430,7 +441,8 @@ def main(argv=None) -> int:
         pretrain(args.output_dir, args.vae_steps, args.steps, args.batch_size, args.image_size, args.lr, args.vae_lr,
                  args.seed, args.device, args.dataset_size, args.workers, snapshots,
                  None if args.max_minutes is None else args.max_minutes * 60, args.classifier, args.eval_count,
-                 [float(g) for g in args.eval_guidance.split(",")], args.vae, args.init_from, log=lambda m: print(m, flush=True))  # fmt: skip
+                 [float(g) for g in args.eval_guidance.split(",")], args.vae, args.init_from,
+                 log=lambda m: print(m, flush=True))
     except (ValueError, OSError) as exc:  # a VAE or model of another layout, or a folder missing its files
         print(f"error: {exc}", file=sys.stderr)
         return 2

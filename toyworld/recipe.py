@@ -24,7 +24,8 @@ from .world import (BACKGROUNDS, CLASS_PROMPT, INSTANCE_BACKGROUNDS, SUBJECT_CLA
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 WORLD_MODEL_DIR = ASSETS / "toy-sdxl"
 CLASSIFIER_FILE = ASSETS / "toy-world-classifier.safetensors"
-SUBJECT_MASKS = ASSETS / "subject_masks"  # the subject's masks, same file names (toyworld.world.write_subject makes them)
+# the subject's masks, same file names (toyworld.world.write_subject makes them)
+SUBJECT_MASKS = ASSETS / "subject_masks"
 NEW_BACKGROUNDS = [name for name in BACKGROUNDS if name not in INSTANCE_BACKGROUNDS]
 # The trainer's sample (validation) prompt in the demo and the web demo: the subject on a background its photos never
 # show. The captions always name a background, so a bare "a sks circle" leaves the model guessing one (murky).
@@ -35,12 +36,14 @@ VARIETY_SEEDS = 48  # images of the class prompt per background, with and withou
 # in one colour per background (total-variation distance 0.75 from the base model's over 48 seeds); with 100,
 # 0.25-0.26 over three seeds (docs/toy-world.md).
 NUM_CLASS_IMAGES = 100
-MADE_BY = ".made_by"  # in the demo's class folder: which base model and seed drew its images (not a caption, not an image)
+# in the demo's class folder: which base model and seed drew its images (not a caption, not an image)
+MADE_BY = ".made_by"
 # The demo's training settings, shared by the quality benchmark and the web demo's toy-world preset. A is
 # the trainer's default, diffusers' Gaussian (std 1/r). The text encoders learn faster than the UNet:
 # "sks" is a word the base model reads as nothing, and the subject is bound to it there (at 1e-3 they
 # bound it for some seeds only; README, quick start).
-TOY_TRAINING = dict(max_train_steps=150, learning_rate=1e-3, text_encoder_lr=3e-3, rank=4, lora_alpha=8.0, lora_init="gaussian")
+TOY_TRAINING = dict(max_train_steps=150, learning_rate=1e-3, text_encoder_lr=3e-3, rank=4, lora_alpha=8.0,
+                    lora_init="gaussian")
 # The demo and the quality benchmark train on the subject's pixels only (its masks, SUBJECT_MASKS): its five
 # photos show two backgrounds, and on the whole image the adapter also learned them — on gray the subject
 # drifted to blue or to a cross. The web demo's preset trains on whole images unless told to mask (alpha channels).
@@ -60,7 +63,7 @@ def toy_dreambooth_argv(subject: Path, output_dir: Path, steps: int, lr: float, 
                         class_dir: Path | None = None, text_encoder_lr: float | None = None,
                         mask_dir: Path | None = None, lora_init: str = TOY_TRAINING["lora_init"],
                         num_class_images: int = NUM_CLASS_IMAGES, prior_loss_weight: float = 1.0,
-                        pivotal: bool = False) -> list[str]:  # fmt: skip
+                        pivotal: bool = False) -> list[str]:
     """train_dreambooth.py's arguments for DreamBooth on the toy world (the demo's, shared by the
     quality benchmark): prior preservation when ``class_dir`` is given, adapters on the text encoders
     too when ``text_encoder_lr`` is, or with ``pivotal`` new tokens for "sks" learned at that rate instead.
@@ -74,15 +77,17 @@ def toy_dreambooth_argv(subject: Path, output_dir: Path, steps: int, lr: float, 
         "--pretrained_model_name_or_path", str(WORLD_MODEL_DIR), "--instance_data_dir", str(subject),
         "--instance_prompt", SUBJECT_PROMPT, "--caption_extension", ".txt", "--resolution", "32", "--cache_latents",
         "--train_batch_size", "2", "--max_train_steps", str(steps), "--learning_rate", str(lr),
-        "--rank", str(rank), "--lora_alpha", str(alpha), "--lora_init", lora_init, "--seed", str(seed), "--report_to", "none",
+        "--rank", str(rank), "--lora_alpha", str(alpha), "--lora_init", lora_init, "--seed", str(seed), "--report_to",
+            "none",
         "--output_dir", str(output_dir),
-    ]  # fmt: skip
+    ]
     if class_dir is not None:  # made by write_class_images
         argv += ["--with_prior_preservation", "--class_prompt", CLASS_PROMPT, "--class_data_dir", str(class_dir),
-                 "--num_class_images", str(num_class_images), "--prior_loss_weight", str(prior_loss_weight)]  # fmt: skip
+                 "--num_class_images", str(num_class_images), "--prior_loss_weight", str(prior_loss_weight)]
     if text_encoder_lr is not None:
         argv += ["--text_encoder_lr", str(text_encoder_lr)]
-        argv += ["--train_text_encoder_ti", "--token_abstraction", SUBJECT_TOKEN] if pivotal else ["--train_text_encoder"]
+        argv += ["--train_text_encoder_ti", "--token_abstraction",
+                 SUBJECT_TOKEN] if pivotal else ["--train_text_encoder"]
     if mask_dir is not None:  # masked loss: the subject's pixels count, its photos' backgrounds do not
         argv += ["--mask_dir", str(mask_dir)]
     return argv
@@ -99,7 +104,7 @@ def model_fingerprint(pipe) -> str:
 
 
 def write_class_images(pipe, folder: Path, seed: int = 0, count: int = NUM_CLASS_IMAGES,
-                       class_prompt: str = CLASS_PROMPT) -> list[Path]:  # fmt: skip
+                       class_prompt: str = CLASS_PROMPT) -> list[Path]:
     """The class images for prior preservation: the base model's own "a circle on a <bg> background"
     for every background, each saved with its prompt as caption. ``folder`` is the demo's own: images
     already made by this base model with this seed (stamped in the folder: ``model_fingerprint``, the
@@ -149,7 +154,7 @@ def class_variety(base: dict[str, list], adapted: dict[str, list], reps: int = 2
     draws.sort()
     colours = {bg: (Counter(f["colour"] for f in base[bg]), Counter(f["colour"] for f in adapted[bg])) for bg in base}
     return {"tv": sum(per_background.values()) / len(per_background), "tv_interval": (draws[int(0.025 * reps)],
-            draws[int(0.975 * reps) - 1]), "per_background": per_background, "colours": colours}  # fmt: skip
+            draws[int(0.975 * reps) - 1]), "per_background": per_background, "colours": colours}
 
 
 def base_class_reads(pipe, classifier, cache: Path, seed: int = 0) -> tuple[dict, dict]:

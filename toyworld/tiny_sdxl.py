@@ -91,7 +91,7 @@ def build_tokenizer(words=DEFAULT_WORDS):
 def tiny_sdxl_components(
     seed: int = 0, words=DEFAULT_WORDS, sample_size: int = 32, block_out_channels=(32, 64, 64), text_hidden: int = 32,
     text_layers: int = 3, vae_channels=(32, 64), prediction_type: str = "epsilon",
-) -> dict:  # fmt: skip
+) -> dict:
     """The seven parts of an SDXL pipeline, tiny and seeded (widths adjustable, e.g. for mismatch tests)."""
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
@@ -106,11 +106,12 @@ def tiny_sdxl_components(
             vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
             num_attention_heads=4, max_position_embeddings=77, projection_dim=projection, hidden_act="gelu",
             bos_token_id=bos, eos_token_id=eos, pad_token_id=eos,
-        )  # fmt: skip
+        )
 
     torch.manual_seed(seed)
     text_encoder = CLIPTextModel(text_config(hidden=text_hidden, layers=text_layers, projection=text_hidden))
-    text_encoder_2 = CLIPTextModelWithProjection(text_config(hidden=text_hidden, layers=text_layers, projection=text_hidden))
+    text_encoder_2 = CLIPTextModelWithProjection(text_config(hidden=text_hidden, layers=text_layers,
+                                                             projection=text_hidden))
     addition_time_embed_dim = 8
     unet = UNet2DConditionModel(**dict(
         SDXL_UNET_CONFIG,  # SDXL's layout, narrower and shallower
@@ -123,7 +124,7 @@ def tiny_sdxl_components(
         # six micro-conditioning numbers (original size, crop, target size) + the pooled text embedding
         projection_class_embeddings_input_dim=6 * addition_time_embed_dim + text_hidden,
         norm_num_groups=32,
-    ))  # fmt: skip
+    ))
     vae = AutoencoderKL(
         block_out_channels=tuple(vae_channels),
         in_channels=3,
@@ -137,7 +138,7 @@ def tiny_sdxl_components(
     scheduler = EulerDiscreteScheduler(
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
         steps_offset=1, timestep_spacing="leading", prediction_type=prediction_type,
-    )  # fmt: skip
+    )
     return {
         "unet": unet.eval(),
         "vae": vae.eval(),
@@ -167,11 +168,11 @@ SDXL_VAE_CONFIG = dict(
     in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, sample_size=1024, scaling_factor=0.13025,
     block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
     up_block_types=("UpDecoderBlock2D",) * 4, force_upcast=True,
-)  # fmt: skip
+)
 SDXL_SCHEDULER_CONFIG = dict(
     beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000, steps_offset=1,
     timestep_spacing="leading", prediction_type="epsilon",
-)  # fmt: skip
+)
 
 
 def save_full_size_sdxl(path: str | os.PathLike, seed: int = 0, words=DEFAULT_WORDS, device: str = "cpu") -> Path:
@@ -195,7 +196,8 @@ def save_full_size_sdxl(path: str | os.PathLike, seed: int = 0, words=DEFAULT_WO
         "text_encoder": lambda: CLIPTextModel(CLIPTextConfig(**SDXL_TEXT_ENCODER_CONFIG, **ids)),
         "text_encoder_2": lambda: CLIPTextModelWithProjection(CLIPTextConfig(**SDXL_TEXT_ENCODER_2_CONFIG, **ids)),
     }
-    index = {"_class_name": "StableDiffusionXLPipeline", "_diffusers_version": "0.0.0", "force_zeros_for_empty_prompt": True}
+    index = {"_class_name": "StableDiffusionXLPipeline", "_diffusers_version": "0.0.0",
+             "force_zeros_for_empty_prompt": True}
     with atomic_path(path, directory=True) as tmp:
         torch.manual_seed(seed)
         for name, build in builders.items():

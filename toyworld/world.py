@@ -25,8 +25,8 @@ from PIL import Image, ImageDraw
 
 SHAPES = ("circle", "square", "triangle", "cross")
 SUBJECT_RGB = (150, 60, 200)
-COLOURS = {"red": (225, 45, 40), "green": (45, 170, 65), "blue": (45, 85, 225), "yellow": (240, 205, 40), "white": (245, 245, 245),
-           "purple": SUBJECT_RGB}  # fmt: skip
+COLOURS = {"red": (225, 45, 40), "green": (45, 170, 65), "blue": (45, 85, 225), "yellow": (240, 205, 40),
+           "white": (245, 245, 245), "purple": SUBJECT_RGB}
 BACKGROUNDS = {"black": (22, 22, 22), "gray": (128, 128, 128), "white": (245, 245, 245), "blue": (45, 85, 225)}
 SUBJECT_TOKEN = "sks"
 SUBJECT_CLASS = "circle"
@@ -96,8 +96,9 @@ def _polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, fl
         return [(cx, cy - r), (cx + r * 0.95, cy + r * 0.75), (cx - r * 0.95, cy + r * 0.75)]
     if shape == "cross":
         a, b = r, r * 0.34
-        return [(cx - b, cy - a), (cx + b, cy - a), (cx + b, cy - b), (cx + a, cy - b), (cx + a, cy + b), (cx + b, cy + b),
-                (cx + b, cy + a), (cx - b, cy + a), (cx - b, cy + b), (cx - a, cy + b), (cx - a, cy - b), (cx - b, cy - b)]  # fmt: skip
+        return [(cx - b, cy - a), (cx + b, cy - a), (cx + b, cy - b), (cx + a, cy - b), (cx + a, cy + b),
+                (cx + b, cy + b), (cx + b, cy + a), (cx - b, cy + a), (cx - b, cy + b), (cx - a, cy + b),
+                (cx - a, cy - b), (cx - b, cy - b)]
     raise ValueError(f"unknown shape {shape!r}")
 
 
@@ -129,7 +130,8 @@ def render_mask(scene: Scene, size: int = 32, supersample: int = 4) -> Image.Ima
     return _shape_mask(scene, size * supersample).resize((size, size), Image.BOX)
 
 
-def sample_scene(rng: random.Random, is_subject: bool = False, shape: str | None = None, background: str | None = None) -> Scene:
+def sample_scene(rng: random.Random, is_subject: bool = False, shape: str | None = None,
+                 background: str | None = None) -> Scene:
     """A random scene; the object's colour never equals its background, and only the subject is a purple circle."""
     shape = shape or (SUBJECT_CLASS if is_subject else rng.choice(SHAPES))
     background = background or rng.choice(list(BACKGROUNDS))

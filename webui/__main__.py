@@ -12,18 +12,21 @@ def parse(argv=None):
     p.add_argument("--adapters", type=Path, default=Path("outputs"), help="the folder of trained adapters")
     p.add_argument("--base_model", help="hub id or folder; default: the one an adapter records, when it is allowed")
     p.add_argument("--models_dir", type=Path,
-                   help="base models requests may choose: the diffusers folders and SDXL .safetensors checkpoints in it")
+                   help="base models requests may choose: the diffusers folders and SDXL .safetensors "
+                        "checkpoints in it")
     p.add_argument("--base_config", help="configs and tokenizers for checkpoint files (default: SDXL base's; the "
                                          "demo model's with --demo)")
     p.add_argument("--time_limit", type=float, default=300.0, help="seconds a request may run before it is cut off")
     p.add_argument("--max_upload", default="10mb", help="the largest file a client may upload")
-    p.add_argument("--demo", action="store_true", help="offline: the toy world's model (python -m toyworld.demo trains on it)")
+    p.add_argument("--demo", action="store_true",
+                   help="offline: the toy world's model (python -m toyworld.demo trains on it)")
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--listen", action="store_true", help="serve on all interfaces, not only this machine")
     p.add_argument("--share", action="store_true", help="a public gradio.live link")
     p.add_argument("--queue_size", type=int, default=16, help="requests waiting beyond this are refused")
     p.add_argument("--output_dir", type=Path, help="where generated PNGs are kept (default: a temporary folder)")
-    p.add_argument("--data_root", type=Path, help="folders of training images the Train tab may offer (nothing else is read)")
+    p.add_argument("--data_root", type=Path,
+                   help="folders of training images the Train tab may offer (nothing else is read)")
     p.add_argument("--no_train", action="store_true", help="no Train tab: generation only")
     return p.parse_args(argv)
 
@@ -76,12 +79,13 @@ def main(argv=None) -> int:
         print(f"error: --max_upload {args.max_upload!r} is not a size such as 10mb", file=sys.stderr)
         return 2
     trainer = None if args.no_train else Trainer(engine, data_root=args.data_root, max_file_bytes=max_file_bytes)
-    page = build(engine, default_size=32 if args.demo else 1024, trainer=trainer, demo=args.demo)  # the toy world: 32 px
+    page = build(engine, default_size=32 if args.demo else 1024, trainer=trainer,
+                 demo=args.demo)  # the toy world: 32 px
     page.queue(max_size=args.queue_size, default_concurrency_limit=1)
     page.launch(
         server_name="0.0.0.0" if args.listen else "127.0.0.1", server_port=args.port, share=args.share,
         allowed_paths=[str(engine.output_dir)], show_error=True, max_file_size=max_file_bytes, css=CSS,
-    )  # fmt: skip
+    )
     return 0
 
 

@@ -99,7 +99,7 @@ class Api:
         listed = []
         for e in self.engine.adapters():
             listed.append({"id": e.id, "format": e.format, "loads_in": LOADED_BY.get(e.format) if e.format else None,
-                           "suggested_prompt": e.suggested_prompt, "error": e.error, **e.info})  # fmt: skip
+                           "suggested_prompt": e.suggested_prompt, "error": e.error, **e.info})
         return listed
 
     def generate(self, prompt: str, adapters: list[str] | None = None, negative_prompt: str = "", base_model: str = "",
@@ -113,7 +113,7 @@ class Api:
             prompt=prompt, negative_prompt=negative_prompt or "", adapters=adapters or [], compare=False,
             base_model=base_model or None, steps=steps, guidance=guidance, seed=seed, width=width or self.default_size,
             height=height or self.default_size, num_images=num_images, scheduler=scheduler, scale=scale,
-        ))  # fmt: skip
+        ))
 
     def compare(self, prompt: str, adapters: list[str] | None = None, negative_prompt: str = "", base_model: str = "",
                 steps: int = 25, guidance: float = 5.0, seed: int = -1, width: int | None = None,
@@ -124,7 +124,7 @@ class Api:
             prompt=prompt, negative_prompt=negative_prompt or "", adapters=adapters or [], compare=True,
             base_model=base_model or None, steps=steps, guidance=guidance, seed=seed, width=width or self.default_size,
             height=height or self.default_size, num_images=num_images, scheduler=scheduler, scale=scale,
-        ))  # fmt: skip
+        ))
 
     def _render(self, request: Request) -> dict:
         if isinstance(request.adapters, str):  # one id for a list of one: what a script means
@@ -151,7 +151,7 @@ class Api:
               lora_init: str | None = None, learning_rate: float | None = None, text_encoder_lr: float | None = None,
               max_train_steps: int | None = None, train_text_encoder: bool | None = None, seed: int | None = None,
               validation_steps: int | None = None, num_class_images: int | None = None,
-              alpha_mask: bool | None = None) -> dict:  # fmt: skip
+              alpha_mask: bool | None = None) -> dict:
         """Starts a run on uploaded images (a .txt of the same name is a caption; `captions` maps a file name to its
         caption) or on a folder under the server's data root. preset empty: the server's default; a setting left
         out (None) is the preset's."""
@@ -162,7 +162,7 @@ class Api:
                 instance_prompt=instance_prompt, class_prompt=class_prompt, prior_preservation=bool(prior_preservation),
                 preset=preset or self.trainer.default_preset, base_model=base_model or None,
                 sample_prompt=sample_prompt or "", settings=settings,
-            )  # fmt: skip
+            )
             status = self.trainer.start(request)
         except RequestError as exc:
             raise refused(exc) from None

@@ -38,13 +38,14 @@ class GenerateTab:
     def _inputs(self, default_size: int) -> None:
         usable, note = self.choices()
         self.adapters = gr.Dropdown(usable, multiselect=True, label="Adapters", elem_id="adapters",
-                                    info="files under the adapters folder; several for compare mode")  # fmt: skip
+                                    info="files under the adapters folder; several for compare mode")
         with gr.Row():
             self.refresh_button = gr.Button("Refresh list", size="sm")
             self.compare = gr.Checkbox(label="Compare: base model beside each adapter", value=False, elem_id="compare")
         self.unreadable = gr.Markdown(note)
         self.details = gr.Markdown("", elem_id="details")
-        self.download = gr.File(label="Download the selected files", file_count="multiple", visible=False, interactive=False)
+        self.download = gr.File(label="Download the selected files", file_count="multiple", visible=False,
+                                interactive=False)
         self.base = gr.Textbox(label="Base model", placeholder=self.base_hint(), elem_id="base")
         self.prompt = gr.Textbox(label="Prompt", lines=2, elem_id="prompt")
         self.negative = gr.Textbox(label="Negative prompt", lines=1)
@@ -66,16 +67,17 @@ class GenerateTab:
     def wire(self) -> None:
         self.refresh_button.click(self.refresh, outputs=[self.adapters, self.unreadable], **PRIVATE)
         self.adapters.focus(self.refresh, outputs=[self.adapters, self.unreadable], show_progress="hidden", **PRIVATE)
-        self.adapters.change(self.on_select, inputs=self.adapters, outputs=[self.prompt, self.details, self.base, self.download,
-                             self.card], **PRIVATE)  # fmt: skip
+        self.adapters.change(self.on_select, inputs=self.adapters,
+                             outputs=[self.prompt, self.details, self.base, self.download,
+                             self.card], **PRIVATE)
         self.run.click(
             self.on_generate,
-            inputs=[self.base, self.adapters, self.prompt, self.negative, self.steps, self.guidance, self.seed, self.randomize,
-                    self.width, self.height, self.count, self.scheduler, self.scale, self.compare],
+            inputs=[self.base, self.adapters, self.prompt, self.negative, self.steps, self.guidance, self.seed,
+                    self.randomize, self.width, self.height, self.count, self.scheduler, self.scale, self.compare],
             outputs=[self.gallery, self.status, self.seed],
             concurrency_id=PIPELINE, concurrency_limit=1,  # one pipeline: requests (the API's too) wait their turn
             **PRIVATE,
-        )  # fmt: skip
+        )
 
     def choices(self) -> tuple[list, str]:
         """The readable adapters as (label, id), and a note naming the unreadable files."""
@@ -106,8 +108,9 @@ class GenerateTab:
             # escaped: pivotal tuning's "<s0><s1>" would otherwise be taken for HTML tags and vanish from the page
             trained = f"“{html.escape(i['instance_prompt'])}”, " if i.get("instance_prompt") else ""
             steps = f", {i['steps']} steps" if i.get("steps") else ""
-            lines.append(f"- `{entry.id}`: {trained}rank {i.get('rank')}, α {i.get('alpha')}, mixer {i.get('mixer')}{steps}; "
-                         f"{entry.format} file, loads in {LOADED_BY[entry.format]}")  # fmt: skip
+            lines.append(f"- `{entry.id}`: {trained}rank {i.get('rank')}, α {i.get('alpha')}, "
+                         f"mixer {i.get('mixer')}{steps}; "
+                         f"{entry.format} file, loads in {LOADED_BY[entry.format]}")
             downloads.append(str(self.engine.download_copy(entry)))
             if card := model_card_text(entry.path.parent):  # the trainer's README.md beside the file
                 cards.append(f"#### Model card of `{entry.path.parent.name}`\n\n{card}")
@@ -120,17 +123,21 @@ class GenerateTab:
         offered = ", ".join(self.engine.base_models()) or "the server's default"
         return f"empty: the server's choice ({offered})" + (f"; the adapter records {recorded}" if recorded else "")
 
-    def on_generate(self, base, selected, prompt, negative, steps, guidance, seed, randomize, width, height, count, scheduler, scale,
-                 compare, progress=gr.Progress()):  # fmt: skip
+    def on_generate(self, base, selected, prompt, negative, steps, guidance, seed, randomize, width, height, count,
+                    scheduler, scale,
+                 compare, progress=gr.Progress()):
         # Values go to the engine as the client sent them: it checks and converts every one.
         request = Request(
-            prompt=prompt, negative_prompt=negative or "", adapters=list(selected or []) if isinstance(selected, list) else selected,
-            compare=bool(compare), base_model=base or None, steps=steps, guidance=guidance, seed=-1 if randomize else seed,
+            prompt=prompt, negative_prompt=negative or "",
+                          adapters=list(selected or []) if isinstance(selected, list) else selected,
+            compare=bool(compare), base_model=base or None, steps=steps, guidance=guidance,
+                          seed=-1 if randomize else seed,
             width=width, height=height, num_images=count, scheduler=scheduler, scale=scale,
-        )  # fmt: skip
+        )
         results = generate(self.engine, request, progress=progress)
         seeds = sorted({r.parameters["seed"] for r in results})
-        status = f"{len(results)} image(s) from {results[0].parameters['base_model']}, seed(s) {', '.join(map(str, seeds))}"
+        status = (f"{len(results)} image(s) from {results[0].parameters['base_model']}, "
+                  f"seed(s) {', '.join(map(str, seeds))}")
         for warning in dict.fromkeys(r.parameters["warning"] for r in results if r.parameters.get("warning")):
             gr.Warning(warning)  # a toast on the page; the status line keeps it
             status += f"\nwarning: {warning}"
@@ -144,8 +151,9 @@ def build(engine: Engine, default_size: int = 1024, trainer: Trainer | None = No
         with gr.Tabs(selected="generate") as tabs:
             generate_tab = GenerateTab(engine, default_size)
             if trainer is not None:
-                TrainTab(trainer, {"adapters": generate_tab.adapters, "prompt": generate_tab.prompt, "choices": generate_tab.choices},
-                         tabs, demo)  # fmt: skip
+                TrainTab(trainer,
+                         {"adapters": generate_tab.adapters, "prompt": generate_tab.prompt,
+                          "choices": generate_tab.choices}, tabs, demo)
         generate_tab.wire()
         Api(engine, trainer, default_size).register()
     return page

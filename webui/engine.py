@@ -121,7 +121,8 @@ def _link_problem(path: Path, root: Path) -> str | None:
 
 
 def _number(value, message: str, low: float, high: float, whole: bool = False):
-    """A finite number in [low, high] (a whole one when asked), from whatever a client sent; else RequestError(message)."""
+    """A finite number in [low, high] (a whole one when asked), from whatever a client sent; else
+    RequestError(message)."""
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
         raise RequestError(message)
     try:
@@ -187,7 +188,7 @@ class Engine:
     def __init__(self, adapters_dir: str | os.PathLike, base_model: str | None = None, demo_model: str | None = None,
                  device: str | None = None, output_dir: str | os.PathLike | None = None,
                  models_dir: str | os.PathLike | None = None, time_limit: float = DEFAULT_TIME_LIMIT,
-                 base_config: str = SDXL_BASE_CONFIG):  # fmt: skip
+                 base_config: str = SDXL_BASE_CONFIG):
         self.root = Path(adapters_dir).resolve()
         if not self.root.is_dir():
             raise RequestError(f"adapters folder {adapters_dir} does not exist")
@@ -274,8 +275,9 @@ class Engine:
         if request.base_model and str(request.base_model).strip():
             allowed = self.allowed_base(str(request.base_model))
             if allowed is None:
-                raise RequestError(f"base model {str(request.base_model).strip()[:200]!r} is not one this server offers: "
-                                   f"choose from {', '.join(self.base_models()) or 'the default'}")  # fmt: skip
+                raise RequestError(f"base model {str(request.base_model).strip()[:200]!r} "
+                                   "is not one this server offers: "
+                                   f"choose from {', '.join(self.base_models()) or 'the default'}")
             return allowed
         if self.default_base:
             return self.default_base
@@ -285,7 +287,8 @@ class Engine:
                 return allowed
         if self.demo_model:
             return self.demo_model
-        raise RequestError("no base model: start the server with --base_model, or pick an adapter that records an allowed one")
+        raise RequestError("no base model: start the server with --base_model, or pick an "
+                           "adapter that records an allowed one")
 
     def pipeline(self, model_id: str):
         """The pipeline for a base model, kept between requests: switching adapters or scale does not reload it."""
@@ -311,10 +314,11 @@ class Engine:
     def _use_scheduler(self, pipe, name: str, schedule: dict | None = None) -> float:
         """The chosen sampler, configured for the noise schedule an adapter was trained with (else the base model's
         own); returns the guidance rescale that schedule wants (0.7 at zero terminal SNR, else 0)."""
-        from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler, EulerDiscreteScheduler
+        from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
+                               EulerDiscreteScheduler)
 
         classes = {"Euler": EulerDiscreteScheduler, "Euler a": EulerAncestralDiscreteScheduler,
-                   "DPM++ 2M": DPMSolverMultistepScheduler, "DDIM": DDIMScheduler}  # fmt: skip
+                   "DPM++ 2M": DPMSolverMultistepScheduler, "DDIM": DDIMScheduler}
         if name not in classes:
             raise RequestError(f"unknown scheduler {name!r}: choose one of {', '.join(SCHEDULERS)}")
         pipe.scheduler = classes[name].from_config(sampling_config(self._scheduler_config, schedule or {}))
@@ -363,7 +367,7 @@ class Engine:
             seed=_number(r.seed, f"the seed must be -1 (random) or between 0 and {MAX_SEED}", -1, MAX_SEED, whole=True),
             num_images=_number(r.num_images, f"between 1 and {MAX_IMAGES} images", 1, MAX_IMAGES, whole=True),
             scale=_number(r.scale, "the adapter scale must be between 0 and 1.5", 0, 1.5),
-        )  # fmt: skip
+        )
 
     def generate(self, r: Request, progress=None) -> list[Result]:
         """Renders the request; in compare mode the base model first, then each adapter, with the same seeds."""
@@ -379,25 +383,27 @@ class Engine:
             try:
                 warnings = {v.id: w for v in variants if v and (w := base_mismatch(v.info, model_id, v.id))}
                 for variant in variants:
-                    rescale = self._use_scheduler(pipe, r.scheduler, variant.info.get("noise_schedule") if variant else None)
+                    rescale = self._use_scheduler(pipe, r.scheduler,
+                                                  variant.info.get("noise_schedule") if variant else None)
                     adapter = self._use_adapter(pipe, variant.path if variant else None, r.scale)
                     prompt = adapter.rewrite(r.prompt) if adapter else r.prompt  # pivotal tuning's TOK → <s0><s1>
                     if adapter and adapter.embeddings and (unused := unused_line(adapter.embeddings[1], r.prompt)):
                         warnings[variant.id] = "; ".join(filter(None, (warnings.get(variant.id), unused)))
                     for i in range(r.num_images):
                         done = len(results) * r.steps
-                        on_step = self._step_callback(progress, done, total, variant.id if variant else "base model", started)
+                        on_step = self._step_callback(progress, done, total, variant.id if variant else "base model",
+                                                      started)
                         image = pipe(
                             prompt=prompt, negative_prompt=r.negative_prompt or None, num_inference_steps=r.steps,
                             guidance_scale=r.guidance, guidance_rescale=rescale, width=r.width, height=r.height,
                             generator=torch.Generator("cpu").manual_seed(seed + i), callback_on_step_end=on_step,
-                        ).images[0]  # fmt: skip
+                        ).images[0]
                         results.append(self._save(image, r, model_id, seed + i, variant))
                         if variant and variant.id in warnings:
                             results[-1].parameters["warning"] = warnings[variant.id]
             except TimeLimit:
                 raise RequestError(f"the request ran longer than {self.time_limit:g} s and was cut off: "
-                                   "ask for fewer steps, images or pixels") from None  # fmt: skip
+                                   "ask for fewer steps, images or pixels") from None
             finally:
                 self._use_adapter(pipe, None, 1.0)  # the base model again between requests
         return results
@@ -419,7 +425,7 @@ class Engine:
             "guidance": float(r.guidance), "width": int(r.width), "height": int(r.height), "scheduler": r.scheduler,
             "base_model": model_id, "adapter": variant.id if variant else None,
             "adapter_scale": float(r.scale) if variant else None, "adapter_sha256": self._hash(path) if path else None,
-        }  # fmt: skip
+        }
         text = (
             f"{r.prompt}\nNegative prompt: {r.negative_prompt}\nSteps: {int(r.steps)}, Sampler: {r.scheduler}, "
             f"CFG scale: {float(r.guidance):g}, Seed: {seed}, Size: {int(r.width)}x{int(r.height)}, Model: {model_id}"

@@ -69,8 +69,8 @@ def read_status(run_dir: Path, record: dict, running: bool) -> RunStatus:
             state, record = "failed", {**record, "error": trainer_error(run_dir / LOG_FILE, 1)}
     rows = read_loss_log(run_dir / "loss.csv")
     curve = [(r.step, r.loss) for r in rows]
-    s = RunStatus(run_id=run_dir.name, state=state, max_steps=int(record.get("max_steps", 0)), error=record.get("error"),
-                  instance_prompt=record.get("instance_prompt", ""), loss_curve=curve)  # fmt: skip
+    s = RunStatus(run_id=run_dir.name, state=state, max_steps=int(record.get("max_steps", 0)),
+                  error=record.get("error"), instance_prompt=record.get("instance_prompt", ""), loss_curve=curve)
     s.step = curve[-1][0] if curve else 0
     s.loss = curve[-1][1] if curve else None
     # over the latest steps of the trainer now running (a resumed run's earlier steps were timed by another)
@@ -78,7 +78,7 @@ def read_status(run_dir: Path, record: dict, running: bool) -> RunStatus:
     if s.steps_per_second and state in ACTIVE:
         s.seconds_left = (s.max_steps - s.step) / s.steps_per_second
     s.samples = sorted(((p, int(p.stem.removeprefix("validation-step"))) for p in run_dir.glob("validation-step*.png")
-                        if p.stem.removeprefix("validation-step").isdigit()), key=lambda x: x[1])  # fmt: skip
+                        if p.stem.removeprefix("validation-step").isdigit()), key=lambda x: x[1])
     if (run_dir / "validation.png").is_file():
         s.samples.append((run_dir / "validation.png", None))
     class_dir = Path(record["class_dir"]) if record.get("class_dir") else None
@@ -88,7 +88,8 @@ def read_status(run_dir: Path, record: dict, running: bool) -> RunStatus:
     s.phase = phase(run_dir / LOG_FILE, s, state)
     if (run_dir / NATIVE_FILE).is_file():
         s.adapter_id = f"{run_dir.name}/{NATIVE_FILE}"
-    s.resumable = state in ("stopped", "failed") and any((p / NATIVE_FILE).is_file() for p in run_dir.glob("checkpoint-*"))
+    s.resumable = state in ("stopped",
+                            "failed") and any((p / NATIVE_FILE).is_file() for p in run_dir.glob("checkpoint-*"))
     return s
 
 
@@ -141,7 +142,9 @@ def trainer_error(log: Path, code: int) -> str:
 
 def format_seconds(seconds: float) -> str:
     seconds = max(0, int(round(seconds)))
-    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min" if seconds >= 3600 else f"{seconds // 60} min {seconds % 60:02d} s"
+    if seconds >= 3600:
+        return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
+    return f"{seconds // 60} min {seconds % 60:02d} s"
 
 
 def preview(path: Path, folder: Path, side: int = 512) -> Path:

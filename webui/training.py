@@ -4,8 +4,8 @@ A run is the trainer itself in a subprocess (not a second loop), in a folder of 
 adapters folder, named by date and token: its instance images and captions, ``run.json`` (the
 command, the state), ``train.log``, and what the trainer writes (``loss.csv``, validation grids,
 checkpoints, the adapter files, the model card). Progress is read from those files (run_folder.py), so a
-reloaded page, a second tab or a script calling the API all see the same run; the presets are presets.py. Stop asks the trainer
-to stop (SIGTERM: it ends after the current step with a checkpoint); Resume continues a stopped
+reloaded page, a second tab or a script calling the API all see the same run; the presets are presets.py. Stop
+asks the trainer to stop (SIGTERM: it ends after the current step with a checkpoint); Resume continues a stopped
 run with the trainer's exact resume. Class images live in one folder per (base model, class
 prompt, resolution) under ``class-images/`` and are reused by later runs.
 
@@ -45,7 +45,8 @@ from .run_folder import (ACTIVE, LOG_FILE, RUN_FILE, RunStatus, format_seconds, 
                          trainer_error)
 
 MIN_IMAGES, MAX_IMAGES = 3, 30
-MAX_IMAGE_PIXELS = 50 * 2**20  # from the header, before decoding: beyond this an upload is refused (decompression bombs)
+# from the header, before decoding: beyond this an upload is refused (decompression bombs)
+MAX_IMAGE_PIXELS = 50 * 2**20
 MAX_FILE_BYTES = 10 * 2**20
 CLASS_IMAGES = "class-images"
 WORD = re.compile(r"[^\W_]+(?:'[^\W_]+)?")
@@ -97,7 +98,7 @@ class Trainer:
     """The training runs of one server: at most one running; every run's folder under the engine's adapters folder."""
 
     def __init__(self, engine: Engine, data_root: str | os.PathLike | None = None, max_file_bytes: int = MAX_FILE_BYTES,
-                 python: str = sys.executable):  # fmt: skip
+                 python: str = sys.executable):
         self.engine = engine
         self.root = engine.root
         self.data_root = Path(data_root).resolve() if data_root else None
@@ -130,8 +131,9 @@ class Trainer:
                 continue
             rule = ADJUSTABLE[name]
             if isinstance(rule, Span):
-                value = _number(value, f"{name} must be {'a whole number ' if rule.whole else ''}between {rule.low:g} and "
-                                f"{rule.high:g}", rule.low, rule.high, rule.whole)  # fmt: skip
+                kind = "a whole number " if rule.whole else ""
+                value = _number(value, f"{name} must be {kind}between {rule.low:g} and {rule.high:g}", rule.low,
+                                rule.high, rule.whole)
             elif value not in rule:
                 raise RequestError(f"{name} must be one of {', '.join(map(str, rule))}")
             options[name] = value
@@ -142,11 +144,13 @@ class Trainer:
             model = self.engine.allowed_base(str(r.base_model))
             if model is None:
                 raise RequestError(f"base model {str(r.base_model).strip()[:200]!r} is not one this server offers: "
-                                   f"choose from {', '.join(self.engine.base_models()) or 'none'}")  # fmt: skip
+                                   f"choose from {', '.join(self.engine.base_models()) or 'none'}")
         else:
-            model = (self.engine.demo_model if preset.prefers_demo_model else None) or self.engine.default_base or self.engine.demo_model
+            model = (self.engine.demo_model if preset.prefers_demo_model
+                     else None) or self.engine.default_base or self.engine.demo_model
             if model is None:
-                raise RequestError("no base model: choose one (the server offers none; start it with --base_model or --demo)")
+                raise RequestError("no base model: choose one (the server offers none; start "
+                                   "it with --base_model or --demo)")
         if Path(model).is_dir():  # a folder must hold a diffusers pipeline; a hub id is checked by the trainer
             try:
                 json.loads((Path(model) / "model_index.json").read_text(encoding="utf-8"))
@@ -160,13 +164,17 @@ class Trainer:
             if not isinstance(getattr(r, name), str):
                 raise RequestError(f"the {name.replace('_', ' ')} must be text")
         if not r.instance_prompt.strip():
-            raise RequestError('the instance prompt is empty: name the subject with a rare token, e.g. "a photo of sks dog"')
+            raise RequestError('the instance prompt is empty: name the subject with a rare '
+                               'token, e.g. "a photo of sks dog"')
         if not r.class_prompt.strip():
-            raise RequestError('the class prompt is empty: say what the subject is without its token, e.g. "a photo of dog"')
+            raise RequestError('the class prompt is empty: say what the subject is without '
+                               'its token, e.g. "a photo of dog"')
         tokens = token_words(r.instance_prompt, r.class_prompt)
         if not tokens:
-            raise RequestError(f"the instance prompt {r.instance_prompt.strip()[:80]!r} has no token: it needs a rare word the "
-                               f"class prompt lacks, e.g. {('a sks ' + r.class_prompt.strip().removeprefix('a '))[:80]!r}")  # fmt: skip
+            raise RequestError(f"the instance prompt {r.instance_prompt.strip()[:80]!r} has no "
+                               "token: it needs a rare word the "
+                               "class prompt lacks, e.g. "
+                               f"{('a sks ' + r.class_prompt.strip().removeprefix('a '))[:80]!r}")
         return tokens[0]
 
     def class_dir(self, base_model: str, class_prompt: str, resolution: int) -> Path:
@@ -186,19 +194,24 @@ class Trainer:
             return f"Not ready: {exc}"
         if not MIN_IMAGES <= count <= MAX_IMAGES:
             return f"Not ready: {count} image(s); upload {MIN_IMAGES} to {MAX_IMAGES} photos of the subject."
-        steps, batch = options["max_train_steps"], options["train_batch_size"] * options.get("gradient_accumulation_steps", 1)
-        lines = [f"{steps} steps of batch {batch} on {count} images at {options['resolution']} px on {base}; rank {options['rank']}, "
-                 f"mixer {options['mixer']}, adapters on the UNet{' and text encoders' if options['train_text_encoder'] else ''}."]  # fmt: skip
+        steps = options["max_train_steps"]
+        batch = options["train_batch_size"] * options.get("gradient_accumulation_steps", 1)
+        lines = [f"{steps} steps of batch {batch} on {count} images at {options['resolution']} px on "
+                 f"{base}; rank {options['rank']}, "
+                 f"mixer {options['mixer']}, adapters on the "
+                 f"UNet{' and text encoders' if options['train_text_encoder'] else ''}."]
         if r.prior_preservation:
             folder = self.class_dir(base, r.class_prompt, options["resolution"])
             have = len([p for p in folder.glob("*") if p.suffix.lower() in IMAGE_EXTENSIONS]) if folder.is_dir() else 0
             wanted = options["num_class_images"]
             lines.append(f"Prior preservation on {wanted} images of {r.class_prompt.strip()!r}: "
-                         + (f"{have} already made, {max(0, wanted - have)} to generate first." if have else "generated first."))  # fmt: skip
+                         + (f"{have} already made, {max(0, wanted - have)} to generate first." if have
+                            else "generated first."))
         lines.append(f"Samples every {options['validation_steps']} steps.")
         rate = self.measured_rate(base, options)
-        lines.append(f"About {format_seconds(steps / rate)} of training at {rate:.2f} steps/s (measured in an earlier run)."
-                     if rate else "The time left is estimated once the first steps are timed.")  # fmt: skip
+        lines.append(f"About {format_seconds(steps / rate)} of training at {rate:.2f} "
+                     "steps/s (measured in an earlier run)."
+                     if rate else "The time left is estimated once the first steps are timed.")
         return " ".join(lines)
 
     def measured_rate(self, base: str, options: dict) -> float | None:
@@ -206,7 +219,8 @@ class Trainer:
         same = ("resolution", "train_batch_size", "rank", "train_text_encoder")
         for record in reversed(self.runs()):
             o = record.get("options", {})
-            if record.get("base_model") == base and all(o.get(k) == options.get(k) for k in same) and record.get("steps_per_second"):
+            if record.get("base_model") == base and all(o.get(k) == options.get(k)
+                                                        for k in same) and record.get("steps_per_second"):
                 return float(record["steps_per_second"])
         return None
 
@@ -223,8 +237,9 @@ class Trainer:
             need = preset.min_free_bytes + sum(size for _, _, size in images)
             free = shutil.disk_usage(self.root).free
             if free < need:
-                raise RequestError(f"not enough disk space in {self.root}: {free / 2**20:.0f} MB free, this run needs about "
-                                   f"{need / 2**20:.0f} MB")  # fmt: skip
+                raise RequestError(f"not enough disk space in {self.root}: {free / 2**20:.0f} "
+                                   "MB free, this run needs about "
+                                   f"{need / 2**20:.0f} MB")
             run_dir = self._new_run_dir(token)
             self._write_run_folder(run_dir, r, images, options, base)
             try:
@@ -234,7 +249,8 @@ class Trainer:
                 raise
 
     def stop(self) -> RunStatus:
-        """Asks the running trainer to stop after its current step (it writes a checkpoint); asked again, ends it at once."""
+        """Asks the running trainer to stop after its current step (it writes a checkpoint); asked again, ends it at
+        once."""
         with self.lock:
             if self._running() and self._process.poll() is None:
                 run_dir = self._run_dir
@@ -297,11 +313,12 @@ class Trainer:
                 shutil.copyfile(source, instance / name)
                 write_text((instance / name).with_suffix(".txt"), (caption or r.instance_prompt).strip() + "\n")
             argv = self._argv(run_dir, r, options, base)
-            record = dict(id=run_dir.name, argv=argv, options=options, base_model=base, preset=r.preset, state="created",
-                          instance_prompt=r.instance_prompt.strip(), class_prompt=r.class_prompt.strip(),
-                          prior_preservation=bool(r.prior_preservation), max_steps=options["max_train_steps"],
+            record = dict(id=run_dir.name, argv=argv, options=options, base_model=base, preset=r.preset,
+                          state="created", instance_prompt=r.instance_prompt.strip(),
+                          class_prompt=r.class_prompt.strip(), prior_preservation=bool(r.prior_preservation),
+                          max_steps=options["max_train_steps"],
                           class_dir=argv[argv.index("--class_data_dir") + 1] if r.prior_preservation else None,
-                          created=time.time())  # fmt: skip
+                          created=time.time())
             write_text(partial / RUN_FILE, json.dumps(record, indent=1))
             os.replace(partial, run_dir)
         except OSError as exc:
@@ -313,10 +330,10 @@ class Trainer:
         fixed = dict(pretrained_model_name_or_path=base, base_config=self.engine.base_config,
                      instance_data_dir=run_dir / "instance",
                      instance_prompt=r.instance_prompt.strip(), caption_extension=".txt", output_dir=run_dir,
-                     validation_prompt=(r.sample_prompt or "").strip() or r.instance_prompt.strip(), report_to="none")  # fmt: skip
+                     validation_prompt=(r.sample_prompt or "").strip() or r.instance_prompt.strip(), report_to="none")
         if r.prior_preservation:
             fixed.update(with_prior_preservation=True, class_prompt=r.class_prompt.strip(),
-                         class_data_dir=self.class_dir(base, r.class_prompt, options["resolution"]))  # fmt: skip
+                         class_data_dir=self.class_dir(base, r.class_prompt, options["resolution"]))
         argv = []
         for name, value in {**options, **fixed}.items():
             if value is True:
@@ -334,8 +351,8 @@ class Trainer:
             with open(run_dir / LOG_FILE, "a", encoding="utf-8") as log:
                 log.write(f"$ {shlex.join(command)}\n")
                 log.flush()
-                process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                                           start_new_session=True)  # fmt: skip
+                process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                           env=env, start_new_session=True)
         except OSError as exc:
             raise RequestError(f"cannot start the trainer: {exc.strerror or exc}") from None
         self._recorded = threading.Event()
@@ -357,7 +374,7 @@ class Trainer:
             else:
                 state, error = "failed", trainer_error(run_dir / LOG_FILE, code)
             self._update_record(run_dir, state=state, error=error, ended=time.time(), exit_code=code,
-                                steps_per_second=status.steps_per_second)  # fmt: skip
+                                steps_per_second=status.steps_per_second)
             self._recorded.set()
 
     def _update_record(self, run_dir: Path, **changes) -> None:
@@ -407,7 +424,8 @@ class Trainer:
         if len(pictures) > MAX_IMAGES:
             raise RequestError(f"{len(pictures)} images: at most {MAX_IMAGES} per run")
         if len(pictures) < MIN_IMAGES:
-            raise RequestError(f"{len(pictures)} image(s): DreamBooth needs at least {MIN_IMAGES} photos of the subject")
+            raise RequestError(f"{len(pictures)} image(s): DreamBooth needs at least {MIN_IMAGES} photos of the "
+                               "subject")
         captions = r.captions if isinstance(r.captions, dict) else {}
         checked = []
         for f in pictures:
@@ -447,7 +465,8 @@ class Trainer:
         except OSError:
             raise RequestError(f"{name}: cannot be read") from None
         if size > self.max_file_bytes:
-            raise RequestError(f"{name}: {size / 2**20:.1f} MB, over the {self.max_file_bytes / 2**20:.3g} MB limit per file")
+            raise RequestError(f"{name}: {size / 2**20:.1f} MB, over the "
+                               f"{self.max_file_bytes / 2**20:.3g} MB limit per file")
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)

@@ -1,4 +1,5 @@
-"""python -m dreambooth_moslora.training: the trainer, exactly as train_dreambooth.py (which is this, for a checkout)."""
+"""python -m dreambooth_moslora.training: the trainer, exactly as train_dreambooth.py (which is this, for a
+checkout)."""
 
 import sys
 

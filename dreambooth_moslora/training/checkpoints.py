@@ -38,12 +38,12 @@ def clean_leftovers(output_dir: Path) -> list[str]:
     leftovers = [
         p for p in Path(output_dir).glob(".*")
         if p.name.endswith((PARTIAL_SUFFIX, DELETING_SUFFIX, OLD_SUFFIX))
-    ]  # fmt: skip
+    ]
     for path in leftovers:
         remove_path(path)
     if leftovers:
         logger.warning("removed %d leftover(s) of an interrupted run in %s: %s", len(leftovers), output_dir,
-                       ", ".join(sorted(p.name for p in leftovers)))  # fmt: skip
+                       ", ".join(sorted(p.name for p in leftovers)))
     return [p.name for p in leftovers]
 
 
@@ -102,8 +102,8 @@ def resume(accelerator, output_dir: Path, resume_from: str | None) -> int:
     if resume_from == "latest":
         incomplete = checkpoint_dirs(output_dir, complete=False)
         if incomplete:
-            logger.warning("ignoring %d incomplete checkpoint folder(s) (no %s in them): %s", len(incomplete), NATIVE_FILE,
-                           ", ".join(p.name for p in incomplete))  # fmt: skip
+            logger.warning("ignoring %d incomplete checkpoint folder(s) (no %s in them): %s", len(incomplete),
+                           NATIVE_FILE, ", ".join(p.name for p in incomplete))
         found = checkpoint_dirs(output_dir)
         if not found:
             logger.info("no checkpoint in %s: starting a new run", output_dir)

@@ -103,7 +103,8 @@ def load_alpha(path: Path) -> Image.Image | None:
 
 
 def find_masks(images: list[Path], mask_dir: Path) -> list[Path | None]:
-    """Each image's mask in ``mask_dir`` (same name, any image extension), checked; missing ones are None, with a warning."""
+    """Each image's mask in ``mask_dir`` (same name, any image extension), checked; missing ones are None, with a
+    warning."""
     if not Path(mask_dir).is_dir():
         raise DataError(f"mask dir {mask_dir} does not exist")
     by_stem = {p.stem: p for p in sorted(Path(mask_dir).iterdir()) if p.suffix.lower() in IMAGE_EXTENSIONS}
@@ -121,11 +122,12 @@ def find_masks(images: list[Path], mask_dir: Path) -> list[Path | None]:
             raise DataError(f"{mask.name}: not a readable mask image ({type(exc).__name__})") from None
         if mask_size != image_size_:
             raise DataError(f"mask {mask.name} is {mask_size[0]}×{mask_size[1]} but its image {image.name} is "
-                            f"{image_size_[0]}×{image_size_[1]}: a mask must have its image's size")  # fmt: skip
+                            f"{image_size_[0]}×{image_size_[1]}: a mask must have its image's size")
         if mode not in ("L", "1", "I", "I;16", "F"):
             converted.append(mask.name)
     if missing:
-        logger.warning("no mask in %s for %d image(s), their whole picture counts: %s", mask_dir, len(missing), ", ".join(missing))
+        logger.warning("no mask in %s for %d image(s), their whole picture counts: %s", mask_dir, len(missing),
+                       ", ".join(missing))
     if converted:
         logger.warning("masks that are not grayscale are converted to it (luminance): %s", ", ".join(converted))
     return masks
@@ -163,7 +165,7 @@ AUTO_CAPTIONS = "auto"  # caption extension: .txt, else .caption (kohya_ss write
 
 def read_caption(image_path: Path, caption_extension: str | None, fallback: str) -> str:
     extensions = (".txt", ".caption") if caption_extension == AUTO_CAPTIONS else (caption_extension,) \
-        if caption_extension else ()  # fmt: skip
+        if caption_extension else ()
     for extension in extensions:
         caption_path = image_path.with_suffix(extension if extension.startswith(".") else f".{extension}")
         if caption_path.is_file():
@@ -200,7 +202,7 @@ class CaptionRules:
 
 
 def make_buckets(resolution: int, step: int = 64, max_aspect: float = 2.0,
-                 limits: tuple[int | None, int | None] = (None, None)) -> list[tuple[int, int]]:  # fmt: skip
+                 limits: tuple[int | None, int | None] = (None, None)) -> list[tuple[int, int]]:
     """(height, width) pairs of about resolution² pixels, sides multiples of ``step``, aspect ≤ max_aspect, and sides
     within ``limits`` (kohya's --min_bucket_reso, --max_bucket_reso) when given."""
     area = resolution * resolution
@@ -210,7 +212,7 @@ def make_buckets(resolution: int, step: int = 64, max_aspect: float = 2.0,
     while width <= resolution * max_aspect:
         height = int(area / width) // step * step
         if height >= step and max(width / height, height / width) <= max_aspect and low <= min(width, height) \
-                and max(width, height) <= high:  # fmt: skip
+                and max(width, height) <= high:
             buckets.add((height, width))
         width += step
     buckets.add((resolution, resolution))
@@ -330,12 +332,12 @@ class DreamBoothDataset(torch.utils.data.Dataset):
         self.class_images = list(class_images or [])
         # Class images may carry captions too (the same extension); the class prompt is the fallback.
         self.class_captions = class_captions or [read_caption(p, caption_extension, class_prompt)
-                                                 for p in self.class_images]  # fmt: skip
+                                                 for p in self.class_images]
         self.rules = {"instance": caption_rules, "class": class_caption_rules}
         self.length = length
         self.center_crop, self.random_flip, self.seed = center_crop, random_flip, seed
         self.buckets = make_buckets(resolution, bucket_step, limits=bucket_limits) if aspect_ratio_buckets \
-            else [(resolution, resolution)]  # fmt: skip
+            else [(resolution, resolution)]
         # Sizes come from the headers alone; the pixels are read when an item is asked for.
         self.instance_sizes = [image_size(p) for p in self.instance_images]
         self.class_sizes = [image_size(p) for p in self.class_images]
@@ -364,7 +366,8 @@ class DreamBoothDataset(torch.utils.data.Dataset):
         return self.instance_bucket[index % len(self.instance_images)]
 
     def example(self, kind: str, index: int, epoch: int, bucket: tuple[int, int]) -> Example:
-        paths, sizes = (self.instance_images, self.instance_sizes) if kind == "instance" else (self.class_images, self.class_sizes)
+        paths, sizes = ((self.instance_images, self.instance_sizes) if kind == "instance"
+                        else (self.class_images, self.class_sizes))
         i = index % len(paths)
         generator = seeded_generator(self.seed, epoch, CROP_AND_FLIP[kind != "instance"], index)
         image = load_image(paths[i])
@@ -480,7 +483,7 @@ def batch_source(dataset, batches: list[list[int]], epoch: int, latent_cache: li
             items = [latent_cache[i] for i in indices]
             if dataset.captions_vary:  # the cache holds epoch 0's captions: this epoch's draws instead
                 items = [{kind: dataclasses.replace(example, caption=dataset.caption(kind, i, epoch))
-                          for kind, example in item.items()} for i, item in zip(indices, items)]  # fmt: skip
+                          for kind, example in item.items()} for i, item in zip(indices, items)]
             yield collate(items)
         return
     yield from torch.utils.data.DataLoader(
@@ -489,7 +492,7 @@ def batch_source(dataset, batches: list[list[int]], epoch: int, latent_cache: li
         # its own generator: a loader drawing its workers' seed from the global one would shift
         # dropout's random numbers in a resumed run, which starts its loader mid-epoch
         generator=seeded_generator(epoch, LOADER_WORKERS),
-    )  # fmt: skip
+    )
 
 
 # ---------------------------------------------------------------- class images for prior preservation
@@ -498,7 +501,7 @@ def batch_source(dataset, batches: list[list[int]], epoch: int, latent_cache: li
 def generate_class_images(
     pipeline_factory, class_dir: Path, class_prompt: str, num_class_images: int, sample_batch_size: int, seed: int,
     resolution: int, num_inference_steps: int = 50, progress=None,
-) -> int:  # fmt: skip
+) -> int:
     """Generates the class images that ``class_dir`` lacks; returns how many it made.
 
     Existing images count. Each image is written (atomically) as soon as it is made, under a

@@ -63,7 +63,7 @@ def subsets_from_folders(root: Path, is_reg: bool, **captions) -> list[Subset]:
         subsets.append(Subset(folder, int(match.group(1)), match.group(2).strip() or None, is_reg, **captions))
     if skipped:
         print(f"warning: {what} {root}: passing over {', '.join(skipped)} (not named <repeats>_<prompt>, "
-              "e.g. 10_sks dog)", file=sys.stderr)  # fmt: skip
+              "e.g. 10_sks dog)", file=sys.stderr)
     if not subsets:
         raise DataError(f"{what} {root} has no <repeats>_<prompt> folder (e.g. 10_sks dog)")
     return subsets
@@ -78,17 +78,17 @@ SUBSET_KEYS = {
     "shuffle_caption": ((bool,), "shuffle_caption"), "keep_tokens": ((int,), "keep_tokens"),
     "caption_dropout_rate": ((float, int), "caption_dropout_rate"), "flip_aug": ((bool,), "random_flip"),
     "color_aug": ((bool,), None), "class_prompt": ((str,), None),
-}  # fmt: skip
+}
 DATASET_KEYS = {
     "resolution": ((int, list), "resolution"), "batch_size": ((int,), "train_batch_size"),
     "enable_bucket": ((bool,), "aspect_ratio_buckets"), "min_bucket_reso": ((int,), "min_bucket_reso"),
     "max_bucket_reso": ((int,), "max_bucket_reso"), "bucket_reso_steps": ((int,), "bucket_reso_steps"),
-}  # fmt: skip
+}
 # sd-scripts' keys this trainer does not do: refused as such, not as unknown
 NOT_SUPPORTED = {"random_crop", "face_crop_aug_range", "caption_prefix", "caption_suffix", "caption_tag_dropout_rate",
                  "caption_dropout_every_n_epochs", "token_warmup_min", "token_warmup_step", "keep_tokens_separator",
                  "secondary_separator", "enable_wildcard", "bucket_no_upscale", "metadata_file", "cache_info",
-                 "alpha_mask", "conditioning_data_dir", "network_multiplier"}  # fmt: skip
+                 "alpha_mask", "conditioning_data_dir", "network_multiplier"}
 TYPE_NAMES = {str: "a string", int: "a whole number", float: "a number", bool: "true or false", list: "a list"}
 
 
@@ -174,7 +174,7 @@ def read_dataset_config(path: Path) -> DatasetConfig:
     if True in flips:
         options["random_flip"] = True
     lines = {option: (key, toml.line(key)) for key, (_, option) in {**DATASET_KEYS, **SUBSET_KEYS}.items()
-             if option and toml.line(key) is not None}  # fmt: skip
+             if option and toml.line(key) is not None}
     return DatasetConfig([_subset(toml, defaults | s, i) for i, s in enumerate(subsets)], options, lines)
 
 
@@ -218,7 +218,7 @@ def _subset(toml: Toml, merged: dict, index: int) -> Subset:
             raise fail(f"{key} must be {'between 0 and 1' if high else f'at least {low}'}, got {merged[key]!r}", key)
     return Subset(folder, merged.get("num_repeats", 1), merged.get("class_tokens"), merged.get("is_reg", False),
                   merged.get("caption_extension"), merged.get("shuffle_caption", False), merged.get("keep_tokens", 0),
-                  merged.get("caption_dropout_rate", 0.0), merged.get("class_prompt"))  # fmt: skip
+                  merged.get("caption_dropout_rate", 0.0), merged.get("class_prompt"))
 
 
 def _resolution(toml: Toml, value) -> int:
@@ -226,7 +226,7 @@ def _resolution(toml: Toml, value) -> int:
     if isinstance(value, list):
         if len(value) != 2 or value[0] != value[1] or not all(isinstance(v, int) for v in value):
             raise toml.error(f"resolution must be one side or [side, side], got {value!r} (enable_bucket gives "
-                             "other aspect ratios)", "resolution")  # fmt: skip
+                             "other aspect ratios)", "resolution")
         value = value[0]
     return value
 
@@ -261,7 +261,7 @@ def gather(subsets: list[Subset], warn: bool) -> Images:
         captions = [read_caption(p, subset.caption_extension, subset.class_tokens) for p in found]
         if None in captions:
             raise DataError(f"{found[captions.index(None)]}: no caption file, and its folder gives no prompt "
-                            "(name it <repeats>_<prompt>, or set class_tokens)")  # fmt: skip
+                            "(name it <repeats>_<prompt>, or set class_tokens)")
         rules = CaptionRules(subset.shuffle_caption, subset.keep_tokens, subset.caption_dropout_rate)
         for path, caption in zip(found, captions):
             images.paths += [path] * subset.num_repeats
@@ -289,12 +289,12 @@ def resolve_data(args, given: set[str]) -> None:
     sources = [name for name in ("instance_data_dir", "train_data_dir", "dataset_config") if getattr(args, name)]
     if len(sources) != 1:
         raise DataError("give one of --instance_data_dir, --train_data_dir or --dataset_config" +
-                        (f", not {' and '.join('--' + s for s in sources)}" if sources else ""))  # fmt: skip
+                        (f", not {' and '.join('--' + s for s in sources)}" if sources else ""))
     args.kohya_epochs = sources[0] != "instance_data_dir"  # an epoch is the instance images × repeats, as kohya's
     captions = {name: getattr(args, name) for name in CAPTION_OPTIONS}
     if args.kohya_epochs and args.instance_prompt:
         raise DataError(f"--instance_prompt goes with --instance_data_dir: with --{sources[0]} the folder names or "
-                        "class_tokens give the prompts")  # fmt: skip
+                        "class_tokens give the prompts")
     if sources[0] == "instance_data_dir":
         if not args.instance_prompt:
             raise DataError("--instance_prompt is required with --instance_data_dir")
@@ -306,7 +306,7 @@ def resolve_data(args, given: set[str]) -> None:
     else:
         if args.reg_data_dir:
             raise DataError("--reg_data_dir goes with the folders: in a --dataset_config, class images are subsets "
-                            "with is_reg = true")  # fmt: skip
+                            "with is_reg = true")
         subsets = _from_toml(args, given)
     if args.reg_data_dir:
         subsets += subsets_from_folders(args.reg_data_dir, True, **_folder_captions(captions))
@@ -318,7 +318,7 @@ def resolve_data(args, given: set[str]) -> None:
     if args.reg_subsets:
         if args.class_data_dir or args.class_prompt or drawn:
             raise DataError("the class images come from the regularisation folders: drop --class_data_dir and "
-                            "--class_prompt / class_prompt (they are for class images the base model draws)")  # fmt: skip
+                            "--class_prompt / class_prompt (they are for class images the base model draws)")
         args.with_prior_preservation = True
     elif drawn:  # each subject's class, drawn by the base model
         if args.class_prompt:
@@ -344,4 +344,4 @@ def _from_toml(args, given: set[str]) -> list[Subset]:
     unset = {{"repeats": "num_repeats"}.get(k, k): v for k, v in unset.items()}
     unset["caption_extension"] = unset.get("caption_extension", None) or AUTO_CAPTIONS
     return [dataclasses.replace(s, **{k: v for k, v in unset.items() if k != "caption_extension" or s.caption_extension
-                                      is None}) for s in config.subsets]  # fmt: skip
+                                      is None}) for s in config.subsets]

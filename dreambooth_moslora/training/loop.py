@@ -27,7 +27,8 @@ from ..safe_files import base_hashes
 from ..sdxl import encode_prompts, tokenize
 from ..surgery import mixer_parameters
 from .checkpoints import clean_leftovers, register_adapter_hooks, resume, save_checkpoint
-from .data import DreamBoothDataset, StepPlan, read_caption, batch_source, cache_latents, epoch_batches, generate_class_images, process_batches, scan_images
+from .data import (DreamBoothDataset, StepPlan, batch_source, cache_latents, epoch_batches, generate_class_images,
+                   process_batches, read_caption, scan_images)
 from .dataset_config import Images, gather
 from .ema import AdapterEMA
 from .loss import StepModels, batch_loss
@@ -37,7 +38,8 @@ from .profiling import LOSS_READ, StepProfile
 from .stopping import EXIT_CODE, RunStopped, install, loop_begins, loop_ends, stop_requested
 from .memory_plan import Job, device_budget_gib, parameter_counts, plan
 from ..single_file import is_single_file
-from .models import add_adapters, base_schedule, class_image_pipeline, load_base_model, load_vae, loading, make_optimizer
+from .models import (add_adapters, base_schedule, class_image_pipeline, load_base_model, load_vae, loading,
+                     make_optimizer)
 from .options import LoopSettings, adapter_config, loop_settings, optimizer_options, param_groups, settings_for_metadata
 from .validation import set_adapter_training, validation_grid
 
@@ -47,7 +49,7 @@ logger = logging.getLogger("dreambooth_moslora")
 def train(args) -> Path:
     output_dir = Path(args.output_dir)
     accelerator = start_accelerator(args.mixed_precision, args.gradient_accumulation_steps, args.report_to, output_dir,
-                                    args.logging_dir, args.seed, args.allow_tf32)  # fmt: skip
+                                    args.logging_dir, args.seed, args.allow_tf32)
     main, device = accelerator.is_main_process, accelerator.device
     if main:
         clean_leftovers(output_dir)
@@ -67,8 +69,9 @@ def train(args) -> Path:
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     base = load_base_model(*base_id, args.pretrained_vae_model_name_or_path, device, weight_dtype, args.base_precision,
                            schedule, args.base_config)
-    components, params = add_adapters(base, adapter_config(args), args.train_text_encoder, args.seed, args.gradient_checkpointing,
-                                      args.torch_compile_mode if args.torch_compile else None)  # fmt: skip
+    components, params = add_adapters(base, adapter_config(args), args.train_text_encoder, args.seed,
+                                      args.gradient_checkpointing,
+                                      args.torch_compile_mode if args.torch_compile else None)
     pivotal = Pivotal.start(args, base)  # --train_text_encoder_ti: new tokens, trained beside the adapter
     if pivotal:
         params["token_rows"] = pivotal.rows
@@ -80,14 +83,14 @@ def train(args) -> Path:
     #    latents with --cache_latents (then the VAE is freed).
     dataset, prompt_cache, latent_cache, vae_config = prepare_data(args, base, instance, classes, device, pivotal)
     plan = StepPlan.make(len(epoch_batches(dataset, args.train_batch_size, 0, args.seed)), accelerator.num_processes,
-                         args.gradient_accumulation_steps, args.max_train_steps, args.num_train_epochs)  # fmt: skip
+                         args.gradient_accumulation_steps, args.max_train_steps, args.num_train_epochs)
 
     # 4. accelerate takes the trained models, optimizer and schedule; checkpoints hold the adapter; resume.
-    lr_scheduler = make_lr_scheduler(optimizer, args.lr_scheduler, args.lr_warmup_steps, plan.max_steps, args.lr_num_cycles,
-                                     args.lr_power, accelerator.num_processes)  # fmt: skip
+    lr_scheduler = make_lr_scheduler(optimizer, args.lr_scheduler, args.lr_warmup_steps, plan.max_steps,
+                                     args.lr_num_cycles, args.lr_power, accelerator.num_processes)
     if pivotal:  # the rows' group is the last: it stops learning after --train_text_encoder_ti_frac of the steps
         pivotal.gate(lr_scheduler, len(groups) - 1, round(args.train_text_encoder_ti_frac * plan.max_steps)
-                     * accelerator.num_processes)  # fmt: skip
+                     * accelerator.num_processes)
     prepared = accelerator.prepare(*components.values(), optimizer, lr_scheduler)
     trained, optimizer, lr_scheduler = list(prepared[: len(components)]), prepared[-2], prepared[-1]
     ema = AdapterEMA([p for k, ps in params.items() if k != "token_rows" for p in ps], args.ema_decay, args.ema_warmup,
@@ -97,27 +100,29 @@ def train(args) -> Path:
     if main:
         tracked = {k: v for k, v in settings_for_metadata(args).items() if isinstance(v, (int, float, str, bool))}
         accelerator.init_trackers("dreambooth-moslora", config=tracked)
-        logger.info("training %d step(s): %d instance image(s), %d class image(s), batch %d × %d process(es) × %d accumulation",
-                    plan.max_steps, len(instance_images), len(class_images), args.train_batch_size, accelerator.num_processes,
-                    args.gradient_accumulation_steps)  # fmt: skip
+        logger.info("training %d step(s): %d instance image(s), %d class image(s), batch %d × "
+                    "%d process(es) × %d accumulation",
+                    plan.max_steps, len(instance_images), len(class_images), args.train_batch_size,
+                    accelerator.num_processes, args.gradient_accumulation_steps)
 
     # 5. The loop.
     encoders = trained[1:] if args.train_text_encoder else base.text_encoders
-    step_models = StepModels(trained[0], base.vae, vae_config, encoders, base.tokenizers, base.noise_scheduler, prompt_cache,
-                             weight_dtype, device)  # fmt: skip
-    run = Run(accelerator, trained, [p for ps in params.values() for p in ps], optimizer, lr_scheduler, step_models, components,
-              StepProfile(args.profile_steps if main else 0, output_dir), ema)
+    step_models = StepModels(trained[0], base.vae, vae_config, encoders, base.tokenizers, base.noise_scheduler,
+                             prompt_cache, weight_dtype, device)
+    run = Run(accelerator, trained, [p for ps in params.values() for p in ps], optimizer, lr_scheduler, step_models,
+              components, StepProfile(args.profile_steps if main else 0, output_dir), ema)
     started = time.perf_counter()
     validate = validation_for(args, accelerator, run, base) if args.validation_prompt else None
-    global_step, last_loss = train_steps(run, dataset, plan, global_step, latent_cache, loop_settings(args), output_dir, validate)
+    global_step, last_loss = train_steps(run, dataset, plan, global_step, latent_cache, loop_settings(args),
+                                         output_dir, validate)
 
     # 6. Outputs, written by the main process alone.
     accelerator.wait_for_everyone()
     if main:
         settings = run_settings(args, plan.max_steps, base.noise_scheduler.config, last_loss, instance, classes)
         write_outputs(args, output_dir, components, settings, pivotal, ema, validate)
-        logger.info("done: %d steps in %.1f s, final loss %.4f; adapters in %s", global_step, time.perf_counter() - started,
-                    last_loss, output_dir)  # fmt: skip
+        logger.info("done: %d steps in %.1f s, final loss %.4f; adapters in %s", global_step,
+                    time.perf_counter() - started, last_loss, output_dir)
     end_processes(accelerator)
     return output_dir
 
@@ -130,7 +135,7 @@ def write_outputs(args, output_dir: Path, components: dict, settings: dict, pivo
     def save(suffix: str = "") -> dict:
         return save_adapter(output_dir, components, formats=args.output_formats, training=settings, suffix=suffix,
                             base_model=args.pretrained_model_name_or_path,
-                            embeddings=pivotal.as_embeddings() if pivotal else None) | embeddings  # fmt: skip
+                            embeddings=pivotal.as_embeddings() if pivotal else None) | embeddings
 
     if ema is not None:
         save("_live")
@@ -158,10 +163,10 @@ def run_settings(args, max_steps: int, schedule, last_loss: float, instance: Ima
                     dataset_dirs={**instance.folders, **classes.folders},
                     tag_frequency={**instance.tags, **classes.tags})
     new = NewTokens.plan(args.token_abstraction, args.num_new_tokens_per_abstraction) if args.train_text_encoder_ti \
-        else None  # fmt: skip
+        else None
     if not settings.get("instance_prompt"):  # kohya's folders and subsets: their prompts, each subject's once
         prompts = "; ".join(dict.fromkeys(s.class_tokens for s in args.subsets if s.class_tokens)) \
-            or instance.captions[0]  # fmt: skip
+            or instance.captions[0]
         settings["instance_prompt"] = new.rewrite(prompts) if new else prompts
     subsets = args.subsets + args.reg_subsets  # one figure each, as sd-scripts records: the largest where they differ
     settings.update(caption_dropout_rate=max(s.caption_dropout_rate for s in subsets),
@@ -175,7 +180,8 @@ def run_settings(args, max_steps: int, schedule, last_loss: float, instance: Ima
 # ---------------------------------------------------------------- the phases before the loop
 
 
-def start_accelerator(mixed_precision, accumulation: int, report_to: str, output_dir: Path, logging_dir, seed: int, allow_tf32: bool):
+def start_accelerator(mixed_precision, accumulation: int, report_to: str, output_dir: Path, logging_dir, seed: int,
+                      allow_tf32: bool):
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration, set_seed
 
@@ -187,7 +193,7 @@ def start_accelerator(mixed_precision, accumulation: int, report_to: str, output
         cpu=not (torch.cuda.is_available() or torch.backends.mps.is_available()),
         gradient_accumulation_steps=accumulation, mixed_precision=mixed_precision, log_with=report_to,
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / logging_dir)),
-    )  # fmt: skip
+    )
     level = logging.INFO if accelerator.is_main_process else logging.ERROR
     logging.basicConfig(format="%(levelname)s %(message)s", level=level)
     set_seed(seed)
@@ -216,8 +222,8 @@ def drawn_classes(args, accelerator, model: tuple) -> Images:
     classes = Images()
     for prompt in args.class_prompts:
         folder = args.class_data_dir if len(args.class_prompts) == 1 else args.class_data_dir / slug(prompt)
-        paths = class_images_for_prior(accelerator, model, folder, prompt, args.num_class_images, args.sample_batch_size,
-                                       args.seed, args.resolution, args.class_inference_steps)  # fmt: skip
+        paths = class_images_for_prior(accelerator, model, folder, prompt, args.num_class_images,
+                                       args.sample_batch_size, args.seed, args.resolution, args.class_inference_steps)
         classes.paths += paths
         classes.captions += [read_caption(p, args.caption_extension, prompt) for p in paths]
     return classes
@@ -228,8 +234,8 @@ def slug(text: str) -> str:
     return "_".join("".join(c if c.isalnum() else " " for c in text).split())[:80] or "class"
 
 
-def class_images_for_prior(accelerator, model: tuple, class_dir: Path, prompt: str, count: int, batch_size: int, seed: int,
-                           resolution: int, steps: int) -> list[Path]:  # fmt: skip
+def class_images_for_prior(accelerator, model: tuple, class_dir: Path, prompt: str, count: int, batch_size: int,
+                           seed: int, resolution: int, steps: int) -> list[Path]:
     """The class images, generated by the base model (on the main process) where the folder has too few; ``model``:
     (path, revision, variant, noise schedule overrides, configs of a single-file base)."""
     from tqdm.auto import tqdm
@@ -241,8 +247,8 @@ def class_images_for_prior(accelerator, model: tuple, class_dir: Path, prompt: s
             logger.info("generating %d class image(s) of %r into %s", missing, prompt, class_dir)
             bar = tqdm(total=missing, desc="class images", disable=not progress_bars_wanted(True))
             try:
-                generate_class_images(lambda: class_image_pipeline(*model[:3], accelerator.device, *model[3:]), class_dir, prompt, count,
-                                      batch_size, seed, resolution, steps, progress=bar)  # fmt: skip
+                generate_class_images(lambda: class_image_pipeline(*model[:3], accelerator.device, *model[3:]),
+                                      class_dir, prompt, count, batch_size, seed, resolution, steps, progress=bar)
             finally:
                 bar.close()  # before any message of a stop or an error, so that message is the last line
             free_memory()
@@ -260,7 +266,8 @@ def fit_to_memory(args, accelerator, examples: int, prior: bool) -> None:
     budget = args.memory_budget_gib or device_budget_gib(accelerator.device)
     compute = {"bf16": "bf16", "fp16": "fp16"}.get(accelerator.mixed_precision, "fp32")
     with loading(f"the configs of {args.pretrained_model_name_or_path!r}"):
-        layout = args.base_config if is_single_file(args.pretrained_model_name_or_path) else args.pretrained_model_name_or_path
+        model = args.pretrained_model_name_or_path
+        layout = args.base_config if is_single_file(model) else model
         counts = parameter_counts(layout, adapter_config(args), args.train_text_encoder)
     job = Job(counts["unet"], counts["text_encoders"], counts["vae"], counts["adapter"], args.resolution, compute,
               2 if prior else 1, args.train_text_encoder, args.cache_latents)
@@ -272,7 +279,8 @@ def fit_to_memory(args, accelerator, examples: int, prior: bool) -> None:
     args.base_precision = setting.base_precision
     if accelerator.is_main_process:
         logger.info("memory plan for %.1f GiB at %d px: %s, %.2f GiB at the peak; the learning rate stays as given "
-                    "(--scale_lr multiplies it by the batch)", budget, args.resolution, setting.describe(), setting.peak_gib)
+                    "(--scale_lr multiplies it by the batch)", budget, args.resolution, setting.describe(),
+                    setting.peak_gib)
 
 
 def prepare_data(args, base, instance: Images, classes: Images, device, pivotal):
@@ -287,7 +295,7 @@ def prepare_data(args, base, instance: Images, classes: Images, device, pivotal)
         class_captions=classes.captions or None, class_caption_rules=classes.rules or None,
         length=len(instance.paths) if args.kohya_epochs else None,
         bucket_limits=(args.min_bucket_reso, args.max_bucket_reso),
-    )  # fmt: skip
+    )
     if pivotal:
         pivotal.rewrite_captions(dataset)
     shuffled = any(rule.shuffle for rule in instance.rules + classes.rules)  # too many orders to encode beforehand
@@ -315,13 +323,14 @@ def cache_prompts(base, dataset: DreamBoothDataset, device, keep_encoders: bool)
     return {c: (embeds[i], pooled[i]) for i, c in enumerate(captions)}
 
 
-def make_lr_scheduler(optimizer, name: str, warmup_steps: int, max_steps: int, cycles: int, power: float, processes: int):
+def make_lr_scheduler(optimizer, name: str, warmup_steps: int, max_steps: int, cycles: int, power: float,
+                      processes: int):
     from diffusers.optimization import get_scheduler
 
     return get_scheduler(
         name, optimizer=optimizer, num_warmup_steps=warmup_steps * processes, num_training_steps=max_steps * processes,
         num_cycles=cycles, power=power,
-    )  # fmt: skip
+    )
 
 
 # ---------------------------------------------------------------- the loop
@@ -390,7 +399,7 @@ def read_loss_log(path: Path) -> list[LossRow]:
 
 
 def steps_per_second(rows: list[LossRow], since: float = 0.0, skip: int = 0, window: int | None = None,
-                     at_least: int = 2) -> float | None:  # fmt: skip
+                     at_least: int = 2) -> float | None:
     """Steps per second between the first and last timed rows logged at or after ``since`` (Unix time), the first
     ``skip`` of those left out and the last ``window`` kept; None with fewer than ``at_least`` rows."""
     timed = [(r.step, r.time) for r in rows if r.time is not None and r.time >= since][skip:]
@@ -426,7 +435,8 @@ class PendingLosses:
             if not math.isfinite(value):
                 self.rows.clear()
                 raise TrainingError(f"the loss became {value} at step {step}: stopping. The last good checkpoint and "
-                                    "adapter files are untouched; try a lower --learning_rate or --mixed_precision bf16")
+                                    "adapter files are untouched; try a lower --learning_rate or "
+                                    "--mixed_precision bf16")
             self.accelerator.log({"loss": value, "lr": lr}, step=step)
             self.log.write(step, value, lr, at)
         self.progress.set_postfix(loss=f"{values[-1]:.4f}", lr=f"{self.rows[-1][2]:.2e}")
@@ -477,7 +487,8 @@ def train_steps(run: Run, dataset, plan: StepPlan, global_step: int, latent_cach
             batches = epoch_batches(dataset, s.batch_size, epoch, s.seed)
             mine = process_batches(batches, plan.steps_per_epoch * s.accumulation * world, rank, world)
             done = (global_step - epoch * plan.steps_per_epoch) * s.accumulation
-            source = batch_source(dataset, mine[done:], epoch, latent_cache, s.dataloader_workers, device.type == "cuda")
+            source = batch_source(dataset, mine[done:], epoch, latent_cache, s.dataloader_workers,
+                                  device.type == "cuda")
             for batch_number, batch in enumerate(source, start=done):
                 # Every random draw of a batch comes from a generator on the device seeded by its place in the run.
                 rng = seeded_generator(s.seed, epoch, batch_number, rank, device=device)
@@ -529,7 +540,7 @@ def validation_for(args, accelerator, run: Run, base):
     vae_id = (args.pretrained_model_name_or_path, args.pretrained_vae_model_name_or_path, args.revision, args.variant,
               args.base_config)
     sampling = dict(prompt=args.validation_prompts, count=args.num_validation_images, seed=args.seed,
-                    steps=args.num_validation_inference_steps, resolution=args.resolution)  # fmt: skip
+                    steps=args.num_validation_inference_steps, resolution=args.resolution)
     return lambda path: validation_images(accelerator, run, base, vae_id, sampling, path)
 
 
@@ -542,11 +553,11 @@ def validation_images(accelerator, run: Run, base, vae_id: tuple, sampling: dict
         vae = load_vae(*vae_id).to(accelerator.device)
     encoders = [accelerator.unwrap_model(e).to(accelerator.device) for e in run.models.text_encoders]
     parts = dict(vae=vae, text_encoder=encoders[0], text_encoder_2=encoders[1], tokenizer=base.tokenizers[0],
-                 tokenizer_2=base.tokenizers[1], scheduler_config=base.noise_scheduler.config)  # fmt: skip
+                 tokenizer_2=base.tokenizers[1], scheduler_config=base.noise_scheduler.config)
     with run.ema.swapped() if run.ema is not None else nullcontext():  # --use_ema: the images of the average
         return validation_grid(parts, run.components, sampling["prompt"], sampling["count"], sampling["seed"],
                                sampling["steps"], sampling["resolution"], accelerator.device,
-                               accelerator.mixed_precision != "no", path)  # fmt: skip
+                               accelerator.mixed_precision != "no", path)
 
 
 # ---------------------------------------------------------------- the command
@@ -557,10 +568,11 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parse_args(argv)  # bad options end here, with argparse's one-line message
     quiet_libraries()
-    if os.environ.get("ACCELERATE_USE_CPU", "").lower() == "true" and os.environ.get("MASTER_ADDR") and not os.environ.get("WORLD_SIZE"):
+    if os.environ.get("ACCELERATE_USE_CPU",
+                      "").lower() == "true" and os.environ.get("MASTER_ADDR") and not os.environ.get("WORLD_SIZE"):
         # accelerate launch --cpu --num_processes N sets these, then starts one process unless given an MPI hostfile
         print("warning: accelerate launch --cpu starts a single process without --mpirun_hostfile; for several CPU "
-              "processes use: torchrun --nproc_per_node N train_dreambooth.py ...", file=sys.stderr)  # fmt: skip
+              "processes use: torchrun --nproc_per_node N train_dreambooth.py ...", file=sys.stderr)
     install()  # SIGTERM: stop with a checkpoint (see stopping.py)
     try:
         train(args)

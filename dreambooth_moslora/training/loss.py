@@ -61,7 +61,8 @@ def batch_latents(m: StepModels, batch: dict, rng: torch.Generator) -> torch.Ten
     scale, shift = m.vae_config.scaling_factor, getattr(m.vae_config, "shift_factor", None) or 0.0
     if "latent_mean" in batch:
         mean = batch["latent_mean"]
-        latents = mean + batch["latent_std"] * torch.randn(mean.shape, generator=rng, device=mean.device, dtype=mean.dtype)
+        latents = mean + batch["latent_std"] * torch.randn(mean.shape, generator=rng, device=mean.device,
+                                                           dtype=mean.dtype)
     else:
         with torch.no_grad():
             pixels = batch["pixels"].to(m.device, m.vae.dtype, non_blocking=True)  # pinned by the data loader
@@ -91,7 +92,8 @@ def min_snr_weights(snr: torch.Tensor, gamma: float, prediction_type: str) -> to
 
 def masked_mean(per_pixel: torch.Tensor, masks: torch.Tensor, background_weight: float) -> torch.Tensor:
     """Each example's loss weighted by its mask, brought to the latents' size: weight 1 where the mask is 1,
-    ``background_weight`` where it is 0; normalised by the weights, so a masked example weighs as much as a whole one."""
+    ``background_weight`` where it is 0; normalised by the weights, so a masked example weighs as much as a whole
+    one."""
     masks = F.interpolate(masks.float(), size=per_pixel.shape[-2:], mode="area")
     weights = background_weight + (1.0 - background_weight) * masks  # N×1×h×w, the same for every channel
     total = (per_pixel * weights).sum(dim=(1, 2, 3))
@@ -103,7 +105,8 @@ def batch_loss(m: StepModels, batch: dict, rng: torch.Generator, settings: LossS
     latents = batch_latents(m, batch, rng)
     noise = torch.randn(latents.shape, generator=rng, device=m.device).to(latents.dtype)
     if settings.noise_offset:
-        noise += settings.noise_offset * torch.randn((*latents.shape[:2], 1, 1), generator=rng, device=m.device).to(noise)
+        noise += settings.noise_offset * torch.randn((*latents.shape[:2], 1, 1), generator=rng,
+                                                     device=m.device).to(noise)
     steps = m.noise_scheduler.config.num_train_timesteps
     timesteps = torch.randint(0, steps, (latents.shape[0],), generator=rng, device=m.device)
     noisy = m.noise_scheduler.add_noise(latents, noise, timesteps)

@@ -29,13 +29,14 @@ def write_model_card(output_dir: Path, settings: dict, files: dict[str, Path], g
         *([f"Base model: `{Path(base).name}`, AutoV2 `{settings['base_model_autov2']}` "
            f"(sha256 `{settings['base_model_sha256']}`).", ""] if settings.get("base_model_autov2") else []),
         f"Trained with dreambooth-moslora on {settings.get('num_train_images', '?')} image(s) of the subject "
-        f"`{prompt}`" + (f", with prior preservation on `{settings.get('class_prompt')}`" if settings.get("with_prior_preservation") else "") + ".",
+        f"`{prompt}`" + (f", with prior preservation on `{settings.get('class_prompt')}`"
+                         if settings.get("with_prior_preservation") else "") + ".",
         "",
         "| setting | value |",
         "|---|---|",
     ]
     for key in ("rank", "lora_alpha", "mixer", "mixer_init", "max_train_steps", "learning_rate", "train_batch_size",
-                "resolution", "train_text_encoder", "mixed_precision", "prediction_type", "seed", "final_loss"):  # fmt: skip
+                "resolution", "train_text_encoder", "mixed_precision", "prediction_type", "seed", "final_loss"):
         if key in settings:
             value = settings[key]
             lines.append(f"| {key} | {value:.4g} |" if isinstance(value, float) else f"| {key} | {value} |")
@@ -49,7 +50,8 @@ def write_model_card(output_dir: Path, settings: dict, files: dict[str, Path], g
     }
     if settings.get("new_tokens"):
         abstractions = " or ".join(f"`{a.strip()}`" for a in str(settings.get("token_abstraction", "")).split(","))
-        descriptions["kohya"] += (f"; it bundles the new tokens' embeddings, which AUTOMATIC1111 and Forge draw where a "
+        descriptions["kohya"] += ("; it bundles the new tokens' embeddings, which "
+                                  "AUTOMATIC1111 and Forge draw where a "
                                   f"prompt says {abstractions} (in ComfyUI load the `_emb` file as an embedding)")
     lines += [f"- `{name}` — {descriptions[fmt]}" for fmt, name in names.items()]
     if "diffusers" in names:
@@ -60,7 +62,7 @@ def write_model_card(output_dir: Path, settings: dict, files: dict[str, Path], g
             f'pipe.load_lora_weights("{output_dir}", weight_name="{names["diffusers"]}")',
             *embedding_lines(output_dir, names.get("embeddings"), settings.get("new_tokens")),
             f"image = pipe({json.dumps(example)}, num_inference_steps=30).images[0]", "```",
-        ]  # fmt: skip
+        ]
     if grid is not None:
         rows = settings.get("validation_prompts") or [example]
         shown = f"“{example}”" if len(rows) == 1 else "; ".join(f"row {i + 1}: “{p}”" for i, p in enumerate(rows))

@@ -174,13 +174,14 @@ def compile_unet(unet: torch.nn.Module, mode: str) -> list[torch.nn.Parameter]:
 
 
 def make_optimizer(name: str, groups: list[dict], betas=(0.9, 0.999), eps: float = 1e-8, use_8bit_adam: bool = False,
-                   prodigy: dict | None = None) -> torch.optim.Optimizer:  # fmt: skip
+                   prodigy: dict | None = None) -> torch.optim.Optimizer:
     """AdamW (fused where the device has it), 8-bit AdamW, or Prodigy (``prodigy``: its beta3, decouple, … options)."""
     if name == "prodigy":
         try:
             import prodigyopt
         except ImportError:
-            raise TrainingError("--optimizer prodigy needs prodigyopt: pip install 'dreambooth-moslora[optim]'") from None
+            raise TrainingError("--optimizer prodigy needs prodigyopt: "
+                                "pip install 'dreambooth-moslora[optim]'") from None
         if any(group["lr"] < 0.1 for group in groups):  # Prodigy finds its own step size; lr multiplies it
             logger.warning("with --optimizer prodigy the learning rate is a multiplier: around 1.0 is usual")
         return prodigyopt.Prodigy(groups, betas=betas, eps=eps, **(prodigy or {}))

@@ -43,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_model_and_data_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--pretrained_model_name_or_path",
-                   help="hub id or local folder of an SDXL model, or one .safetensors checkpoint file (Pony, NoobAI, …)")
+                   help="hub id or local folder of an SDXL model, or one .safetensors checkpoint file "
+                        "(Pony, NoobAI, …)")
     g.add_argument("--pretrained_vae_model_name_or_path", help="a separate VAE (e.g. an fp16-safe one)")
     g.add_argument("--base_config", default=SDXL_BASE_CONFIG,
                    help="with a single-file base (.safetensors): the diffusers folder or hub id whose configs, "
@@ -78,7 +79,8 @@ def _add_model_and_data_options(p: argparse.ArgumentParser) -> None:
                    help="the share of draws that train on the empty caption (kohya's)")
     g.add_argument("--shuffle_caption", action="store_true", help="shuffle a caption's comma-separated tags each draw")
     g.add_argument("--keep_tokens", type=int, default=0, help="with --shuffle_caption: the first N tags stay in front")
-    g.add_argument("--resolution", type=int, default=1024, help="side of a square image, or the area's side with buckets")
+    g.add_argument("--resolution", type=int, default=1024,
+                   help="side of a square image, or the area's side with buckets")
     g.add_argument("--aspect_ratio_buckets", action="store_true", help="group images by aspect ratio")
     g.add_argument("--min_bucket_reso", type=int, help="with buckets: no side shorter (kohya's)")
     g.add_argument("--max_bucket_reso", type=int, help="with buckets: no side longer (kohya's)")
@@ -90,8 +92,10 @@ def _add_model_and_data_options(p: argparse.ArgumentParser) -> None:
                    help="processes that read and crop images (default: up to 4 on a GPU when latents are not cached, "
                         "so the step never waits for them; else 0, the loop's own process)")
     g.add_argument("--cache_latents", action="store_true")
-    g.add_argument("--mask_dir", type=Path, help="masked loss: a grayscale mask per instance image, same file name (white counts)")
-    g.add_argument("--alpha_mask", action="store_true", help="masked loss: each instance image's alpha channel is its mask")
+    g.add_argument("--mask_dir", type=Path,
+                   help="masked loss: a grayscale mask per instance image, same file name (white counts)")
+    g.add_argument("--alpha_mask", action="store_true",
+                   help="masked loss: each instance image's alpha channel is its mask")
     g.add_argument("--masked_loss_background_weight", type=float, default=0.0,
                    help="the loss weight where a mask is black (0: the background does not count)")
 
@@ -129,7 +133,8 @@ def _add_optimisation_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--gradient_checkpointing", action="store_true")
     g.add_argument("--learning_rate", type=float, default=1e-4)
     g.add_argument("--text_encoder_lr", type=float, default=5e-6)
-    g.add_argument("--scale_lr", action="store_true", help="multiply the learning rates by batch × accumulation × processes")
+    g.add_argument("--scale_lr", action="store_true",
+                   help="multiply the learning rates by batch × accumulation × processes")
     g.add_argument("--lr_scheduler", choices=LR_SCHEDULERS, default="constant")
     g.add_argument("--lr_warmup_steps", type=int, default=0)
     g.add_argument("--lr_num_cycles", type=int, default=1)
@@ -150,8 +155,10 @@ def _add_optimisation_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--noise_offset", type=float, default=0.0)
     g.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"])
     g.add_argument("--base_precision", choices=["auto", "bf16", "fp16", "fp8"], default="auto",
-                   help="how the frozen UNet and text-encoder weights are stored: auto (as --mixed_precision computes), "
-                        "or lower, upcast layer by layer (fp8: e4m3 with a scale per output channel, as kohya's --fp8_base)")
+                   help="how the frozen UNet and text-encoder weights are stored: auto "
+                        "(as --mixed_precision computes), "
+                        "or lower, upcast layer by layer (fp8: e4m3 with a scale per output "
+                        "channel, as kohya's --fp8_base)")
     g.add_argument("--allow_tf32", action="store_true")
     g.add_argument("--torch_compile", action="store_true", help="compile the UNet's step with torch.compile (inductor)")
     g.add_argument("--torch_compile_mode", choices=COMPILE_MODES, default="default",
@@ -181,15 +188,18 @@ def _add_output_options(p: argparse.ArgumentParser) -> None:
                         "subject); instead of --validation_prompt")
     g.add_argument("--num_validation_images", type=int, default=4)
     g.add_argument("--validation_epochs", type=int, default=50)
-    g.add_argument("--validation_steps", type=int, help="validation images every N steps instead of every --validation_epochs")
+    g.add_argument("--validation_steps", type=int,
+                   help="validation images every N steps instead of every --validation_epochs")
     g.add_argument("--num_validation_inference_steps", type=int, default=25)
     g.add_argument("--report_to", default="tensorboard", help='"tensorboard", "wandb", "all" or "none"')
     g.add_argument("--logging_dir", type=Path, default=Path("logs"))
     g.add_argument("--logging_steps", type=int, default=10,
-                   help="read the loss every N steps (loss.csv, trackers, the NaN check): reading it makes the host wait "
+                   help="read the loss every N steps (loss.csv, trackers, the NaN check): "
+                        "reading it makes the host wait "
                         "for the GPU, so not every step")
     g.add_argument("--profile_steps", type=int, default=0,
-                   help="profile N steps after the first two: profile.json (ops, syncs, kernels, GPU busy share per step) "
+                   help="profile N steps after the first two: profile.json (ops, syncs, "
+                        "kernels, GPU busy share per step) "
                         "and profile-trace.json in --output_dir")
     g.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)
 
@@ -239,7 +249,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         try:
             values = read_config_file(first.config)
         except Exception as exc:  # bad syntax, missing file, no YAML library …
-            parser.error(f"cannot read --config {first.config}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
+            parser.error(f"cannot read --config {first.config}: "
+                         f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
         known = {a.dest: a for a in parser._actions}
         unknown = sorted(set(values) - set(known) - {"config"})
         if unknown:
@@ -258,7 +269,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             if action.choices is not None:
                 for item in value if isinstance(value, list) else [value]:
                     if item not in action.choices:
-                        parser.error(f"{first.config}: {key} must be one of {', '.join(map(str, action.choices))}, got {item!r}")
+                        parser.error(f"{first.config}: {key} must be one of "
+                                     f"{', '.join(map(str, action.choices))}, got {item!r}")
             converted[key] = value
         parser.set_defaults(**converted)
     args = parser.parse_args(argv)
@@ -304,8 +316,9 @@ def validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
         parser.error("--caption_dropout_rate must be in [0, 1] and --keep_tokens at least 0")
     numbers = ("train_batch_size",) if args.train_batch_size != "auto" else ()
     optional = [n for n in ("min_bucket_reso", "max_bucket_reso", "bucket_reso_steps") if getattr(args, n) is not None]
-    for name in ("rank", *numbers, "repeats", *optional, "num_train_epochs", "gradient_accumulation_steps", "sample_batch_size", "class_inference_steps",
-                 "checkpointing_steps", "num_validation_images", "validation_epochs"):  # fmt: skip
+    for name in ("rank", *numbers, "repeats", *optional, "num_train_epochs", "gradient_accumulation_steps",
+                 "sample_batch_size", "class_inference_steps", "checkpointing_steps", "num_validation_images",
+                 "validation_epochs"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
     if args.rescale_betas_zero_snr and args.prediction_type == "epsilon":
@@ -343,7 +356,8 @@ def validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     if args.use_8bit_adam and args.optimizer != "adamw":
         parser.error("--use_8bit_adam goes with --optimizer adamw")
     if args.cache_latents and args.random_flip:
-        print("warning: with --cache_latents each image is encoded once, so --random_flip flips it once", file=sys.stderr)
+        print("warning: with --cache_latents each image is encoded once, so --random_flip flips it once",
+              file=sys.stderr)
     if args.report_to not in ("tensorboard", "wandb", "all", "none"):
         parser.error(f"--report_to must be tensorboard, wandb, all or none, got {args.report_to!r}")
     args.validation_prompts = [args.validation_prompt] if args.validation_prompt else []
@@ -368,7 +382,7 @@ def read_sample_prompts(path: Path, parser: argparse.ArgumentParser) -> list[str
     cut = [p for p in prompts if " --" in f" {p}"]
     if cut:
         print(f"warning: --sample_prompts {path}: per-prompt options (--n, --w, --d, ...) are not read here; "
-              "the validation flags hold for every prompt", file=sys.stderr)  # fmt: skip
+              "the validation flags hold for every prompt", file=sys.stderr)
     prompts = [f" {p}".split(" --", 1)[0].strip() for p in prompts]
     if not all(prompts) or not prompts:
         parser.error(f"--sample_prompts {path} holds no prompt")
@@ -399,8 +413,8 @@ def settings_for_metadata(args: argparse.Namespace) -> dict:
 
 
 def adapter_config(args: argparse.Namespace) -> AdapterConfig:
-    return AdapterConfig(rank=args.rank, alpha=args.lora_alpha, mixer=args.mixer, mixer_init=args.mixer_init, dropout=args.lora_dropout,
-                         lora_init=args.lora_init)  # fmt: skip
+    return AdapterConfig(rank=args.rank, alpha=args.lora_alpha, mixer=args.mixer, mixer_init=args.mixer_init,
+                         dropout=args.lora_dropout, lora_init=args.lora_init)
 
 
 @dataclass(frozen=True)
@@ -424,7 +438,7 @@ def loop_settings(args: argparse.Namespace) -> LoopSettings:
     return LoopSettings(args.train_batch_size, args.gradient_accumulation_steps, args.seed, args.max_grad_norm,
                         args.checkpointing_steps, args.checkpoints_total_limit, args.validation_epochs,
                         args.validation_steps, dataloader_workers(args), loss_settings(args),
-                        args.logging_steps)  # fmt: skip
+                        args.logging_steps)
 
 
 def dataloader_workers(args: argparse.Namespace, cuda: bool | None = None) -> int:
@@ -440,24 +454,28 @@ def dataloader_workers(args: argparse.Namespace, cuda: bool | None = None) -> in
 
 
 def loss_settings(args: argparse.Namespace) -> LossSettings:
-    return LossSettings(prior_loss_weight=args.prior_loss_weight, snr_gamma=args.snr_gamma, noise_offset=args.noise_offset,
-                        masked_loss_background_weight=args.masked_loss_background_weight)  # fmt: skip
+    return LossSettings(prior_loss_weight=args.prior_loss_weight, snr_gamma=args.snr_gamma,
+                        noise_offset=args.noise_offset,
+                        masked_loss_background_weight=args.masked_loss_background_weight)
 
 
-def param_groups(args: argparse.Namespace, params: dict[str, list], processes: int, mixers: set[int] = frozenset()) -> list[dict]:
+def param_groups(args: argparse.Namespace, params: dict[str, list], processes: int,
+                 mixers: set[int] = frozenset()) -> list[dict]:
     """The UNet's adapter at --learning_rate, the text encoders' at --text_encoder_lr (× batch with --scale_lr);
-    with --mixer_lr the mixers of each (``mixers``: their ids) in a group of their own at that rate (same weight decay)."""
+    with --mixer_lr the mixers of each (``mixers``: their ids) in a group of their own at that rate (same weight
+    decay)."""
     factor = args.train_batch_size * args.gradient_accumulation_steps * processes if args.scale_lr else 1
     wanted = [(params["unet"], args.learning_rate, args.adam_weight_decay)]
     if "text_encoder" in params:
-        wanted.append((params["text_encoder"] + params["text_encoder_2"], args.text_encoder_lr, args.adam_weight_decay_text_encoder))
+        wanted.append((params["text_encoder"] + params["text_encoder_2"], args.text_encoder_lr,
+                       args.adam_weight_decay_text_encoder))
     if "token_rows" in params:  # pivotal tuning's new tokens: last, so that their rate can stop on its own
         wanted.append((params["token_rows"], args.text_encoder_lr, args.adam_weight_decay_text_encoder))
     groups = []
     for group_params, lr, decay in wanted:
         own = [p for p in group_params if id(p) in mixers] if args.mixer_lr is not None else []
         groups.append({"params": [p for p in group_params if id(p) not in {id(m) for m in own}], "lr": lr * factor,
-                       "weight_decay": decay})  # fmt: skip
+                       "weight_decay": decay})
         if own:
             groups.append({"params": own, "lr": args.mixer_lr * factor, "weight_decay": decay})
     return groups
@@ -465,6 +483,7 @@ def param_groups(args: argparse.Namespace, params: dict[str, list], processes: i
 
 def optimizer_options(args: argparse.Namespace) -> dict:
     """``make_optimizer``'s keyword arguments."""
-    prodigy = dict(beta3=args.prodigy_beta3, decouple=args.prodigy_decouple, use_bias_correction=args.prodigy_use_bias_correction,
-                   safeguard_warmup=args.prodigy_safeguard_warmup)  # fmt: skip
-    return dict(betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon, use_8bit_adam=args.use_8bit_adam, prodigy=prodigy)
+    prodigy = dict(beta3=args.prodigy_beta3, decouple=args.prodigy_decouple,
+                   use_bias_correction=args.prodigy_use_bias_correction, safeguard_warmup=args.prodigy_safeguard_warmup)
+    return dict(betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon, use_8bit_adam=args.use_8bit_adam,
+                prodigy=prodigy)

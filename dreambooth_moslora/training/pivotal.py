@@ -1,5 +1,6 @@
 """Pivotal tuning in the trainer (--train_text_encoder_ti): new tokens for --token_abstraction, trained beside the
-adapter for the first --train_text_encoder_ti_frac of the steps, then frozen; saved as ``<folder name>_emb.safetensors``.
+adapter for the first --train_text_encoder_ti_frac of the steps, then frozen; saved as
+``<folder name>_emb.safetensors``.
 
 The abstraction ("TOK") is replaced by its tokens ("<s0><s1>") in the instance prompt, the captions and the
 validation prompt, as diffusers' advanced DreamBooth script does; the files record the rewritten prompts, which
@@ -32,9 +33,9 @@ class Pivotal:
         new = NewTokens.plan(args.token_abstraction, args.num_new_tokens_per_abstraction)
         if args.instance_prompt is not None and (missing := new.missing_from(args.instance_prompt)):
             raise TrainingError(f"--instance_prompt {args.instance_prompt!r} does not name {', '.join(missing)} "
-                                "(--token_abstraction): pivotal tuning learns new tokens where it stands")  # fmt: skip
+                                "(--token_abstraction): pivotal tuning learns new tokens where it stands")
         base.tokenizers = install(base.tokenizers, base.text_encoders, new,
-                                  generator=seeded_generator(args.seed, EMBEDDING_DRAW))  # fmt: skip
+                                  generator=seeded_generator(args.seed, EMBEDDING_DRAW))
         args.instance_prompt = new.rewrite(args.instance_prompt) if args.instance_prompt is not None else None
         if args.validation_prompt:
             args.validation_prompt = new.rewrite(args.validation_prompt)

@@ -30,7 +30,7 @@ class RunStopped(BaseException):
             message = "stopped before training began: nothing to resume (class images already written are kept)"
         else:
             message = (f"stopped at step {step}: checkpoint-{step} holds the run; continue it with "
-                       "--resume_from_checkpoint latest")  # fmt: skip
+                       "--resume_from_checkpoint latest")
         super().__init__(message)
 
 

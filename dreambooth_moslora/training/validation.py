@@ -43,7 +43,7 @@ def set_adapter_training(components: dict, training: bool) -> None:
 
 @torch.no_grad()
 def validation_grid(parts: dict, components: dict, prompt: str | list[str], count: int, seed: int, steps: int,
-                    resolution: int, device, mixed_precision: bool, path: Path) -> Path:  # fmt: skip
+                    resolution: int, device, mixed_precision: bool, path: Path) -> Path:
     """Draws ``count`` images of ``prompt`` (a row for each of several) with the live adapter into one labelled grid
     (the same noise each time).
 
@@ -56,7 +56,7 @@ def validation_grid(parts: dict, components: dict, prompt: str | list[str], coun
         vae=parts["vae"], text_encoder=parts["text_encoder"], text_encoder_2=parts["text_encoder_2"],
         tokenizer=parts["tokenizer"], tokenizer_2=parts["tokenizer_2"], unet=components["unet"],
         scheduler=EulerDiscreteScheduler.from_config(sampling_config(parts["scheduler_config"], {})),
-    )  # fmt: skip
+    )
     # zero terminal SNR: rescaled guidance against over-exposure, as its paper recommends (φ = 0.7)
     rescale = 0.7 if pipe.scheduler.config.get("rescale_betas_zero_snr") else 0.0
     pipe.set_progress_bar_config(disable=True)

@@ -21,24 +21,28 @@ def test_quick_benchmark_runs_every_variant_and_reports(tmp_path):
         [sys.executable, str(ROOT / "benchmarks" / "quality.py"), "--quick", "--seeds", "1", "--output_dir", str(out),
          "--variants", ",".join(VARIANTS)],
         capture_output=True, text=True, timeout=900, env={**os.environ, "HF_HUB_OFFLINE": "1"},
-    )  # fmt: skip
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     record = json.loads((out / "results.json").read_text())
     assert list(record["summary"]) == VARIANTS
     # the demo's setting: prior preservation on captioned class images, text-encoder adapters, masked loss
-    assert record["settings"]["with_prior_preservation"] and record["settings"]["text_encoder_lr"] == TOY_TRAINING["text_encoder_lr"]
+    assert record["settings"]["with_prior_preservation"]
+    assert record["settings"]["text_encoder_lr"] == TOY_TRAINING["text_encoder_lr"]
     assert record["settings"]["masked_loss"] is TOY_MASKED_LOSS is True
-    assert len(list((out / "class_images").glob("*.txt"))) == len(list((out / "class_images").glob("*.png"))) == NUM_CLASS_IMAGES
+    class_images = out / "class_images"
+    assert len(list(class_images.glob("*.txt"))) == len(list(class_images.glob("*.png"))) == NUM_CLASS_IMAGES
     for variant in VARIANTS:
         by_step = record["results"][variant]["by_step"]
         assert sorted(int(s) for s in by_step) == [20, 40]  # a checkpoint halfway, and the end
         for measures in by_step.values():
-            assert all(0.0 <= m[k] <= 1.0 for m in measures for k in ("subject", "prompt", "class_kept", "class_as_base"))
+            keys = ("subject", "prompt", "class_kept", "class_as_base")
+            assert all(0.0 <= m[k] <= 1.0 for m in measures for k in keys)
         assert "class_tv" not in by_step["20"][0] and 0.0 <= by_step["40"][0]["class_tv"] <= 1.0  # at the end only
         loss = record["results"][variant]["loss"]
         assert len(loss) == 1 and len(loss[0]) == 40 and all(v > 0 for v in loss[0])
-    assert 0.0 <= record["base"]["subject"] <= 1.0 and record["base"]["class_kept"] > 0.5  # the base model draws circles
-    assert record["base"]["class_as_base"] == 1.0 and record["base"]["class_tv"] == 0.0  # the base model is the reference
+    base = record["base"]
+    assert 0.0 <= base["subject"] <= 1.0 and base["class_kept"] > 0.5  # the base model draws circles
+    assert base["class_as_base"] == 1.0 and base["class_tv"] == 0.0  # the base model is the reference
     # each variant trained its own adapter: plain LoRA (no mixer) and the learned mixer differ
     lora = (out / "lora" / "seed0" / "moslora_adapter.safetensors").read_bytes()
     assert lora != (out / "moslora-kaiming" / "seed0" / "moslora_adapter.safetensors").read_bytes()
@@ -54,9 +58,10 @@ def test_quick_benchmark_runs_every_variant_and_reports(tmp_path):
 
 def test_unknown_variant_is_one_line(tmp_path):
     done = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "quality.py"), "--variants", "lora,dora", "--output_dir", str(tmp_path)],
+        [sys.executable, str(ROOT / "benchmarks" / "quality.py"), "--variants", "lora,dora", "--output_dir",
+         str(tmp_path)],
         capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+    )
     assert done.returncode == 2 and "unknown variant(s) dora" in done.stderr.strip().splitlines()[-1]
 
 
@@ -87,10 +92,12 @@ def test_class_as_base_compares_each_class_image_with_the_base_models_from_the_s
     spec.loader.exec_module(quality)
     circle = lambda colour, bg: {"shape": "circle", "colour": colour, "background": bg}  # noqa: E731
     evaluation = quality.Evaluation([("a sks circle on a gray background", "gray")],
-                                    [("a circle on a gray background", "gray")] * 4, sample_steps=1)  # fmt: skip
-    base = [circle("purple", "gray"), circle("blue", "gray"), circle("white", "gray"), circle("yellow", "gray"), circle("red", "gray")]
+                                    [("a circle on a gray background", "gray")] * 4, sample_steps=1)
+    base = [circle("purple", "gray"), circle("blue", "gray"), circle("white", "gray"), circle("yellow", "gray"),
+            circle("red", "gray")]
     evaluation.base_class = base[1:]
-    adapted = [circle("purple", "gray"), circle("green", "gray"), circle("white", "gray"), circle("green", "gray"), circle("red", "gray")]
+    adapted = [circle("purple", "gray"), circle("green", "gray"), circle("white", "gray"), circle("green", "gray"),
+               circle("red", "gray")]
     m = evaluation._metrics(adapted)
     assert m["subject"] == 1.0 and m["prompt"] == 1.0
     assert m["class_kept"] == 1.0  # four ordinary circles: the kind is kept ...

@@ -166,11 +166,12 @@ def test_missing_file_and_foreign_safetensors(tmp_path, pipe_and_outputs):
 @pytest.mark.parametrize(
     "fmt, layer, down, up, message",
     [
-        ("kohya", "lora_unet_output_blocks_99_1_transformer_blocks_0_attn1_to_q", ".lora_down.weight", ".lora_up.weight",
-         "output_blocks_99.*matches no layer"),
-        ("diffusers", "unet.no_such_block.to_q", ".lora_A.weight", ".lora_B.weight", "no linear layer no_such_block.to_q"),
+        ("kohya", "lora_unet_output_blocks_99_1_transformer_blocks_0_attn1_to_q", ".lora_down.weight",
+         ".lora_up.weight", "output_blocks_99.*matches no layer"),
+        ("diffusers", "unet.no_such_block.to_q", ".lora_A.weight", ".lora_B.weight",
+         "no linear layer no_such_block.to_q"),
     ],
-)  # fmt: skip
+)
 def test_layer_names_the_pipeline_lacks(tmp_path, good_files, pipe_and_outputs, fmt, layer, down, up, message):
     pipe, before = pipe_and_outputs
     tensors = load_file(good_files[fmt])
@@ -244,14 +245,17 @@ def _nested_header_file(path, depth: int = 100_000):
 @pytest.mark.parametrize(
     "make, message",
     [
-        (lambda p: _header_file(p, {"unet.a.lora_A.weight": {"dtype": ["F32"], "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 4),
+        (lambda p: _header_file(p, {"unet.a.lora_A.weight": {"dtype": ["F32"], "shape": [1], "data_offsets": [0, 4]}},
+                                b"\0" * 4),
          "malformed safetensors entry"),
-        (lambda p: _header_file(p, {"unet.a.lora_A.weight": {"dtype": {"F32": 1}, "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 4),
+        (lambda p: _header_file(p,
+                                {"unet.a.lora_A.weight": {"dtype": {"F32": 1}, "shape": [1], "data_offsets": [0, 4]}},
+                                b"\0" * 4),
          "malformed safetensors entry"),
         (_nested_header_file, "not JSON"),
     ],
     ids=["dtype-list", "dtype-dict", "deeply-nested"],
-)  # fmt: skip
+)
 def test_headers_of_the_wrong_type_or_depth(tmp_path, pipe_and_outputs, make, message):
     bad = make(tmp_path / "bad.safetensors")
     pipe, before = pipe_and_outputs
@@ -278,13 +282,14 @@ def _first(tensors, suffix):
     [
         (lambda t: t.__setitem__(_first(t, ".alpha"), torch.zeros(0)), "malformed alpha"),
         (lambda t: t.__setitem__(_first(t, ".alpha"), torch.tensor(-2.0)), "positive"),
-        (lambda t: t.__setitem__(_first(t, ".lora_down.weight"), t[_first(t, ".lora_down.weight")].to(torch.float8_e4m3fn)),
+        (lambda t: t.__setitem__(_first(t, ".lora_down.weight"),
+                                 t[_first(t, ".lora_down.weight")].to(torch.float8_e4m3fn)),
          "float16, bfloat16, float32 or float64 expected"),
         (lambda t: t.__setitem__(_first(t, ".lora_up.weight"), t[_first(t, ".lora_up.weight")].to(torch.int32)),
          "expected"),
     ],
     ids=["alpha-empty", "alpha-negative", "float8", "integers"],
-)  # fmt: skip
+)
 def test_kohya_tensors_of_the_wrong_kind(tmp_path, good_files, pipe_and_outputs, change, message):
     bad = _kohya_with(good_files, tmp_path, change)
     pipe, before = pipe_and_outputs

@@ -48,7 +48,7 @@ def test_a_new_token_with_a_words_row_encodes_as_that_word(tiny_pipe):
     reference = embed(tiny_pipe, "a red circle on a gray background")
     ids = [tok.convert_tokens_to_ids(tok.tokenize("circle"))[0] for tok in tokenizers]
     rows = {key: te.get_input_embeddings().weight[i : i + 1].detach().clone()
-            for key, te, i in zip(("clip_l", "clip_g"), text_encoders, ids)}  # fmt: skip
+            for key, te, i in zip(("clip_l", "clip_g"), text_encoders, ids)}
     tiny_pipe.tokenizer, tiny_pipe.tokenizer_2 = install(tokenizers, text_encoders, NewTokens.plan("TOK", 1), rows)
     assert tiny_pipe.tokenizer.tokenize("a red <s0> on") == ["a</w>", "red</w>", "<s0>", "on</w>"]
     assert "<s0>" not in tokenizers[0].get_vocab()  # the pipeline's own tokenizer is left as it was
@@ -82,9 +82,10 @@ def test_the_file_round_trips_and_stock_diffusers_reads_it_the_same(tiny_pipe, t
     vocabulary = [len(t) for t in tokenizers]
     new = NewTokens.plan("TOK", 2)
     tiny_pipe.tokenizer, tiny_pipe.tokenizer_2 = install(tokenizers, text_encoders, new,
-                                                         generator=torch.Generator().manual_seed(1))  # fmt: skip
+                                                         generator=torch.Generator().manual_seed(1))
     modules = [te.get_input_embeddings() for te in text_encoders]
-    path = save_embeddings(tmp_path / "dog_emb.safetensors", {"clip_l": modules[0].rows, "clip_g": modules[1].rows}, new)
+    path = save_embeddings(tmp_path / "dog_emb.safetensors", {"clip_l": modules[0].rows, "clip_g": modules[1].rows},
+                           new)
     ours = embed(tiny_pipe, new.rewrite("a TOK on a gray background"))
     unload_embeddings(tiny_pipe)
     assert [len(t) for t in (tiny_pipe.tokenizer, tiny_pipe.tokenizer_2)] == vocabulary  # nothing left behind
@@ -103,9 +104,9 @@ def test_the_file_round_trips_and_stock_diffusers_reads_it_the_same(tiny_pipe, t
     # pipeline shares one tokenizer object between its encoders; SDXL's are two)
     tiny_pipe.tokenizer_2 = copy.deepcopy(tiny_pipe.tokenizer_2)
     tiny_pipe.load_textual_inversion(rows["clip_l"], token=new.tokens, text_encoder=tiny_pipe.text_encoder,
-                                     tokenizer=tiny_pipe.tokenizer)  # fmt: skip
+                                     tokenizer=tiny_pipe.tokenizer)
     tiny_pipe.load_textual_inversion(rows["clip_g"], token=new.tokens, text_encoder=tiny_pipe.text_encoder_2,
-                                     tokenizer=tiny_pipe.tokenizer_2)  # fmt: skip
+                                     tokenizer=tiny_pipe.tokenizer_2)
     for a, b in zip(ours, embed(tiny_pipe, "a <s0><s1> on a gray background")):
         assert torch.allclose(a, b, atol=1e-6)
 

@@ -120,7 +120,7 @@ def test_native_file_keeps_a_m_b_and_the_settings(saved):
     assert metadata["format"] == "dreambooth-moslora" and metadata["format_version"] == "1"
     assert json.loads(metadata["adapter_config"]) == {
         "rank": 4, "alpha": 7.0, "mixer": "learned", "mixer_init": "kaiming", "dropout": 0.0, "lora_init": "gaussian",
-    }  # fmt: skip
+    }
     assert metadata["base_model"] == "random-sdxl"
     assert json.loads(metadata["training"]) == {"max_train_steps": 10}
     assert len(json.loads(metadata["targets"])["unet"]) == 136
@@ -128,7 +128,8 @@ def test_native_file_keeps_a_m_b_and_the_settings(saved):
     for component, model in pipeline_components(saved["pipe"]).items():
         for path, layer in adapter_layers(model).items():
             # text-encoder layers are written under text_model., whatever the transformers version
-            key = f"{component}.{path if path.startswith(('text_model', 'down', 'mid', 'up')) else 'text_model.' + path}"
+            known = path.startswith(("text_model", "down", "mid", "up"))
+            key = f"{component}.{path if known else 'text_model.' + path}"
             for part in "ABM":
                 assert torch.equal(tensors[f"{key}.moslora_{part}"], getattr(layer, f"lora_{part}"))
 

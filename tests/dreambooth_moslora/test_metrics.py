@@ -31,12 +31,12 @@ def scorers(tmp_path_factory):
         vision_config=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
                            image_size=32, patch_size=8),
         projection_dim=16,
-    ))  # fmt: skip
+    ))
     clip.save_pretrained(root / "clip")
     tokenizer.save_pretrained(root / "clip")
     CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(root / "clip")
     dino = Dinov2Model(Dinov2Config(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
-                                    image_size=32, patch_size=8))  # fmt: skip
+                                    image_size=32, patch_size=8))
     dino.save_pretrained(root / "dino")
     BitImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(root / "dino")
     return {"clip": ClipScorer(str(root / "clip")), "dino": DinoScorer(str(root / "dino")), "root": root}
@@ -91,7 +91,7 @@ def test_the_command_scores_base_and_adapter(scorers, tmp_path, capsys):
         str(tmp_path / "subject"), "--prompts", str(tmp_path / "prompts.txt"), "--images_per_prompt", "2",
         "--num_inference_steps", "2", "--resolution", "64", "--clip_model", str(scorers["root"] / "clip"),
         "--dino_model", str(scorers["root"] / "dino"), "--output", str(tmp_path / "report.json"),
-    ])  # fmt: skip
+    ])
     assert code == 0
     report = json.loads((tmp_path / "report.json").read_text())
     assert set(report) == {"base", "adapter"}
@@ -105,5 +105,5 @@ def test_the_command_reports_bad_input_in_one_line(tmp_path, capsys):
     (tmp_path / "prompts.txt").write_text("\n")
     (tmp_path / "subject").mkdir()
     assert main(["--pretrained_model_name_or_path", "x", "--instance_data_dir", str(tmp_path / "subject"),
-                 "--prompts", str(tmp_path / "prompts.txt")]) == 1  # fmt: skip
+                 "--prompts", str(tmp_path / "prompts.txt")]) == 1
     assert capsys.readouterr().err.strip() == f"error: {tmp_path / 'prompts.txt'} holds no prompt"

@@ -77,7 +77,8 @@ def test_training_from_the_file_is_bit_identical_to_training_from_the_folder(wor
     prior = ("--with_prior_preservation", "--class_prompt", "a circle", "--num_class_images", "2",
              "--class_inference_steps", "2")
     assert train(world, tmp_path / "folder", world["folder"], *prior) == 0
-    assert train(world, tmp_path / "file", world["file"], *prior, "--output_formats", "native", "diffusers", "kohya") == 0
+    assert train(world, tmp_path / "file", world["file"], *prior, "--output_formats", "native", "diffusers",
+                 "kohya") == 0
     a = load_file(tmp_path / "folder" / "moslora_adapter.safetensors")
     b = load_file(tmp_path / "file" / "moslora_adapter.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

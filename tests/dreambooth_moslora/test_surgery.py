@@ -48,7 +48,8 @@ def test_inject_returns_trainable_parameters_per_mode(tiny_pipe):
         params = inject_adapter(unet, AdapterConfig(rank=2, mixer=mixer))
         assert len(params) == count and all(p.requires_grad for p in params)
         adapter = [p for n, p in unet.named_parameters() if "lora_" in n or n.startswith("moslora_mixer_banks.")]
-        assert {id(p) for p in unet.parameters() if p.requires_grad} == {id(p) for p in params} <= {id(p) for p in adapter}
+        assert {id(p) for p in unet.parameters()
+                if p.requires_grad} == {id(p) for p in params} <= {id(p) for p in adapter}
         remove_adapter(unet)
         assert not any(p.requires_grad for p in unet.parameters()) and not hasattr(unet, "moslora_mixer_banks")
 
@@ -122,8 +123,9 @@ def _unet_batch(unet, seed=0, batch=2):
     return dict(
         sample=torch.randn(batch, 4, size, size, generator=g), timestep=torch.randint(0, 1000, (batch,), generator=g),
         encoder_hidden_states=torch.randn(batch, 77, unet.config.cross_attention_dim, generator=g),
-        added_cond_kwargs={"text_embeds": torch.randn(batch, 32, generator=g), "time_ids": square_time_ids(size * 2, batch)},
-    )  # fmt: skip
+        added_cond_kwargs={"text_embeds": torch.randn(batch, 32, generator=g),
+                           "time_ids": square_time_ids(size * 2, batch)},
+    )
 
 
 def _step(unet, params, optimizer, batch):
@@ -150,7 +152,7 @@ def test_a_training_step_dispatches_what_a_peft_lora_step_dispatches():
         unet = build_tiny_sdxl(seed=0).unet.train()
         if name == "peft":
             unet.add_adapter(peft.LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
-                                             target_modules=["to_q", "to_k", "to_v", "to_out.0"]))  # fmt: skip
+                                             target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
             params = [p for p in unet.parameters() if p.requires_grad]
         else:
             params = inject_adapter(unet, AdapterConfig(rank=4, mixer=name))

@@ -1,4 +1,5 @@
-"""The moslora command's operations on real files of the tiny SDXL: exact conversion, merge and resize, fuse, refusals."""
+"""The moslora command's operations on real files of the tiny SDXL: exact conversion, merge and resize, fuse,
+refusals."""
 
 import json
 import subprocess
@@ -31,7 +32,8 @@ def files(tmp_path_factory):
         torch.manual_seed(seed)
         inject_components(components, AdapterConfig(rank=rank, alpha=alpha, mixer=mixer))
         randomize_adapter_(components, seed=seed)
-        made[name] = save_adapter(root / name, components, base_model=str(base), training={"instance_prompt": f"a sks {name}"})
+        made[name] = save_adapter(root / name, components, base_model=str(base),
+                                  training={"instance_prompt": f"a sks {name}"})
     return {"root": root, "base": str(base), **made}
 
 
@@ -46,7 +48,7 @@ def max_diff(a: dict, b: dict) -> float:
 
 
 @pytest.mark.parametrize("source, target", [("native", "diffusers"), ("native", "kohya"), ("kohya", "native"),
-                                            ("diffusers", "native"), ("diffusers", "kohya")])  # fmt: skip
+                                            ("diffusers", "native"), ("diffusers", "kohya")])
 def test_convert_round_trips_exactly(files, tmp_path, source, target):
     original = deltas(files["a"][source], files["base"])
     there, back = tmp_path / "there.safetensors", tmp_path / "back.safetensors"
@@ -76,7 +78,7 @@ def test_plain_lora_becomes_native_with_an_identity_mixer_and_loads_as_it(files,
 def test_merge_by_concatenation_is_the_weighted_sum(files, tmp_path):
     out = tmp_path / "merged.safetensors"
     argv = ["merge", str(files["a"]["native"]), str(files["b"]["diffusers"]), "--weights", "1", "-0.5",
-            "-o", str(out), "--to", "native", "--base", files["base"]]  # fmt: skip
+            "-o", str(out), "--to", "native", "--base", files["base"]]
     assert main(argv) == 0
     a, b, merged = (deltas(p, files["base"]) for p in (files["a"]["native"], files["b"]["diffusers"], out))
     assert max_diff(merged, {k: a[k] - 0.5 * b[k] for k in a}) <= 1e-6
@@ -155,7 +157,7 @@ def test_inspect_reports_the_file(files, capsys):
     assert report["instance_prompt"] == "a sks a" and report["base_model"] == files["base"]
     blocks = report["delta_norm_by_block"]
     assert set(blocks) == {"unet.down_blocks.1", "unet.down_blocks.2", "unet.mid_block", "unet.up_blocks.0",
-                           "unet.up_blocks.1", "text_encoder", "text_encoder_2"}  # fmt: skip
+                           "unet.up_blocks.1", "text_encoder", "text_encoder_2"}
     assert sum(v**2 for v in blocks.values()) ** 0.5 == pytest.approx(report["delta_norm"], rel=1e-9)
     assert main(["inspect", str(files["a"]["native"]), "--base", files["base"]]) == 0
     text = capsys.readouterr().out
@@ -176,10 +178,13 @@ def test_refusals_are_one_line_and_write_nothing(files, tmp_path, capsys):
 
     save_file({"conv_in.weight": torch.zeros(3)}, foreign)
     assert "not a LoRA/MoSLoRA file" in refused(["inspect", str(foreign), "--base", base], capsys)
-    assert "between 1 and the adapter's rank 4" in refused(["resize", a, "--rank", "5", "-o", str(tmp_path / "x.safetensors"), "--base", base], capsys)
-    assert "between 1 and the adapter's rank 4" in refused(["resize", a, "--rank", "0", "-o", str(tmp_path / "x.safetensors"), "--base", base], capsys)
+    assert "between 1 and the adapter's rank 4" in refused(["resize", a, "--rank", "5", "-o",
+                                                            str(tmp_path / "x.safetensors"), "--base", base], capsys)
+    assert "between 1 and the adapter's rank 4" in refused(["resize", a, "--rank", "0", "-o",
+                                                            str(tmp_path / "x.safetensors"), "--base", base], capsys)
     assert "is one of the inputs" in refused(["convert", a, "--to", "native", "-o", a, "--base", base], capsys)
-    assert "one weight per file" in refused(["merge", a, a, "--weights", "1", "-o", str(tmp_path / "m.safetensors"), "--base", base], capsys)
+    assert "one weight per file" in refused(["merge", a, a, "--weights", "1", "-o", str(tmp_path / "m.safetensors"),
+                                             "--base", base], capsys)
     elsewhere = tmp_path / "elsewhere.safetensors"  # its recorded base is no folder here, and SDXL's layout is not its
     tensors, metadata = read_safetensors(files["a"]["kohya"])
     save_file(tensors, elsewhere, {**metadata, "ss_sd_model_name": "someone/else-xl"})
@@ -195,7 +200,8 @@ def test_merge_refuses_other_base_models_and_other_shapes(files, tmp_path, capsy
     inject_components(components, AdapterConfig(rank=2))
     other = save_adapter(tmp_path / "c", components, formats=["native"], base_model=str(other_base))["native"]
     out = str(tmp_path / "m.safetensors")
-    assert "different base models" in refused(["merge", str(files["a"]["native"]), str(other), "-o", out, "--base", files["base"]], capsys)
+    assert "different base models" in refused(["merge", str(files["a"]["native"]), str(other), "-o", out, "--base",
+                                               files["base"]], capsys)
     assert main(["merge", str(files["a"]["native"]), str(other), "-o", str(tmp_path / "forced.safetensors"), "--base",
                  files["base"], "--force"]) == 0  # the user's call
     wider = build_tiny_sdxl(seed=0, block_out_channels=(32, 96, 96))  # layers of other shapes
@@ -203,24 +209,27 @@ def test_merge_refuses_other_base_models_and_other_shapes(files, tmp_path, capsy
     inject_components(components, AdapterConfig(rank=2))
     randomize_adapter_(components)
     odd = save_adapter(tmp_path / "d", components, formats=["kohya"], base_model=files["base"])["kohya"]
-    assert "96→96 in the adapter" in refused(["merge", str(files["a"]["native"]), str(odd), "-o", out, "--base", files["base"]], capsys)
+    assert "96→96 in the adapter" in refused(["merge", str(files["a"]["native"]), str(odd), "-o", out, "--base",
+                                              files["base"]], capsys)
     assert not Path(out).exists()
 
 
 def test_help_reads_well():
     for command in ([], ["inspect"], ["convert"], ["resize"], ["merge"], ["fuse"]):
-        out = subprocess.run([sys.executable, "-m", "dreambooth_moslora", *command, "--help"], capture_output=True, text=True)
+        out = subprocess.run([sys.executable, "-m", "dreambooth_moslora", *command, "--help"], capture_output=True,
+                             text=True)
         assert out.returncode == 0 and out.stdout.startswith("usage: moslora")
         assert "Traceback" not in out.stderr
 
 
 def test_files_for_sdxl_base_need_no_base_model(tmp_path, capsys):
-    """Without --base, names are resolved against SDXL base's own layout (built from its published configs, no weights)."""
+    """Without --base, names are resolved against SDXL base's own layout (built from its published configs, no
+    weights)."""
 
     tensors = {}
     for name, width in (("lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q", 640),
                         ("lora_unet_output_blocks_2_1_transformer_blocks_9_attn2_to_k", 1280),
-                        ("lora_te2_text_model_encoder_layers_31_self_attn_q_proj", 1280)):  # fmt: skip
+                        ("lora_te2_text_model_encoder_layers_31_self_attn_q_proj", 1280)):
         tensors[f"{name}.lora_down.weight"] = torch.full((2, 2048 if "attn2_to_k" in name else width), 0.01)
         tensors[f"{name}.lora_up.weight"] = torch.full((width, 2), 0.02)
         tensors[f"{name}.alpha"] = torch.tensor(1.0)

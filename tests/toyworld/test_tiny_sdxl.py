@@ -59,4 +59,5 @@ def test_the_full_size_configs_give_sdxl_base_parameter_counts():
     with torch.device("meta"):
         vae = AutoencoderKL(**SDXL_VAE_CONFIG)
     counts = {name: sum(p.numel() for p in model.parameters()) for name, model in {**layout, "vae": vae}.items()}
-    assert counts == {"unet": 2_567_463_684, "text_encoder": 123_060_480, "text_encoder_2": 694_659_840, "vae": 83_653_863}
+    assert counts == {"unet": 2_567_463_684, "text_encoder": 123_060_480, "text_encoder_2": 694_659_840,
+                      "vae": 83_653_863}

@@ -56,8 +56,9 @@ def test_subject_is_a_purple_circle_on_its_own_backgrounds(tmp_path):
 
     subject = subject_scenes(5)
     assert [s.caption for s in subject][:3] == [
-        "a sks circle on a black background", "a sks circle on a white background", "a sks circle on a black background",
-    ]  # fmt: skip
+        "a sks circle on a black background", "a sks circle on a white background",
+                                                "a sks circle on a black background",
+    ]
     assert all(s.shape == "circle" and s.colour == "purple" for s in subject)
     pixels = np.asarray(render(subject[0], size=32), dtype=int)
     cx, cy = (int(c * 32) for c in subject[0].center)
@@ -114,7 +115,7 @@ def test_pretraining_runs_end_to_end_and_saves_a_v_prediction_pipeline(tmp_path)
     from toyworld.pretrain import main
 
     assert main(["--output_dir", str(tmp_path / "toy"), "--vae_steps", "2", "--steps", "2", "--batch_size", "4",
-                 "--dataset_size", "64", "--device", "cpu", "--snapshot_steps", "1"]) == 0  # fmt: skip
+                 "--dataset_size", "64", "--device", "cpu", "--snapshot_steps", "1"]) == 0
     settings = json.loads((tmp_path / "toy" / "pretraining.json").read_text())
     assert settings["steps"] == 2 and settings["image_size"] == 32
     assert json.loads((tmp_path / "toy-step1" / "pretraining.json").read_text())["steps"] == 1  # the snapshot
@@ -122,7 +123,7 @@ def test_pretraining_runs_end_to_end_and_saves_a_v_prediction_pipeline(tmp_path)
     pipe.set_progress_bar_config(disable=True)
     assert pipe.scheduler.config.prediction_type == "v_prediction" and pipe.vae_scale_factor == 4
     image = pipe("a red circle on a black background", num_inference_steps=2, height=32, width=32,
-                 generator=torch.Generator().manual_seed(0), output_type="np").images[0]  # fmt: skip
+                 generator=torch.Generator().manual_seed(0), output_type="np").images[0]
     assert image.shape == (32, 32, 3) and np.isfinite(image).all()
     assert len(pipe.tokenizer("a gray triangle on a white background").input_ids) == 2 + 7
 
@@ -139,7 +140,8 @@ def test_pretraining_can_keep_an_earlier_runs_vae(tmp_path):
     assert main(["--output_dir", str(tmp_path / "first"), "--vae_steps", "2", *common]) == 0
     assert main(["--output_dir", str(tmp_path / "second"), "--vae", str(tmp_path / "first" / "vae"), *common]) == 0
     settings = json.loads((tmp_path / "second" / "pretraining.json").read_text())
-    assert settings["vae_steps"] == 0 and settings["vae_from"] == str(tmp_path / "first" / "vae") and settings["vae_psnr_db"] > 0
+    assert settings["vae_steps"] == 0 and settings["vae_from"] == str(tmp_path / "first" / "vae")
+    assert settings["vae_psnr_db"] > 0
     first, second = (AutoencoderKL.from_pretrained(tmp_path / name / "vae") for name in ("first", "second"))
     for (name, a), b in zip(first.state_dict().items(), second.state_dict().values()):
         assert torch.equal(a, b), name
@@ -156,9 +158,11 @@ def test_pretraining_can_train_a_world_model_further(tmp_path, capsys):
 
     common = ["--steps", "1", "--batch_size", "4", "--dataset_size", "64", "--device", "cpu"]
     assert main(["--output_dir", str(tmp_path / "first"), "--vae_steps", "1", *common]) == 0
-    assert main(["--output_dir", str(tmp_path / "second"), "--init_from", str(tmp_path / "first"), "--lr", "0", *common]) == 0
+    assert main(["--output_dir", str(tmp_path / "second"), "--init_from", str(tmp_path / "first"), "--lr", "0",
+                 *common]) == 0
     settings = json.loads((tmp_path / "second" / "pretraining.json").read_text())
-    assert settings["continued_from"] == str(tmp_path / "first") and settings["earlier_steps"] == 1 and settings["steps"] == 1
+    assert settings["continued_from"] == str(tmp_path / "first")
+    assert settings["earlier_steps"] == 1 and settings["steps"] == 1
     first, second = (StableDiffusionXLPipeline.from_pretrained(tmp_path / name) for name in ("first", "second"))
     for part in ("unet", "text_encoder", "text_encoder_2", "vae"):
         for (name, a), b in zip(getattr(first, part).state_dict().items(), getattr(second, part).state_dict().values()):

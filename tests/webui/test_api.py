@@ -53,9 +53,9 @@ def test_view_api_shows_the_documented_endpoints_and_nothing_else(client):
         assert parameters == list(inspect.signature(getattr(Api, name)).parameters)[1:], name
     assert documented_endpoints() == served  # the page users read says the same
     required = {name: [p["parameter_name"] for p in e["parameters"] if not p["parameter_has_default"]]
-                for name, e in info["named_endpoints"].items()}  # fmt: skip
+                for name, e in info["named_endpoints"].items()}
     assert required == {"/adapters": [], "/generate": ["prompt"], "/compare": ["prompt"], "/download": ["adapter"],
-                        "/train": [], "/train_status": [], "/train_stop": [], "/train_resume": ["run_id"]}  # fmt: skip
+                        "/train": [], "/train_status": [], "/train_stop": [], "/train_resume": ["run_id"]}
 
 
 def test_the_documented_script_trains_then_generates_with_the_new_adapter(server, client, capsys):
@@ -127,7 +127,7 @@ def test_stop_and_resume_a_run(server, client):
           api_name="/train"), "files uploaded with the request"),
     (dict(run_id="../etc", api_name="/train_resume"), "no run named"),
     (dict(run_id="2020-01-01-000000-sks", api_name="/train_status"), "no run '2020-01-01-000000-sks'"),
-])  # fmt: skip
+])
 def test_a_bad_value_is_one_line_and_no_traceback(server, client, call, message):
     with pytest.raises(Exception, match=re.escape(message)) as refusal:
         client.predict(**call)

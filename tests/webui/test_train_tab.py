@@ -20,7 +20,8 @@ def server(tmp_path_factory):
     adapters = root / "adapters"
     adapters.mkdir()
     log = root / "server.log"
-    with webui_server(log, "--adapters", str(adapters), "--demo", "--output_dir", str(root / "images")) as (url, _, process):
+    server = webui_server(log, "--adapters", str(adapters), "--demo", "--output_dir", str(root / "images"))
+    with server as (url, _, process):
         yield {"url": url, "root": root, "adapters": adapters, "log": log, "process": process}
 
 
@@ -31,8 +32,8 @@ def test_the_whole_loop_in_a_real_browser(server):
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox", "--disable-gpu", "--no-first-run",
-                                                                    "--disable-background-networking"])  # fmt: skip
+        flags = ["--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking"]
+        browser = p.chromium.launch(executable_path=chromium, args=flags)
         page = browser.new_page(viewport={"width": 1400, "height": 1100})
         page.goto(server["url"])
         page.wait_for_selector("#generate", timeout=60_000)
@@ -45,11 +46,12 @@ def test_the_whole_loop_in_a_real_browser(server):
         for field, value in (("#adv-steps", "30"), ("#adv-every", "10"), ("#adv-class-count", "4")):
             page.locator(f"{field} input").fill(value)
             page.locator(f"{field} input").press("Tab")
-        page.wait_for_function("document.querySelector('#plan').innerText.startsWith('30 steps of batch 2 on 5 images at 32 px')",
-                               timeout=30_000)  # fmt: skip
+        page.wait_for_function("document.querySelector('#plan').innerText.startsWith('30 steps of "
+                               "batch 2 on 5 images at 32 px')",
+                               timeout=30_000)
         page.click("#train-start")
         page.wait_for_function("document.querySelector('#train-state') && /step [1-9]/.test("
-                               "document.querySelector('#train-state').innerText)", timeout=180_000)  # fmt: skip
+                               "document.querySelector('#train-state').innerText)", timeout=180_000)
         page.wait_for_selector("#samples img", timeout=180_000)  # a validation sample, while it trains
         page.wait_for_selector("#loss-plot canvas, #loss-plot svg", timeout=30_000)
         shot = server["root"] / "train-tab.png"
@@ -59,10 +61,11 @@ def test_the_whole_loop_in_a_real_browser(server):
         assert "MoSLoRA DreamBooth adapter" in page.locator("#model-card").inner_text()
         page.click("#use-adapter")  # to the Generate tab, adapter chosen and prompt filled in
         # filled with the run's sample prompt (the toy preset's: the subject on a background its photos never show)
-        page.wait_for_function("document.querySelector('#prompt textarea').value === 'a sks circle on a gray background'",
-                               timeout=30_000)  # fmt: skip
+        page.wait_for_function("document.querySelector('#prompt textarea').value === 'a "
+                               "sks circle on a gray background'",
+                               timeout=30_000)
         page.wait_for_function("document.querySelector('#details').innerText.includes('moslora_adapter.safetensors')",
-                               timeout=30_000)  # fmt: skip
+                               timeout=30_000)
         page.click("#generate")
         page.wait_for_function("document.querySelectorAll('#gallery img').length >= 1", timeout=120_000)
         assert "image(s) from" in page.locator("#status").inner_text()
@@ -78,8 +81,8 @@ def test_the_model_card_on_the_page_leaves_out_its_header_and_pictures(tmp_path)
     from dreambooth_moslora.training.model_card import write_model_card
     from webui.train_tab import model_card_text
 
-    settings = {"pretrained_model_name_or_path": "base", "instance_prompt": "a sks dog", "validation_prompt": "a sks dog in snow",
-                "rank": 4, "num_train_images": 5}  # fmt: skip
+    settings = {"pretrained_model_name_or_path": "base", "instance_prompt": "a sks dog",
+                "validation_prompt": "a sks dog in snow", "rank": 4, "num_train_images": 5}
     grid = tmp_path / "validation.png"
     write_model_card(tmp_path, settings, {"diffusers": tmp_path / "pytorch_lora_weights.safetensors"}, grid)
     card = (tmp_path / "README.md").read_text()

@@ -46,7 +46,7 @@ def trainer(world):
 def request(world, **changes) -> TrainRequest:
     images = sorted(str(p) for p in world["subject"].glob("*.png"))
     fields = dict(images=images, instance_prompt="a sks circle", class_prompt="a circle", preset=TOY_PRESET,
-                  settings=dict(QUICK), captions={"sks_circle_0.png": "a sks circle, edited"})  # fmt: skip
+                  settings=dict(QUICK), captions={"sks_circle_0.png": "a sks circle, edited"})
     fields.update(changes)
     return TrainRequest(**fields)
 
@@ -64,7 +64,8 @@ def wait(trainer, condition, timeout=300):
 
 def test_a_run_trains_shows_progress_and_its_adapter_is_listed(world, trainer):
     plan = trainer.plan(request(world))
-    assert plan.startswith("6 steps of batch 2 on 5 images at 32 px") and "2 images of 'a circle': generated first" in plan
+    assert plan.startswith("6 steps of batch 2 on 5 images at 32 px")
+    assert "2 images of 'a circle': generated first" in plan
     started = trainer.start(request(world))
     assert started.state == "running" and started.max_steps == 6
     run = world["adapters"] / started.run_id
@@ -158,7 +159,8 @@ def test_stop_right_after_start_is_a_stop_and_a_trainer_that_cannot_start_leaves
     started = trainer.start(request(world))
     trainer.stop()  # the trainer may not even have set its SIGTERM handler yet
     status = wait(trainer, lambda s: s.state not in ("starting", "running", "stopping"), timeout=120)
-    assert status.run_id == started.run_id and status.state == "stopped" and status.error is None and not status.resumable
+    assert status.run_id == started.run_id and status.state == "stopped"
+    assert status.error is None and not status.resumable
     shutil.rmtree(world["adapters"] / started.run_id)
 
     before = sorted(world["adapters"].rglob("*"))
@@ -171,7 +173,9 @@ def test_stop_right_after_start_is_a_stop_and_a_trainer_that_cannot_start_leaves
 def png_header(width: int, height: int) -> bytes:
     """A PNG that claims a size it never holds: a decompression bomb's header."""
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    chunk = lambda kind, data: struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))  # noqa: E731
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
 
 
@@ -201,11 +205,12 @@ def bad_uploads(world, tmp: Path, kind: str) -> list[str]:
 
 
 @pytest.mark.parametrize("kind, message", [
-    ("text file", "notes.pdf: not an image file"), ("corrupt", "cut.png: "), ("bomb", "bomb.png: too many pixels to decode safely"),
+    ("text file", "notes.pdf: not an image file"), ("corrupt", "cut.png: "),
+                                           ("bomb", "bomb.png: too many pixels to decode safely"),
     ("huge", "huge.png: 10000×10000 pixels, over the 50 megapixel limit"),
     ("big file", "noise.bmp: 1.0 MB, over the 0.477 MB limit"), ("too many", f"at most {MAX_IMAGES} per run"),
     ("too few", "at least 3 photos"), ("none", "no image"),
-])  # fmt: skip
+])
 def test_bad_uploads_are_refused_and_change_nothing(world, tmp_path, kind, message):
     trainer = Trainer(world["engine"], max_file_bytes=500_000)
     before = sorted(world["adapters"].rglob("*"))
@@ -217,12 +222,15 @@ def test_bad_uploads_are_refused_and_change_nothing(world, tmp_path, kind, messa
 @pytest.mark.parametrize("changes, message", [
     (dict(instance_prompt="a circle"), "has no token"), (dict(instance_prompt="  "), "instance prompt is empty"),
     (dict(class_prompt=""), "class prompt is empty"), (dict(preset="fastest"), "unknown preset"),
-    (dict(settings={"rank": 0}), "rank must be a whole number between 1"), (dict(settings={"learning_rate": "fast"}), "learning_rate"),
-    (dict(settings={"mixer": "blender"}), "mixer must be one of"), (dict(settings={"output_dir": "/etc"}), "not a setting"),
+    (dict(settings={"rank": 0}), "rank must be a whole number between 1"),
+                                              (dict(settings={"learning_rate": "fast"}), "learning_rate"),
+    (dict(settings={"mixer": "blender"}), "mixer must be one of"),
+                                              (dict(settings={"output_dir": "/etc"}), "not a setting"),
     (dict(settings={"seed": float("nan")}), "seed"), (dict(base_model="/etc"), "not one this server offers"),
     (dict(images=[], folder="../uploads"), "no folder '../uploads' under the data root"),
-    (dict(instance_prompt=["a", "list"]), "must be text"), (dict(settings={"alpha_mask": "yes"}), "alpha_mask must be one of"),
-])  # fmt: skip
+    (dict(instance_prompt=["a", "list"]), "must be text"),
+                                              (dict(settings={"alpha_mask": "yes"}), "alpha_mask must be one of"),
+])
 def test_bad_requests_are_refused_and_change_nothing(world, changes, message):
     trainer = Trainer(world["engine"], data_root=world["data"])
     before = sorted(world["adapters"].rglob("*"))

@@ -31,6 +31,6 @@ def argv(world, output_dir, *extra, steps=6):
         "--instance_prompt", PROMPT, "--caption_extension", ".txt", "--resolution", "64",
         "--train_batch_size", "2", "--max_train_steps", str(steps), "--output_dir", str(output_dir),
         "--report_to", "none", "--seed", "0", *extra,
-    ]  # fmt: skip
+    ]
 
 

@@ -18,14 +18,15 @@ def test_leftovers_of_killed_runs_are_found_and_removed(tmp_path):
     (tmp_path / "checkpoint-4" / "moslora_adapter.safetensors").write_bytes(b"x")
     (tmp_path / "loss.csv").write_text("step,loss,lr\n")
     removed = clean_leftovers(tmp_path)
-    assert sorted(removed) == [".checkpoint-2.deleting", ".checkpoint-6.partial", ".pytorch_lora_weights.safetensors.partial"]
+    assert sorted(removed) == [".checkpoint-2.deleting", ".checkpoint-6.partial",
+                               ".pytorch_lora_weights.safetensors.partial"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-4", "loss.csv"]
 
 
 def test_resume_skips_incomplete_checkpoints_and_cleans_leftovers(world, tmp_path, capsys, caplog):
     out = tmp_path / "out"
     common = ("--checkpointing_steps", "2", "--checkpoints_total_limit", "2", "--output_formats", "native",
-              "--learning_rate", "1e-3")  # fmt: skip
+              "--learning_rate", "1e-3")
     assert main(argv(world, out, *common, steps=5)) == 0
     assert [p.name for p in checkpoint_dirs(out)] == ["checkpoint-2", "checkpoint-4"]
     finished = load_file(out / "moslora_adapter.safetensors")

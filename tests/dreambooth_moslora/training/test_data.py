@@ -114,14 +114,14 @@ def test_dataset_captions_conditioning_and_upscale_warning(tmp_path, caplog):
     Image.fromarray(gradient(96, 64)).save(class_dir / "00000-a.png")
     with caplog.at_level(logging.WARNING):
         ds = DreamBoothDataset(paths, "a sks circle", 64, [class_dir / "00000-a.png"], "a circle",
-                               caption_extension=".txt", center_crop=True)  # fmt: skip
+                               caption_extension=".txt", center_crop=True)
     assert "upscaling 3 image(s) smaller than 64 px" in caplog.text
     batch = collate([ds[(0, i)] for i in range(3)])
     assert batch["pixels"].shape == (6, 3, 64, 64) and batch["num_instance"] == 3
     assert -1.0 <= batch["pixels"].min() and batch["pixels"].max() <= 1.0
     assert batch["captions"][:3] == [
         "a sks circle on a black background", "a sks circle on a white background", "a sks circle",
-    ]  # fmt: skip
+    ]
     assert batch["captions"][3:] == ["a circle"] * 3
     # each example carries its own original size and crop: the class image is 64×96, centre-cropped
     assert batch["original_sizes"][0] == (48, 48) and batch["original_sizes"][3] == (64, 96)

@@ -32,7 +32,7 @@ def reference_deltas(world) -> dict[str, torch.Tensor]:
     for model in (unet, vae, pipe.text_encoder, pipe.text_encoder_2):
         model.requires_grad_(False)
     unet.add_adapter(LoraConfig(r=RANK, lora_alpha=RANK, init_lora_weights="gaussian",
-                                target_modules=["to_k", "to_q", "to_v", "to_out.0"]))  # fmt: skip
+                                target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
     params = [p for p in unet.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=LR, betas=(0.9, 0.999), weight_decay=1e-4, eps=1e-8)
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
@@ -45,11 +45,12 @@ def reference_deltas(world) -> dict[str, torch.Tensor]:
         batch = [(2 * step + i) % len(paths) for i in range(2)]
         with torch.no_grad():
             latents = vae.encode(pixels[batch]).latent_dist.sample(g) * vae.config.scaling_factor
-            embeds, _, pooled, _ = pipe.encode_prompt([captions[i] for i in batch], device="cpu", do_classifier_free_guidance=False)
+            embeds, _, pooled, _ = pipe.encode_prompt([captions[i] for i in batch], device="cpu",
+                                                      do_classifier_free_guidance=False)
         noise = torch.randn(latents.shape, generator=g)
         timesteps = torch.randint(0, 1000, (2,), generator=g)
         prediction = unet_prediction(unet, scheduler.add_noise(latents, noise, timesteps), timesteps, embeds, pooled,
-                                     square_time_ids(64, 2))  # fmt: skip
+                                     square_time_ids(64, 2))
         torch.nn.functional.mse_loss(prediction, noise).backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
@@ -69,10 +70,10 @@ def reference(world):
 
 def our_deltas(world, out, *extra) -> dict[str, torch.Tensor]:
     assert main(argv(world, out, "--learning_rate", str(LR), "--rank", str(RANK), "--output_formats", "diffusers",
-                     "--lr_scheduler", "constant", *extra, steps=STEPS)) == 0  # fmt: skip
+                     "--lr_scheduler", "constant", *extra, steps=STEPS)) == 0
     tensors = load_file(out / "pytorch_lora_weights.safetensors")  # lora_B carries α/r and the mixer
     return {k[len("unet."): -len(".lora_A.weight")]: tensors[k.replace("lora_A", "lora_B")] @ tensors[k]
-            for k in tensors if k.startswith("unet.") and k.endswith(".lora_A.weight")}  # fmt: skip
+            for k in tensors if k.startswith("unet.") and k.endswith(".lora_A.weight")}
 
 
 def median_ratio(ours: dict, reference: dict) -> float:
@@ -88,5 +89,6 @@ def test_a_pasted_diffusers_command_line_moves_the_weights_as_far(world, tmp_pat
 
 def test_kaiming_init_of_a_moves_the_weights_less(world, tmp_path, reference):
     """The old default: A's scale 1/√(3·in) instead of 1/r, so the same learning rate means much less."""
-    ratio = median_ratio(our_deltas(world, tmp_path / "kaiming", "--mixer", "none", "--lora_init", "kaiming"), reference)
+    ratio = median_ratio(our_deltas(world, tmp_path / "kaiming", "--mixer", "none", "--lora_init", "kaiming"),
+                         reference)
     assert ratio < 0.5, ratio

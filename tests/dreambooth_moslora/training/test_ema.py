@@ -49,7 +49,7 @@ def test_the_average_is_saved_and_resumes_bit_exactly(world, tmp_path):
     for name in names:
         (out / name).unlink()
     assert main(argv(world, out, *EMA, "--ema_decay", "0.9", "--resume_from_checkpoint", str(out / "checkpoint-2"),
-                     steps=4)) == 0  # fmt: skip
+                     steps=4)) == 0
     for before, name in zip(finished, names):
         again = load_file(out / name)
         assert all(torch.equal(before[k], again[k]) for k in before), name

@@ -41,12 +41,12 @@ def test_prior_preservation_run_learns_and_writes_everything(world, tmp_path):
                      "--num_class_images", "4", "--class_inference_steps", "2", "--learning_rate", "1e-2",
                      "--checkpointing_steps", "10", "--checkpoints_total_limit", "1",
                      "--validation_prompt", "a sks circle on a gray background", "--num_validation_images", "2",
-                     "--num_validation_inference_steps", "2", steps=30))  # fmt: skip
+                     "--num_validation_inference_steps", "2", steps=30))
     assert code == 0
     assert len(list((out / "class_images").glob("*.png"))) == 4
     assert [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-20"]  # total limit 1; none at the last step
     for name in ("moslora_adapter.safetensors", "pytorch_lora_weights.safetensors",
-                 "pytorch_lora_weights_kohya.safetensors", "README.md", "validation.png"):  # fmt: skip
+                 "pytorch_lora_weights_kohya.safetensors", "README.md", "validation.png"):
         assert (out / name).is_file(), name
     assert not list(out.glob(".*partial*"))
     lines = (out / "loss.csv").read_text().splitlines()
@@ -69,7 +69,8 @@ def test_prior_preservation_run_learns_and_writes_everything(world, tmp_path):
     assert "| mixer | learned |" in card and 'load_lora_weights' in card
     # the example and the samples use the prompt the run sampled with; the files record it for the web demo
     assert 'image = pipe("a sks circle on a gray background"' in card and "“a sks circle on a gray background”" in card
-    assert recorded(metadata)["validation_prompt"] == recorded(diffusers_meta)["validation_prompt"] == "a sks circle on a gray background"
+    prompt = "a sks circle on a gray background"
+    assert recorded(metadata)["validation_prompt"] == recorded(diffusers_meta)["validation_prompt"] == prompt
 
     # the adapter learned the subject: lower denoising error on its images than the base model
     paths, caps = captions(world)
@@ -149,7 +150,7 @@ def test_v_prediction_base_model_is_trained_against_velocity(world, tmp_path):
 def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(world, tmp_path, capsys):
     out = tmp_path / "out"
     code = main(argv(world, out, "--learning_rate", "1e12", "--max_grad_norm", "0", "--checkpointing_steps", "1",
-                     "--adam_epsilon", "1e-30", steps=50))  # fmt: skip
+                     "--adam_epsilon", "1e-30", steps=50))
     assert code == 1
     message = capsys.readouterr().err.strip().splitlines()[-1]
     assert message.startswith("error: the loss became") and "last good checkpoint" in message
@@ -189,7 +190,8 @@ def test_bad_files_among_good_ones_are_skipped_with_one_warning(world, tmp_path,
     args[args.index("--instance_data_dir") + 1] = str(folder)
     assert main(args) == 0
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "skipping" in r.getMessage()]
-    assert len(warnings) == 1 and "zero.jpg: empty file" in warnings[0] and "readme.md: not an image file" in warnings[0]
+    assert len(warnings) == 1
+    assert "zero.jpg: empty file" in warnings[0] and "readme.md: not an image file" in warnings[0]
 
 
 def _run(args, **kwargs):
@@ -197,8 +199,8 @@ def _run(args, **kwargs):
     return subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
 
 
-RESUME_OPTIONS = ["--learning_rate", "1e-3", "--checkpointing_steps", "4", "--output_formats", "native", "--random_flip",
-                  "--lora_dropout", "0.1"]  # fmt: skip
+RESUME_OPTIONS = ["--learning_rate", "1e-3", "--checkpointing_steps", "4", "--output_formats", "native",
+                  "--random_flip", "--lora_dropout", "0.1"]
 
 
 @pytest.fixture(scope="module")
@@ -225,7 +227,7 @@ def wait_for(process, condition, timeout=300):
 def assert_resumes_exactly(world, interrupted: Path, reference: Path) -> None:
     assert not (interrupted / "moslora_adapter.safetensors").exists()
     resumed = _run([sys.executable, str(ROOT / "train_dreambooth.py"),
-                    *argv(world, interrupted, *RESUME_OPTIONS, "--resume_from_checkpoint", "latest", steps=24)])  # fmt: skip
+                    *argv(world, interrupted, *RESUME_OPTIONS, "--resume_from_checkpoint", "latest", steps=24)])
     output = resumed.communicate(timeout=300)[0]
     assert resumed.returncode == 0, output
     assert "resumed from" in output
@@ -247,13 +249,15 @@ def test_resume_after_sigkill_gives_the_same_adapter(world, tmp_path, uninterrup
 def test_sigterm_stops_at_a_step_with_a_checkpoint_and_resume_is_exact(world, tmp_path, uninterrupted):
     """What the web demo's Stop sends: the run ends after the current step with a checkpoint of that step."""
     stopped = tmp_path / "stopped"
-    process = _run([sys.executable, str(ROOT / "train_dreambooth.py"), *argv(world, stopped, *RESUME_OPTIONS, steps=24)])
+    process = _run([sys.executable, str(ROOT / "train_dreambooth.py"),
+                    *argv(world, stopped, *RESUME_OPTIONS, steps=24)])
     wait_for(process, lambda: (stopped / "checkpoint-4").is_dir() and len(loss_curve(stopped)) >= 5)
     process.send_signal(signal.SIGTERM)
     output = process.communicate(timeout=300)[0]
     assert process.returncode == 143, output
     step = max(loss_curve(stopped))
-    assert 5 <= step < 24 and output.strip().splitlines()[-1].startswith(f"stopped at step {step}: checkpoint-{step} holds")
+    assert 5 <= step < 24
+    assert output.strip().splitlines()[-1].startswith(f"stopped at step {step}: checkpoint-{step} holds")
     assert "Traceback" not in output
     assert (stopped / f"checkpoint-{step}" / "moslora_adapter.safetensors").is_file()
     assert_resumes_exactly(world, stopped, uninterrupted)
@@ -262,9 +266,10 @@ def test_sigterm_stops_at_a_step_with_a_checkpoint_and_resume_is_exact(world, tm
 def test_sigterm_before_training_ends_at_once(world, tmp_path):
     out = tmp_path / "out"
     process = _run([sys.executable, str(ROOT / "train_dreambooth.py"),
-                    *argv(world, out, "--with_prior_preservation", "--class_prompt", "a circle", "--num_class_images", "40",
-                          "--sample_batch_size", "1", "--class_inference_steps", "4")])  # fmt: skip
-    wait_for(process, lambda: len(list((out / "class_images").glob("*.png"))) >= 2 if (out / "class_images").is_dir() else False)
+                    *argv(world, out, "--with_prior_preservation", "--class_prompt", "a circle", "--num_class_images",
+                          "40", "--sample_batch_size", "1", "--class_inference_steps", "4")])
+    wait_for(process,
+             lambda: len(list((out / "class_images").glob("*.png"))) >= 2 if (out / "class_images").is_dir() else False)
     process.send_signal(signal.SIGTERM)
     output = process.communicate(timeout=120)[0]
     assert process.returncode == 143, output
@@ -276,9 +281,10 @@ def test_sigterm_before_training_ends_at_once(world, tmp_path):
 
 def test_validation_every_n_steps(world, tmp_path):
     out = tmp_path / "out"
-    assert main(argv(world, out, "--validation_prompt", PROMPT, "--num_validation_images", "2", "--validation_steps", "2",
-                     "--num_validation_inference_steps", "2", "--output_formats", "native", steps=5)) == 0  # fmt: skip
-    assert sorted(p.name for p in out.glob("validation*.png")) == ["validation-step2.png", "validation-step4.png", "validation.png"]
+    assert main(argv(world, out, "--validation_prompt", PROMPT, "--num_validation_images", "2", "--validation_steps",
+                     "2", "--num_validation_inference_steps", "2", "--output_formats", "native", steps=5)) == 0
+    grids = sorted(p.name for p in out.glob("validation*.png"))
+    assert grids == ["validation-step2.png", "validation-step4.png", "validation.png"]
     first, final = (Image.open(out / name) for name in ("validation-step2.png", "validation.png"))
     assert first.size == final.size == (2 * 64, 64 + 14)  # two images and their caption strip
 
@@ -286,21 +292,21 @@ def test_validation_every_n_steps(world, tmp_path):
 def test_two_processes_on_cpu(world, tmp_path):
     """Two processes over gloo, started by torchrun (what accelerate launch uses for several devices)."""
     out = tmp_path / "out"
-    process = _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-                    str(ROOT / "train_dreambooth.py"),
+    process = _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                    str(free_port()), str(ROOT / "train_dreambooth.py"),
                     *argv(world, out, "--with_prior_preservation", "--class_prompt", "a circle",
                           "--num_class_images", "2", "--class_inference_steps", "2", "--checkpointing_steps", "2",
-                          steps=4)])  # fmt: skip
+                          steps=4)])
     output = process.communicate(timeout=600)[0]
     assert process.returncode == 0, output[-3000:]
     assert "2 process(es)" in output
     files = sorted(p.name for p in out.iterdir())
     assert files == sorted(["README.md", "checkpoint-2", "class_images", "loss.csv", "moslora_adapter.safetensors",
-                            "pytorch_lora_weights.safetensors", "pytorch_lora_weights_kohya.safetensors"])  # fmt: skip
+                            "pytorch_lora_weights.safetensors", "pytorch_lora_weights_kohya.safetensors"])
     assert len((out / "loss.csv").read_text().splitlines()) == 1 + 4  # written by the main process alone
     assert sorted(p.name for p in (out / "checkpoint-2").iterdir()) == [
         "moslora_adapter.safetensors", "optimizer.bin", "random_states_0.pkl", "random_states_1.pkl", "scheduler.bin",
-    ]  # fmt: skip
+    ]
     assert len(list((out / "class_images").iterdir())) == 2
 
 
@@ -326,7 +332,7 @@ def test_aspect_ratio_buckets_accumulation_and_bf16(world, tmp_path):
     for i, size in enumerate([(64, 64), (96, 48), (48, 96), (100, 50)]):
         source.resize(size).save(folder / f"{i}.png")
     args = argv(world, tmp_path / "out", "--aspect_ratio_buckets", "--gradient_accumulation_steps", "2",
-                "--mixed_precision", "bf16", "--checkpointing_steps", "2", "--output_formats", "native", steps=3)  # fmt: skip
+                "--mixed_precision", "bf16", "--checkpointing_steps", "2", "--output_formats", "native", steps=3)
     args[args.index("--instance_data_dir") + 1] = str(folder)
     assert main(args) == 0
     tensors, metadata = read_safetensors(tmp_path / "out" / "moslora_adapter.safetensors")
@@ -356,7 +362,8 @@ def test_resume_from_a_named_checkpoint_and_a_foreign_one(world, tmp_path, capsy
 
 def test_prodigy_optimizer(world, tmp_path):
     out = tmp_path / "out"
-    assert main(argv(world, out, "--optimizer", "prodigy", "--learning_rate", "1.0", "--output_formats", "native", steps=3)) == 0
+    assert main(argv(world, out, "--optimizer", "prodigy", "--learning_rate", "1.0", "--output_formats", "native",
+                     steps=3)) == 0
     tensors = load_file(out / "moslora_adapter.safetensors")
     ups = [v for k, v in tensors.items() if k.endswith("moslora_B")]
     assert all(torch.isfinite(u).all() for u in ups) and max(u.abs().max().item() for u in ups) > 0

@@ -36,7 +36,8 @@ def test_crops_flips_and_buckets_move_the_mask_with_the_pixels(tmp_path):
         path = images / f"img{i}.png"
         scene(path, size).save(masks / f"img{i}.png")
         paths.append(path)
-    ds = DreamBoothDataset(paths, "a sks thing", 32, random_flip=True, aspect_ratio_buckets=True, bucket_step=8, mask_dir=masks)
+    ds = DreamBoothDataset(paths, "a sks thing", 32, random_flip=True, aspect_ratio_buckets=True, bucket_step=8,
+                           mask_dir=masks)
     seen_flip = False
     for epoch in range(6):
         for index in range(len(paths)):
@@ -115,7 +116,7 @@ def test_the_trainer_trains_with_masks_and_refuses_bad_options(world, tmp_path, 
     assert main(argv(world, tmp_path / "cached", *common, "--cache_latents", steps=3)) == 0
     for bad, message in ((["--mask_dir", str(tmp_path / "nope")], "does not exist"),
                          (["--mask_dir", str(masks), "--alpha_mask"], "choose one"),
-                         (["--masked_loss_background_weight", "2"], "in [0, 1]")):  # fmt: skip
+                         (["--masked_loss_background_weight", "2"], "in [0, 1]")):
         with pytest.raises(SystemExit):
             main(argv(world, tmp_path / "bad", *bad, steps=1))
         assert message in capsys.readouterr().err

@@ -18,6 +18,6 @@ def test_fp16_text_encoders_draw_class_images_and_train(world, tmp_path):
     pipe = class_image_pipeline(str(model), None, None, "cpu")
     assert {pipe.unet.dtype, pipe.text_encoder.dtype, pipe.text_encoder_2.dtype} == {torch.float32}
     prior = ("--with_prior_preservation", "--class_prompt", "a circle", "--num_class_images", "2",
-             "--class_inference_steps", "2", "--output_formats", "native")  # fmt: skip
+             "--class_inference_steps", "2", "--output_formats", "native")
     assert main(argv(dict(world, model=model), tmp_path / "out", *prior, steps=2)) == 0
     assert len(list((tmp_path / "out" / "class_images").glob("*.png"))) == 2

@@ -19,7 +19,7 @@ def base_argv(tmp_path):
         "--pretrained_model_name_or_path", "stabilityai/stable-diffusion-xl-base-1.0",
         "--instance_data_dir", str(instance), "--instance_prompt", "a photo of sks dog",
         "--output_dir", str(tmp_path / "out"),
-    ]  # fmt: skip
+    ]
 
 
 def error_of(argv, capsys) -> str:
@@ -41,7 +41,7 @@ def test_a_pasted_diffusers_command_line_parses(base_argv):
         "--checkpointing_steps", "100", "--checkpoints_total_limit", "2", "--seed", "0", "--report_to", "none",
         "--validation_prompt", "a photo of sks dog in a bucket", "--validation_epochs", "25", "--rank", "8",
         "--center_crop", "--random_flip", "--cache_latents", "--optimizer", "AdamW",
-    ])  # fmt: skip
+    ])
     assert args.rank == 8 and args.lora_alpha == 8.0 and args.mixer == "learned" and args.mixer_init == "kaiming"
     assert args.optimizer == "adamw" and args.output_formats == ["native", "diffusers", "kohya"]
     assert args.class_data_dir == Path(args.output_dir) / "class_images"
@@ -88,9 +88,11 @@ def test_unwritable_output_dir_fails_at_start(base_argv, tmp_path, capsys):
 def test_config_file_with_command_line_overrides(base_argv, tmp_path, suffix):
     config = tmp_path / f"run{suffix}"
     if suffix == ".toml":
-        config.write_text('rank = 16\nmixer = "frozen"\nlearning_rate = 3e-4\noutput_formats = ["diffusers"]\nrandom_flip = true\n')
+        config.write_text('rank = 16\nmixer = "frozen"\nlearning_rate = 3e-4\noutput_formats = '
+                          '["diffusers"]\nrandom_flip = true\n')
     else:
-        config.write_text("rank: 16\nmixer: frozen\nlearning_rate: 3.0e-4\noutput_formats: [diffusers]\nrandom_flip: true\n")
+        config.write_text("rank: 16\nmixer: frozen\nlearning_rate: 3.0e-4\noutput_formats: "
+                          "[diffusers]\nrandom_flip: true\n")
     args = parse_args(base_argv + ["--config", str(config), "--rank", "2"])
     assert args.rank == 2  # the command line wins
     assert args.mixer == "frozen" and args.learning_rate == 3e-4 and args.output_formats == ["diffusers"]
@@ -114,9 +116,10 @@ def test_entry_point_fails_before_loading_any_model(tmp_path):
          "stabilityai/stable-diffusion-xl-base-1.0", "--instance_data_dir", str(tmp_path), "--instance_prompt", "x",
          "--output_dir", str(tmp_path / "out"), "--with_prior_preservation"],
         capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+    )
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines()[-1] == "train_dreambooth.py: error: --with_prior_preservation needs --class_prompt"
+    last = result.stderr.strip().splitlines()[-1]
+    assert last == "train_dreambooth.py: error: --with_prior_preservation needs --class_prompt"
     assert "Traceback" not in result.stderr
 
 
@@ -131,9 +134,9 @@ def test_mixer_lr_puts_the_mixers_in_groups_of_their_own(tmp_path):
     components = pipeline_components(build_tiny_sdxl(seed=0))
     params = inject_components(components, AdapterConfig(rank=4))
     mixers = {id(p) for m in components.values() for p in mixer_parameters(m)}
-    args = parse_args(["--pretrained_model_name_or_path", "x", "--instance_data_dir", str(tmp_path), "--instance_prompt",
-                       "a sks dog", "--output_dir", str(tmp_path / "o"), "--learning_rate", "1e-4", "--text_encoder_lr",
-                       "5e-5", "--mixer_lr", "1e-3", "--train_text_encoder"])  # fmt: skip
+    args = parse_args(["--pretrained_model_name_or_path", "x", "--instance_data_dir", str(tmp_path),
+                       "--instance_prompt", "a sks dog", "--output_dir", str(tmp_path / "o"), "--learning_rate",
+                       "1e-4", "--text_encoder_lr", "5e-5", "--mixer_lr", "1e-3", "--train_text_encoder"])
     groups = param_groups(args, params, 1, mixers)
     assert [g["lr"] for g in groups] == [1e-4, 1e-3, 5e-5, 1e-3]
     assert {id(p) for g in groups for p in g["params"]} == {id(p) for ps in params.values() for p in ps}

@@ -14,13 +14,13 @@ from dreambooth_moslora.training import main
 from .conftest import argv
 
 PIVOTAL = ("--train_text_encoder_ti", "--token_abstraction", "sks", "--learning_rate", "1e-3", "--text_encoder_lr",
-           "1e-2", "--checkpointing_steps", "2", "--output_formats", "native", "diffusers")  # fmt: skip
+           "1e-2", "--checkpointing_steps", "2", "--output_formats", "native", "diffusers")
 
 
 def test_new_tokens_learn_for_their_share_of_the_steps_and_are_saved(world, tmp_path):
     out = tmp_path / "run"
     assert main(argv(world, out, *PIVOTAL, "--train_text_encoder_ti_frac", "0.5",
-                     "--validation_prompt", "a sks circle on a gray background", steps=4)) == 0  # fmt: skip
+                     "--validation_prompt", "a sks circle on a gray background", steps=4)) == 0
     rows, new = read_embeddings(out / "run_emb.safetensors")
     assert new.abstractions == {"sks": ("<s0>", "<s1>")} and rows["clip_l"].shape[0] == rows["clip_g"].shape[0] == 2
     halfway, _ = read_embeddings(out / "checkpoint-2" / "embeddings.safetensors")
@@ -52,7 +52,8 @@ def test_a_resumed_run_ends_with_the_same_tokens_and_adapter(world, tmp_path):
 def test_an_instance_prompt_without_the_abstraction_is_one_line(world, tmp_path, capsys):
     assert main(argv(world, tmp_path / "out", "--train_text_encoder_ti", "--token_abstraction", "TOK", steps=2)) == 1
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith("error: --instance_prompt 'a sks circle' does not name TOK") and "Traceback" not in "".join(err)
+    assert err[-1].startswith("error: --instance_prompt 'a sks circle' does not name TOK")
+    assert "Traceback" not in "".join(err)
 
 
 def test_every_file_and_loader_draws_the_subject_alike_with_its_tokens(world, tmp_path, capsys):
@@ -67,13 +68,14 @@ def test_every_file_and_loader_draws_the_subject_alike_with_its_tokens(world, tm
     assert main(argv(world, out, *PIVOTAL[:-3], "--output_formats", "native", "diffusers", "kohya", steps=3)) == 0
     rows, new = read_embeddings(out / "run_emb.safetensors")
     kohya = load_file(out / "pytorch_lora_weights_kohya.safetensors")
-    assert torch.equal(kohya["bundle_emb.sks.clip_l"], rows["clip_l"]) and torch.equal(kohya["bundle_emb.sks.clip_g"],
-                                                                                        rows["clip_g"])  # fmt: skip
+    assert torch.equal(kohya["bundle_emb.sks.clip_l"], rows["clip_l"])
+    assert torch.equal(kohya["bundle_emb.sks.clip_g"], rows["clip_g"])
     pipe = StableDiffusionXLPipeline.from_pretrained(world["model"])
     vocabulary = len(pipe.tokenizer)
     base = sdxl_forward(pipe, "a sks circle")
     drawn = {}
-    for name in ("moslora_adapter.safetensors", "pytorch_lora_weights.safetensors", "pytorch_lora_weights_kohya.safetensors"):
+    for name in ("moslora_adapter.safetensors", "pytorch_lora_weights.safetensors",
+                 "pytorch_lora_weights_kohya.safetensors"):
         adapter = load_adapter(pipe, out / name)
         assert adapter.embeddings[1] == new and adapter.rewrite("a sks circle") == "a <s0><s1> circle"
         drawn[name] = sdxl_forward(pipe, adapter.rewrite("a sks circle"))
@@ -86,12 +88,12 @@ def test_every_file_and_loader_draws_the_subject_alike_with_its_tokens(world, tm
     # stock diffusers: its LoRA loader and its textual-inversion loader, on the diffusers file and the _emb file
     pipe.load_lora_weights(out, weight_name="pytorch_lora_weights.safetensors")
     for key, encoder, tokenizer in (("clip_l", pipe.text_encoder, pipe.tokenizer),
-                                    ("clip_g", pipe.text_encoder_2, pipe.tokenizer_2)):  # fmt: skip
+                                    ("clip_g", pipe.text_encoder_2, pipe.tokenizer_2)):
         pipe.load_textual_inversion(rows[key], token=new.tokens, text_encoder=encoder, tokenizer=tokenizer)
     assert max_abs_diff(ours, sdxl_forward(pipe, "a <s0><s1> circle")) < 1e-5
     # moslora convert carries them: a kohya file's bundle becomes an _emb file beside a diffusers file
     converted = convert(load(out / "pytorch_lora_weights_kohya.safetensors", str(world["model"])), "diffusers",
-                        tmp_path / "converted" / "dog.safetensors")  # fmt: skip
+                        tmp_path / "converted" / "dog.safetensors")
     assert (tmp_path / "converted" / "dog_emb.safetensors").is_file()
     fresh = StableDiffusionXLPipeline.from_pretrained(world["model"])
     assert max_abs_diff(ours, sdxl_forward(fresh, load_adapter(fresh, converted).rewrite("a sks circle"))) < 1e-5
@@ -105,6 +107,6 @@ def test_every_file_and_loader_draws_the_subject_alike_with_its_tokens(world, tm
     (out / "run_emb.safetensors").unlink()
     unload_adapter(fresh)
     with pytest.raises(AdapterFileError, match="trained with new tokens <s0><s1>, but their embeddings file "
-                                               r"\(run_emb.safetensors\) is not beside it"):  # fmt: skip
+                                               r"\(run_emb.safetensors\) is not beside it"):
         load_adapter(fresh, out / "moslora_adapter.safetensors")
     assert max_abs_diff(sdxl_forward(fresh, "a sks circle"), base) == 0

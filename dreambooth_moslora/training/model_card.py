@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from ..safe_files import write_text
@@ -17,19 +18,19 @@ def write_model_card(output_dir: Path, settings: dict, files: dict[str, Path], g
     names = {fmt: path.name for fmt, path in files.items()}
     lines = [
         "---",
-        f"base_model: {base}",
+        f"base_model: {yaml_string(base)}",
         "library_name: diffusers",
         "license: openrail++",
-        f"instance_prompt: {prompt}",
+        f"instance_prompt: {yaml_string(prompt)}",
         "tags: [text-to-image, stable-diffusion-xl, diffusers, lora, moslora, dreambooth]",
         "---",
         "",
         f"# MoSLoRA DreamBooth adapter for {base}",
         "",
-        *([f"Base model: `{Path(base).name}`, AutoV2 `{settings['base_model_autov2']}` "
+        *([f"Base model: {code(Path(base).name)}, AutoV2 `{settings['base_model_autov2']}` "
            f"(sha256 `{settings['base_model_sha256']}`).", ""] if settings.get("base_model_autov2") else []),
         f"Trained with dreambooth-moslora on {settings.get('num_train_images', '?')} image(s) of the subject "
-        f"`{prompt}`" + (f", with prior preservation on `{settings.get('class_prompt')}`"
+        f"{code(prompt)}" + (f", with prior preservation on {code(settings.get('class_prompt'))}"
                          if settings.get("with_prior_preservation") else "") + ".",
         "",
         "| setting | value |",
@@ -49,7 +50,7 @@ def write_model_card(output_dir: Path, settings: dict, files: dict[str, Path], g
                       "in prompts as the example does",
     }
     if settings.get("new_tokens"):
-        abstractions = " or ".join(f"`{a.strip()}`" for a in str(settings.get("token_abstraction", "")).split(","))
+        abstractions = " or ".join(code(a.strip()) for a in str(settings.get("token_abstraction", "")).split(","))
         descriptions["kohya"] += ("; it bundles the new tokens' embeddings, which "
                                   "AUTOMATIC1111 and Forge draw where a "
                                   f"prompt says {abstractions} (in ComfyUI load the `_emb` file as an embedding)")
@@ -65,9 +66,24 @@ def write_model_card(output_dir: Path, settings: dict, files: dict[str, Path], g
         ]
     if grid is not None:
         rows = settings.get("validation_prompts") or [example]
-        shown = f"“{example}”" if len(rows) == 1 else "; ".join(f"row {i + 1}: “{p}”" for i, p in enumerate(rows))
+        shown = code(example) if len(rows) == 1 else "; ".join(f"row {i + 1}: {code(p)}" for i, p in enumerate(rows))
         lines += ["", VALIDATION_HEADING, "", f"{shown}, at the end of training:", "", f"![validation]({grid.name})"]
     return write_text(output_dir / "README.md", "\n".join(lines) + "\n")
+
+
+def yaml_string(text) -> str:
+    """A value for the card's YAML header that reads back as exactly ``text``, whatever it holds (``:``, ``#``,
+    quotes): a JSON string, which YAML reads as its double-quoted scalar."""
+    return json.dumps(str(text), ensure_ascii=False)
+
+
+def code(text) -> str:
+    """``text`` as a Markdown code span, so that a prompt's ``<s0><s1>`` (pivotal tuning's tokens) or ``*`` shows
+    as written instead of being taken for HTML or emphasis; a longer fence where the text holds backticks."""
+    text = str(text)
+    fence = "`" * (max(map(len, re.findall("`+", text)), default=0) + 1)
+    pad = " " if text.startswith("`") or text.endswith("`") else ""
+    return f"{fence}{pad}{text}{pad}{fence}"
 
 
 def pipeline_lines(base: str, base_config: str | None) -> list[str]:

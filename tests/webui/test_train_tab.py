@@ -86,7 +86,7 @@ def test_the_model_card_on_the_page_leaves_out_its_header_and_pictures(tmp_path)
     grid = tmp_path / "validation.png"
     write_model_card(tmp_path, settings, {"diffusers": tmp_path / "pytorch_lora_weights.safetensors"}, grid)
     card = (tmp_path / "README.md").read_text()
-    assert card.startswith("---\n") and "![validation](validation.png)" in card and "“a sks dog in snow”" in card
+    assert card.startswith("---\n") and "![validation](validation.png)" in card and "`a sks dog in snow`" in card
     shown = model_card_text(tmp_path)
     assert shown.startswith("# MoSLoRA DreamBooth adapter for base") and "| rank | 4 |" in shown
     assert 'image = pipe("a sks dog in snow"' in shown  # the example uses the prompt the run sampled with

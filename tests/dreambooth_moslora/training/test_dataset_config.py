@@ -230,7 +230,7 @@ def test_two_subjects_train_one_adapter_with_a_token_each(world, kohya, tmp_path
     assert training["validation_prompts"] == ["a <s0><s1> circle on a gray background", "a <s2><s3> square"]
     grid = Image.open(out / "validation.png")
     assert grid.height == 2 * (grid.width // 2 + 14)  # two rows of two square images, a caption strip under each
-    assert "row 2: “a <s2><s3> square”" in (out / "README.md").read_text()
+    assert "row 2: `a <s2><s3> square`" in (out / "README.md").read_text()
 
 
 def test_each_subject_gets_class_images_of_its_own_class(world, tmp_path):

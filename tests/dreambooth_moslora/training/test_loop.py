@@ -65,7 +65,7 @@ def test_prior_preservation_run_learns_and_writes_everything(world, tmp_path):
     _, kohya_meta = read_safetensors(out / "pytorch_lora_weights_kohya.safetensors")
     assert kohya_meta["ss_max_train_steps"] == "30" and kohya_meta["ss_num_train_images"] == "5"
     card = (out / "README.md").read_text()
-    assert f'base_model: "{world['model']}"' in card and 'instance_prompt: "a sks circle"' in card
+    assert f'base_model: "{world["model"]}"' in card and 'instance_prompt: "a sks circle"' in card
     assert "| mixer | learned |" in card and 'load_lora_weights' in card
     # the example and the samples use the prompt the run sampled with; the files record it for the web demo
     assert 'image = pipe("a sks circle on a gray background"' in card and "`a sks circle on a gray background`" in card

@@ -46,6 +46,13 @@ def has_adapter(model: nn.Module) -> bool:
     return bool(adapter_layers(model)) or bool(getattr(model, _FUSED_ATTR, None))
 
 
+def refuse_second_adapter(model: nn.Module, action: str) -> None:
+    """A model takes one adapter at a time: ``action`` ("injecting", "loading") another is refused in one line."""
+    if has_adapter(model):
+        raise AdapterError(f"{type(model).__name__} already carries a MoSLoRA adapter: "
+                           f"remove it before {action} another")
+
+
 def _set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
     parent_path, _, child = path.rpartition(".")
     parent = model.get_submodule(parent_path) if parent_path else model
@@ -65,9 +72,7 @@ def inject_adapter(
     ``targets`` are regular expressions searched in module paths (default: the UNet's
     attention projections); ``extra_targets`` adds to them, for power users.
     """
-    if has_adapter(model):
-        raise AdapterError(f"{type(model).__name__} already carries a MoSLoRA adapter: "
-                           "remove it before injecting another")
+    refuse_second_adapter(model, "injecting")
     patterns = list(UNET_TARGETS if targets is None else targets) + list(extra_targets)
     names = find_targets(model, patterns)
     if not names:
@@ -107,9 +112,7 @@ def unbank_mixers(model: nn.Module) -> None:
 
 def inject_layers(model: nn.Module, layers: dict[str, MoSLoRALinear]) -> None:
     """Puts ready-made MoSLoRA layers in place of the base layers they wrap (used when loading files)."""
-    if has_adapter(model):
-        raise AdapterError(f"{type(model).__name__} already carries a MoSLoRA adapter: "
-                           "remove it before loading another")
+    refuse_second_adapter(model, "loading")
     for name, layer in layers.items():
         _set_submodule(model, name, layer)
 
@@ -173,7 +176,5 @@ def inject_components(
     targets = DEFAULT_TARGETS if targets is None else targets
     chosen = {c: m for c, m in components.items() if c in targets and m is not None}
     for model in chosen.values():  # refuse before touching any model
-        if has_adapter(model):
-            raise AdapterError(f"{type(model).__name__} already carries a MoSLoRA adapter: "
-                               "remove it before injecting another")
+        refuse_second_adapter(model, "injecting")
     return {c: inject_adapter(m, config, targets[c]) for c, m in chosen.items()}

@@ -171,10 +171,9 @@ class Trainer:
                                'its token, e.g. "a photo of dog"')
         tokens = token_words(r.instance_prompt, r.class_prompt)
         if not tokens:
-            raise RequestError(f"the instance prompt {r.instance_prompt.strip()[:80]!r} has no "
-                               "token: it needs a rare word the "
-                               "class prompt lacks, e.g. "
-                               f"{('a sks ' + r.class_prompt.strip().removeprefix('a '))[:80]!r}")
+            example = ("a sks " + r.class_prompt.strip().removeprefix("a "))[:80]
+            raise RequestError(f"the instance prompt {r.instance_prompt.strip()[:80]!r} has no token: it needs a rare "
+                               f"word the class prompt lacks, e.g. {example!r}")
         return tokens[0]
 
     def class_dir(self, base_model: str, class_prompt: str, resolution: int) -> Path:
@@ -219,8 +218,8 @@ class Trainer:
         same = ("resolution", "train_batch_size", "rank", "train_text_encoder")
         for record in reversed(self.runs()):
             o = record.get("options", {})
-            if record.get("base_model") == base and all(o.get(k) == options.get(k)
-                                                        for k in same) and record.get("steps_per_second"):
+            alike = record.get("base_model") == base and all(o.get(k) == options.get(k) for k in same)
+            if alike and record.get("steps_per_second"):
                 return float(record["steps_per_second"])
         return None
 
@@ -237,9 +236,8 @@ class Trainer:
             need = preset.min_free_bytes + sum(size for _, _, size in images)
             free = shutil.disk_usage(self.root).free
             if free < need:
-                raise RequestError(f"not enough disk space in {self.root}: {free / 2**20:.0f} "
-                                   "MB free, this run needs about "
-                                   f"{need / 2**20:.0f} MB")
+                raise RequestError(f"not enough disk space in {self.root}: {free / 2**20:.0f} MB free, "
+                                   f"this run needs about {need / 2**20:.0f} MB")
             run_dir = self._new_run_dir(token)
             self._write_run_folder(run_dir, r, images, options, base)
             try:
@@ -424,8 +422,8 @@ class Trainer:
         if len(pictures) > MAX_IMAGES:
             raise RequestError(f"{len(pictures)} images: at most {MAX_IMAGES} per run")
         if len(pictures) < MIN_IMAGES:
-            raise RequestError(f"{len(pictures)} image(s): DreamBooth needs at least {MIN_IMAGES} photos of the "
-                               "subject")
+            raise RequestError(f"{len(pictures)} image(s): DreamBooth needs at least {MIN_IMAGES} "
+                               "photos of the subject")
         captions = r.captions if isinstance(r.captions, dict) else {}
         checked = []
         for f in pictures:

@@ -31,7 +31,7 @@ def write_model_card(output_dir: Path, settings: dict, files: dict[str, Path], g
            f"(sha256 `{settings['base_model_sha256']}`).", ""] if settings.get("base_model_autov2") else []),
         f"Trained with dreambooth-moslora on {settings.get('num_train_images', '?')} image(s) of the subject "
         f"{code(prompt)}" + (f", with prior preservation on {code(settings.get('class_prompt'))}"
-                         if settings.get("with_prior_preservation") else "") + ".",
+                             if settings.get("with_prior_preservation") else "") + ".",
         "",
         "| setting | value |",
         "|---|---|",
@@ -51,9 +51,8 @@ def write_model_card(output_dir: Path, settings: dict, files: dict[str, Path], g
     }
     if settings.get("new_tokens"):
         abstractions = " or ".join(code(a.strip()) for a in str(settings.get("token_abstraction", "")).split(","))
-        descriptions["kohya"] += ("; it bundles the new tokens' embeddings, which "
-                                  "AUTOMATIC1111 and Forge draw where a "
-                                  f"prompt says {abstractions} (in ComfyUI load the `_emb` file as an embedding)")
+        descriptions["kohya"] += ("; it bundles the new tokens' embeddings, which AUTOMATIC1111 and Forge draw where "
+                                  f"a prompt says {abstractions} (in ComfyUI load the `_emb` file as an embedding)")
     lines += [f"- `{name}` — {descriptions[fmt]}" for fmt, name in names.items()]
     if "diffusers" in names:
         lines += [

@@ -67,11 +67,12 @@ def replace_path(source: Path, destination: Path) -> None:
 
 
 @contextmanager
-def atomic_path(path: str | os.PathLike, directory: bool = False) -> Iterator[Path]:
-    """``with atomic_path(p) as tmp:`` write ``tmp``; on success it becomes ``p``, on failure it is gone."""
+def atomic_path(path: str | os.PathLike, directory: bool = False, own: bool = False) -> Iterator[Path]:
+    """``with atomic_path(p) as tmp:`` write ``tmp``; on success it becomes ``p``, on failure it is gone. ``own``: a
+    temporary name of this process's, where several processes may write the same file at once."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temporary_sibling(path)
+    tmp = temporary_sibling(path, f".{os.getpid()}{PARTIAL_SUFFIX}" if own else PARTIAL_SUFFIX)
     remove_path(tmp)
     if directory:
         tmp.mkdir()

@@ -35,6 +35,9 @@ IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".
 MAX_DECODE_PIXELS = 16 * 1024 * 1024
 # Formats that cannot be decoded at a reduced size are refused beyond this (about 0.8 GB as RGB).
 MAX_FULL_DECODE_PIXELS = 256 * 1024 * 1024
+# --image_interpolation_mode: diffusers' names (torchvision's modes) and the PIL filter each stands for on an image.
+RESAMPLING = {"lanczos": Image.LANCZOS, "bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "box": Image.BOX,
+              "hamming": Image.HAMMING, "nearest": Image.NEAREST, "nearest_exact": Image.NEAREST}
 
 
 # ---------------------------------------------------------------- reading one image
@@ -138,14 +141,19 @@ def scan_images(directory: str | os.PathLike, what: str = "instance") -> tuple[l
     directory = Path(directory)
     if not directory.is_dir():
         raise DataError(f"{what} data dir {directory} does not exist")
+    files = sorted(p for p in directory.iterdir() if p.is_file() and not p.name.startswith("."))
+    images, skipped = check_images([p for p in files if p.suffix.lower() in IMAGE_EXTENSIONS])
+    others = [p for p in files if p.suffix.lower() not in IMAGE_EXTENSIONS | {".txt"}]  # captions live beside
+    return images, [f"{p.name}: not an image file" for p in others] + skipped
+
+
+def check_images(paths: list[Path]) -> tuple[list[Path], list[str]]:
+    """The files that decode as images, in order, and the others with reasons: a full decode, so truncated and
+    corrupt files show up here, not mid-training."""
     usable, skipped = [], []
-    for path in sorted(p for p in directory.iterdir() if p.is_file() and not p.name.startswith(".")):
-        if path.suffix.lower() not in IMAGE_EXTENSIONS:
-            if path.suffix.lower() != ".txt":  # captions live beside the images
-                skipped.append(f"{path.name}: not an image file")
-            continue
+    for path in paths:
         try:
-            load_image(path)  # a full decode: truncated and corrupt files show up here, not mid-training
+            load_image(path)
             usable.append(path)
         except DataError as exc:
             skipped.append(str(exc))
@@ -258,7 +266,7 @@ class CropPlan:
         flip = random_flip and bool(torch.rand(1, generator=generator) < 0.5)
         return cls(resized, (left, top, left + tw, top + th), flip)
 
-    def apply(self, image: Image.Image, resample=Image.BICUBIC) -> Image.Image:
+    def apply(self, image: Image.Image, resample=Image.LANCZOS) -> Image.Image:
         image = image.resize(self.resized, resample) if self.resized != image.size else image
         image = image.crop(self.box)
         return ImageOps.mirror(image) if self.flip else image
@@ -271,11 +279,12 @@ class CropPlan:
 
 
 def prepare(
-    image: Image.Image, target: tuple[int, int], center_crop: bool, random_flip: bool, generator: torch.Generator
+    image: Image.Image, target: tuple[int, int], center_crop: bool, random_flip: bool, generator: torch.Generator,
+    interpolation: str = "lanczos",
 ) -> tuple[torch.Tensor, tuple[int, int]]:
     """Resize to cover ``target`` = (h, w), crop to it, maybe flip; returns pixels and the crop's top-left."""
     plan = CropPlan.draw(image.size, target, center_crop, random_flip, generator)
-    return to_pixels(plan.apply(image)), plan.crop_top_left
+    return to_pixels(plan.apply(image, RESAMPLING[interpolation])), plan.crop_top_left
 
 
 def to_pixels(image: Image.Image) -> torch.Tensor:
@@ -318,6 +327,7 @@ class DreamBoothDataset(torch.utils.data.Dataset):
         class_caption_rules: list[CaptionRules] | None = None,
         length: int | None = None,
         bucket_limits: tuple[int | None, int | None] = (None, None),
+        interpolation: str = "lanczos",
     ):
         """``captions``/``class_captions``: each image's caption as already read (else read here, with the prompt as
         the fallback); ``caption_rules``: how each image's caption varies from draw to draw; ``length``: the items
@@ -336,6 +346,7 @@ class DreamBoothDataset(torch.utils.data.Dataset):
         self.rules = {"instance": caption_rules, "class": class_caption_rules}
         self.length = length
         self.center_crop, self.random_flip, self.seed = center_crop, random_flip, seed
+        self.resample = RESAMPLING[interpolation]
         self.buckets = make_buckets(resolution, bucket_step, limits=bucket_limits) if aspect_ratio_buckets \
             else [(resolution, resolution)]
         # Sizes come from the headers alone; the pixels are read when an item is asked for.
@@ -375,7 +386,7 @@ class DreamBoothDataset(torch.utils.data.Dataset):
         mask = self.mask_of(i, image.size) if kind == "instance" else None
         mask = None if mask is None else to_mask(plan.apply(mask, Image.BILINEAR))
         caption = self.caption(kind, index, epoch)
-        return Example(to_pixels(plan.apply(image)), sizes[i], plan.crop_top_left, caption, mask=mask)
+        return Example(to_pixels(plan.apply(image, self.resample)), sizes[i], plan.crop_top_left, caption, mask=mask)
 
     def mask_of(self, index: int, size: tuple[int, int]) -> Image.Image | None:
         """The instance image's mask as a grayscale image of the loaded image's ``size``, or None (no mask)."""

@@ -21,7 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import DataError
-from .data import AUTO_CAPTIONS, CaptionRules, read_caption, scan_images
+from .data import AUTO_CAPTIONS, CaptionRules, check_images, read_caption, scan_images
+from .hf_dataset import dataset_files
 
 logger = logging.getLogger("dreambooth_moslora")
 FOLDER_NAME = re.compile(r"^(\d+)_(.*)$")  # kohya's "<repeats>_<prompt>"
@@ -40,9 +41,13 @@ class Subset:
     keep_tokens: int = 0  # with shuffle_caption: the first N comma-separated tags stay in front
     caption_dropout_rate: float = 0.0  # the share of draws that train on the empty caption
     class_prompt: str | None = None  # this trainer's: the class the base model draws this subject's class images of
+    # --dataset_name's: the images a metadata file or dataset lists (else the folder's), a caption each (None: none)
+    files: tuple[Path, ...] = ()
+    captions: tuple[str | None, ...] = ()
 
     def to_json(self) -> dict:
-        return {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(self).items()}
+        fields = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("files", "captions")}
+        return {k: str(v) if isinstance(v, Path) else v for k, v in fields.items()}
 
 
 # ---------------------------------------------------------------- kohya's folder convention
@@ -253,12 +258,17 @@ def gather(subsets: list[Subset], warn: bool) -> Images:
     """The subsets' images, read and checked (unreadable ones passed over with a warning), captions read."""
     images = Images()
     for subset in subsets:
-        found, skipped = scan_images(subset.image_dir, "class" if subset.is_reg else "instance")
+        if subset.files:
+            found, skipped = check_images(subset.files)
+            listed = dict(zip(subset.files, subset.captions))
+            captions = [listed[p] or read_caption(p, subset.caption_extension, subset.class_tokens) for p in found]
+        else:
+            found, skipped = scan_images(subset.image_dir, "class" if subset.is_reg else "instance")
+            captions = [read_caption(p, subset.caption_extension, subset.class_tokens) for p in found]
         if skipped and warn:
             logger.warning("skipping %d file(s) in %s: %s", len(skipped), subset.image_dir, "; ".join(skipped))
         if not found:
             raise DataError(f"no usable image in {subset.image_dir}")
-        captions = [read_caption(p, subset.caption_extension, subset.class_tokens) for p in found]
         if None in captions:
             raise DataError(f"{found[captions.index(None)]}: no caption file, and its folder gives no prompt "
                             "(name it <repeats>_<prompt>, or set class_tokens)")
@@ -286,21 +296,27 @@ def resolve_data(args, given: set[str]) -> None:
     """Sets ``args.subsets`` and ``args.reg_subsets`` from whichever source the options name (``--instance_data_dir``,
     ``--train_data_dir`` or ``--dataset_config``), and the dataset settings a TOML file holds; DataError for a
     clash: two sources, or an option the file sets given again."""
-    sources = [name for name in ("instance_data_dir", "train_data_dir", "dataset_config") if getattr(args, name)]
+    sources = [name for name in ("instance_data_dir", "dataset_name", "train_data_dir", "dataset_config")
+               if getattr(args, name)]
     if len(sources) != 1:
-        raise DataError("give one of --instance_data_dir, --train_data_dir or --dataset_config" +
+        raise DataError("give one of --instance_data_dir, --dataset_name, --train_data_dir or --dataset_config" +
                         (f", not {' and '.join('--' + s for s in sources)}" if sources else ""))
-    args.kohya_epochs = sources[0] != "instance_data_dir"  # an epoch is the instance images × repeats, as kohya's
+    diffusers = sources[0] in ("instance_data_dir", "dataset_name")
+    args.kohya_epochs = not diffusers  # an epoch is the instance images × repeats, as kohya's
     captions = {name: getattr(args, name) for name in CAPTION_OPTIONS}
     if args.kohya_epochs and args.instance_prompt:
         raise DataError(f"--instance_prompt goes with --instance_data_dir: with --{sources[0]} the folder names or "
                         "class_tokens give the prompts")
+    if diffusers and not args.instance_prompt:
+        raise DataError(f"--instance_prompt is required with --{sources[0]}")
     if sources[0] == "instance_data_dir":
-        if not args.instance_prompt:
-            raise DataError("--instance_prompt is required with --instance_data_dir")
         if not args.instance_data_dir.is_dir():
             raise DataError(f"--instance_data_dir {args.instance_data_dir} does not exist or is not a folder")
         subsets = [Subset(args.instance_data_dir, args.repeats, args.instance_prompt, False, **captions)]
+    elif sources[0] == "dataset_name":
+        folder, files, listed = dataset_files(args)
+        subsets = [Subset(folder, args.repeats, args.instance_prompt, False, **captions, files=tuple(files),
+                          captions=tuple(listed))]
     elif sources[0] == "train_data_dir":
         subsets = subsets_from_folders(args.train_data_dir, False, **_folder_captions(captions))
     else:

@@ -198,13 +198,15 @@ def make_optimizer(name: str, groups: list[dict], betas=(0.9, 0.999), eps: float
 
 
 def class_image_pipeline(model_path: str, revision, variant, device, schedule: dict | None = None,
-                         base_config: str | None = None):
-    """The base model's pipeline, for drawing class images (fp16 on a GPU), sampling as ``schedule`` says."""
+                         base_config: str | None = None, precision: str | None = None):
+    """The base model's pipeline, for drawing class images in ``precision`` (--prior_generation_precision; default
+    fp16 on a GPU, else fp32), sampling as ``schedule`` says."""
     from diffusers import StableDiffusionXLPipeline
 
     # One dtype for every part: transformers keeps a checkpoint's dtype (fp16 text encoders stay fp16) where
     # diffusers makes fp32, and the two would not multiply.
-    dtype = torch.float16 if torch.device(device).type == "cuda" else torch.float32
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}.get(
+        precision, torch.float16 if torch.device(device).type == "cuda" else torch.float32)
     with loading(f"the base model {model_path!r} for class images"):
         if is_single_file(model_path):
             pipe = file_pipeline(model_path, base_config, dtype)

@@ -19,6 +19,7 @@ from ..adapter import LORA_INITS, MIXER_INITS, MIXER_MODES, AdapterConfig
 from ..formats import FORMATS
 from ..errors import DataError
 from ..single_file import SDXL_BASE_CONFIG
+from .data import RESAMPLING
 from .dataset_config import resolve_data
 from .loss import LossSettings
 
@@ -55,9 +56,17 @@ def _add_model_and_data_options(p: argparse.ArgumentParser) -> None:
                    help="what the base model predicts (default: its scheduler's config says)")
     g.add_argument("--rescale_betas_zero_snr", action="store_true", default=None,
                    help="zero terminal SNR, for v-prediction bases trained with it (default: the scheduler's config)")
+    g.add_argument("--cache_dir", type=Path, help="where hub downloads (models, datasets) are kept")
 
     g = p.add_argument_group("data")
     g.add_argument("--instance_data_dir", type=Path)
+    g.add_argument("--dataset_name",
+                   help="instead of --instance_data_dir: a folder of images with a metadata.jsonl or metadata.csv "
+                        "(file_name and caption columns), or a dataset on the hub (needs the datasets package)")
+    g.add_argument("--dataset_config_name", help="with --dataset_name: the dataset's config, if it has several")
+    g.add_argument("--image_column", default="image", help="with --dataset_name: the column of the images")
+    g.add_argument("--caption_column",
+                   help="with --dataset_name: the column of the captions (default: --instance_prompt for all)")
     g.add_argument("--instance_prompt", help='e.g. "a photo of sks dog"')
     g.add_argument("--caption_extension", help="per-image caption files beside the images, e.g. .txt")
     g.add_argument("--with_prior_preservation", action="store_true")
@@ -67,6 +76,8 @@ def _add_model_and_data_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--num_class_images", type=int, default=100)
     g.add_argument("--sample_batch_size", type=int, default=4, help="batch size for generating class images")
     g.add_argument("--class_inference_steps", type=int, default=50, help="denoising steps per generated class image")
+    g.add_argument("--prior_generation_precision", choices=["no", "fp32", "fp16", "bf16"],
+                   help="the dtype that draws class images (default: fp16 on a GPU, else fp32)")
     g.add_argument("--repeats", type=int, default=1, help="how many times each instance image counts in an epoch")
     g.add_argument("--train_data_dir", type=Path,
                    help="kohya's layout instead of --instance_data_dir: subfolders <repeats>_<prompt> (e.g. "
@@ -86,6 +97,8 @@ def _add_model_and_data_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max_bucket_reso", type=int, help="with buckets: no side longer (kohya's)")
     g.add_argument("--bucket_reso_steps", type=int,
                    help="with buckets: sides are multiples of N (default 64; 8 below 512 px)")
+    g.add_argument("--image_interpolation_mode", choices=tuple(RESAMPLING), default="lanczos",
+                   help="the filter that resizes images to the training size")
     g.add_argument("--center_crop", action="store_true")
     g.add_argument("--random_flip", action="store_true")
     g.add_argument("--dataloader_num_workers", type=int,
@@ -111,6 +124,7 @@ def _add_adapter_options(p: argparse.ArgumentParser) -> None:
                    help="A's init: gaussian (std 1/rank, as diffusers' scripts) or kaiming (uniform, as nn.Linear)")
     g.add_argument("--mixer_lr", type=float, help="the mixer's own learning rate (default: that of its group)")
     g.add_argument("--train_text_encoder", action="store_true")
+    g.add_argument("--use_dora", action="store_true", help=argparse.SUPPRESS)  # refused in one line: see validate
     g.add_argument("--train_text_encoder_ti", action="store_true",
                    help="pivotal tuning: learn new tokens for --token_abstraction in both text encoders")
     g.add_argument("--token_abstraction", default="TOK",
@@ -160,6 +174,10 @@ def _add_optimisation_options(p: argparse.ArgumentParser) -> None:
                         "or lower, upcast layer by layer (fp8: e4m3 with a scale per output "
                         "channel, as kohya's --fp8_base)")
     g.add_argument("--allow_tf32", action="store_true")
+    g.add_argument("--enable_xformers_memory_efficient_attention", action="store_true",
+                   help="accepted from diffusers' command lines: attention already runs through PyTorch's "
+                        "scaled_dot_product_attention, whose kernels are memory-efficient")
+    g.add_argument("--do_edm_style_training", action="store_true", help=argparse.SUPPRESS)  # refused in one line
     g.add_argument("--torch_compile", action="store_true", help="compile the UNet's step with torch.compile (inductor)")
     g.add_argument("--torch_compile_mode", choices=COMPILE_MODES, default="default",
                    help="torch.compile's mode for the whole UNet (reduce-overhead: CUDA graphs), or regional: each "
@@ -179,6 +197,13 @@ def _add_output_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("output")
     g.add_argument("--output_dir", type=Path, default=Path("moslora-dreambooth-model"))
     g.add_argument("--output_formats", nargs="+", choices=FORMATS, default=list(FORMATS))
+    g.add_argument("--output_kohya_format", action="store_true",
+                   help="diffusers' flag: write the kohya file too (written by default here)")
+    g.add_argument("--push_to_hub", action="store_true",
+                   help="upload --output_dir's files to a model repository on the hub at the end (created at the "
+                        "start, so a missing login fails before training)")
+    g.add_argument("--hub_model_id", help="with --push_to_hub: the repository (default: --output_dir's name)")
+    g.add_argument("--hub_token", help="with --push_to_hub: a token (default: the login's)")
     g.add_argument("--checkpointing_steps", type=int, default=500)
     g.add_argument("--checkpoints_total_limit", type=int)
     g.add_argument("--resume_from_checkpoint", help='a checkpoint folder, or "latest"')
@@ -297,6 +322,7 @@ def validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     """Every check that needs no model, so a bad command fails at once with one line."""
     if not args.pretrained_model_name_or_path:
         parser.error("--pretrained_model_name_or_path is required")
+    check_diffusers_flags(args, parser)
     if args.with_prior_preservation and not args.reg_subsets:
         if not args.class_prompts:
             parser.error("--with_prior_preservation needs --class_prompt")
@@ -371,6 +397,30 @@ def validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     _check_writable(args.output_dir, parser)
 
 
+def check_diffusers_flags(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """diffusers' flags that differ here: refused in one line where the feature is not this trainer's, noted where
+    it is already on."""
+    if args.use_dora:
+        parser.error("--use_dora: DoRA is another adapter (a learned magnitude per weight column) that does not fold "
+                     "into a plain LoRA; this trainer trains MoSLoRA (--mixer learned) or plain LoRA (--mixer none)")
+    if args.do_edm_style_training:
+        parser.error("--do_edm_style_training is not supported: this trainer trains DDPM-scheduled SDXL bases "
+                     "(epsilon or v-prediction), not EDM ones such as Playground v2.5")
+    if args.enable_xformers_memory_efficient_attention:
+        print("note: --enable_xformers_memory_efficient_attention: attention already runs through PyTorch's "
+              "scaled_dot_product_attention, with its memory-efficient kernels; nothing to switch on", file=sys.stderr)
+    if args.output_kohya_format and "kohya" not in args.output_formats:
+        args.output_formats = [*args.output_formats, "kohya"]
+    if args.push_to_hub and args.hub_token and args.report_to in ("wandb", "all"):
+        parser.error("--hub_token with --report_to wandb would log the token with the run's settings: log in with "
+                     "`hf auth login` instead of passing --hub_token")
+    if (args.hub_model_id or args.hub_token) and not args.push_to_hub:
+        print("warning: --hub_model_id/--hub_token are ignored without --push_to_hub", file=sys.stderr)
+    for name in ("dataset_config_name", "caption_column"):
+        if getattr(args, name) and not args.dataset_name:
+            parser.error(f"--{name} goes with --dataset_name")
+
+
 def read_sample_prompts(path: Path, parser: argparse.ArgumentParser) -> list[str]:
     """kohya's prompt file: a prompt a line, ``#`` comments and blank lines passed over. sd-scripts' per-line
     options (`` --n negative``, ``--w``, ``--d`` …) are cut off with a warning: the validation settings hold for all."""
@@ -406,7 +456,8 @@ def settings_for_metadata(args: argparse.Namespace) -> dict:
             return [v.to_json() if hasattr(v, "to_json") else plain(v) for v in value]
         return str(value) if isinstance(value, os.PathLike) else value
 
-    return {k: plain(v) for k, v in sorted(vars(args).items()) if k != "local_rank"}
+    secret = ("local_rank", "hub_token")  # a token never goes into a file or a tracker
+    return {k: plain(v) for k, v in sorted(vars(args).items()) if k not in secret}
 
 
 # ---------------------------------------------------------------- the options as the values each phase takes

@@ -73,7 +73,8 @@ def test_conflicting_or_bad_options_are_one_line(base_argv, capsys, extra, messa
 
 def test_missing_instance_dir_and_required_options(tmp_path, capsys):
     argv = ["--pretrained_model_name_or_path", "x", "--instance_prompt", "p", "--output_dir", str(tmp_path / "o")]
-    assert "give one of --instance_data_dir, --train_data_dir or --dataset_config" in error_of(argv, capsys)
+    expected = "give one of --instance_data_dir, --dataset_name, --train_data_dir or --dataset_config"
+    assert expected in error_of(argv, capsys)
     argv += ["--instance_data_dir", str(tmp_path / "missing")]
     assert "does not exist" in error_of(argv, capsys)
 

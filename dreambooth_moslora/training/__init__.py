@@ -11,7 +11,8 @@
     validation   sample images during and after training
     stopping     SIGTERM: stop at a step's end, with a checkpoint
     model_card   the README.md beside a trained adapter
-    hub          --push_to_hub: the repository made before training, the files uploaded after
+    hub          --cache_dir; --push_to_hub: the repository made before training, the files uploaded after
+    kohya_flags  sd-scripts' flag names, answered with what does their job here
     loop         the run, phase by phase
 """
 

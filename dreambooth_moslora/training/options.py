@@ -21,6 +21,7 @@ from ..errors import DataError
 from ..single_file import SDXL_BASE_CONFIG
 from .data import RESAMPLING
 from .dataset_config import resolve_data
+from .kohya_flags import kohya_hints
 from .loss import LossSettings
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs", "regional")
@@ -279,7 +280,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         known = {a.dest: a for a in parser._actions}
         unknown = sorted(set(values) - set(known) - {"config"})
         if unknown:
-            parser.error(f"unknown option(s) in {first.config}: {', '.join(unknown)}")
+            parser.error(f"unknown option(s) in {first.config}: {', '.join(unknown)}"
+                         f"{kohya_hints([f'--{name}' for name in unknown])}")
         # The file's values become defaults, so anything given on the command line overrides them.
         converted = {}
         for key, value in values.items():
@@ -298,7 +300,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                      f"{', '.join(map(str, action.choices))}, got {item!r}")
             converted[key] = value
         parser.set_defaults(**converted)
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}{kohya_hints(unknown)}")
     if args.lora_alpha is None:
         args.lora_alpha = float(args.rank)
     given = given_options(argv) | (set(values) if first.config is not None else set())

@@ -8,27 +8,10 @@ import pytest
 
 from dreambooth_moslora.training.options import dataloader_workers, parse_args
 
+from .conftest import error_of
+
 ROOT = Path(__file__).resolve().parents[3]
 
-
-@pytest.fixture
-def base_argv(tmp_path):
-    instance = tmp_path / "dog"
-    instance.mkdir()
-    return [
-        "--pretrained_model_name_or_path", "stabilityai/stable-diffusion-xl-base-1.0",
-        "--instance_data_dir", str(instance), "--instance_prompt", "a photo of sks dog",
-        "--output_dir", str(tmp_path / "out"),
-    ]
-
-
-def error_of(argv, capsys) -> str:
-    with pytest.raises(SystemExit) as exc:
-        parse_args(argv)
-    assert exc.value.code == 2
-    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("train_dreambooth.py: error:")]
-    assert len(lines) == 1
-    return lines[0]
 
 
 def test_a_pasted_diffusers_command_line_parses(base_argv):

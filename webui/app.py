@@ -46,7 +46,8 @@ class GenerateTab:
         self.details = gr.Markdown("", elem_id="details")
         self.download = gr.File(label="Download the selected files", file_count="multiple", visible=False,
                                 interactive=False)
-        self.base = gr.Textbox(label="Base model", placeholder=self.base_hint(), elem_id="base")
+        self.base = gr.Textbox(label="Base model", placeholder="empty: the server's choice", info=self.base_hint(),
+                               elem_id="base")
         self.prompt = gr.Textbox(label="Prompt", lines=2, elem_id="prompt")
         self.negative = gr.Textbox(label="Negative prompt", lines=1)
         with gr.Row():
@@ -75,6 +76,7 @@ class GenerateTab:
             inputs=[self.base, self.adapters, self.prompt, self.negative, self.steps, self.guidance, self.seed,
                     self.randomize, self.width, self.height, self.count, self.scheduler, self.scale, self.compare],
             outputs=[self.gallery, self.status, self.seed],
+            show_progress_on=[self.gallery],  # not over the seed field too, which only gets the seed used
             concurrency_id=PIPELINE, concurrency_limit=1,  # one pipeline: requests (the API's too) wait their turn
             **PRIVATE,
         )
@@ -117,11 +119,11 @@ class GenerateTab:
         details = "**Selected:**\n" + "\n".join(lines)
         files = gr.update(value=downloads or None, visible=bool(downloads))
         prompt_update = gr.update(value=prompt) if prompt else gr.update()
-        return prompt_update, details, gr.update(placeholder=self.base_hint(base)), files, "\n\n".join(cards)
+        return prompt_update, details, gr.update(info=self.base_hint(base)), files, "\n\n".join(cards)
 
     def base_hint(self, recorded=None) -> str:
         offered = ", ".join(self.engine.base_models()) or "the server's default"
-        return f"empty: the server's choice ({offered})" + (f"; the adapter records {recorded}" if recorded else "")
+        return f"the server's choice: {offered}" + (f"; the adapter records {recorded}" if recorded else "")
 
     def on_generate(self, base, selected, prompt, negative, steps, guidance, seed, randomize, width, height, count,
                     scheduler, scale,

@@ -270,7 +270,7 @@ def _by_component(path, groups, components, alpha_of) -> dict[str, dict[str, Lay
     layers: dict[str, dict[str, LayerWeights]] = {}
     for name, parts in groups.items():
         component, _, stored = name.partition(".")
-        model = components.get(component)
+        model = components.get(component) if components is not None else None  # None: the file's own names
         where = module_path(component, model, stored) if model is not None else stored
         layers.setdefault(component, {})[where] = _layer(path, name, parts, alpha_of(component))
     return layers

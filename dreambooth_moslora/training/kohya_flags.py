@@ -2,7 +2,7 @@
 with what does its job in this trainer (or why nothing needs to), in the one-line error that refuses it.
 
 The trainer's flags are diffusers' where the feature is the same in both; only a feature that only sd-scripts has
-keeps sd-scripts' name (``--train_data_dir``, ``--shuffle_caption``, ``--sample_prompts`` …).
+keeps sd-scripts' name (``--train_data_dir``, ``--shuffle_caption``, ``--sample_prompts``, ``--network_weights`` …).
 """
 
 from __future__ import annotations

@@ -72,7 +72,7 @@ def train(args) -> Path:
     base = load_base_model(*base_id, args.pretrained_vae_model_name_or_path, device, weight_dtype, args.base_precision,
                            schedule, args.base_config)
     components, params = add_adapters(base, adapter_config(args), args.train_text_encoder, args.seed,
-                                      args.gradient_checkpointing,
+                                      args.gradient_checkpointing, args.network_weights,
                                       args.torch_compile_mode if args.torch_compile else None)
     pivotal = Pivotal.start(args, base)  # --train_text_encoder_ti: new tokens, trained beside the adapter
     if pivotal:

@@ -5,14 +5,16 @@ from __future__ import annotations
 import logging
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from ..adapter import AdapterConfig
-from ..errors import TrainingError
+from ..errors import AdapterMismatchError, TrainingError
+from ..formats import read_adapter
 from ..inference import sampling_config
 from ..single_file import file_pipeline, file_schedule, is_single_file, load_single_file
-from ..surgery import inject_components, trainable_parameters, unbank_mixers
+from ..surgery import adapter_layers, inject_components, trainable_parameters, unbank_mixers
 from .base_precision import place, replace_tensors
 
 logger = logging.getLogger("dreambooth_moslora")
@@ -142,14 +144,17 @@ def align_(model: torch.nn.Module, boundary: int = 64) -> None:
 
 
 def add_adapters(base: BaseModel, config: AdapterConfig, text_encoders: bool, seed: int, gradient_checkpointing: bool,
-                 compile_mode: str | None = None):
-    """MoSLoRA layers in the UNet (and the text encoders), the UNet compiled if asked; returns the adapted models and
-    their trainable parameters."""
+                 start_from: Path | None = None, compile_mode: str | None = None):
+    """MoSLoRA layers in the UNet (and the text encoders), started from a file's adapter if given, the UNet compiled
+    if asked; returns the adapted models and their trainable parameters."""
     components = {"unet": base.unet}
     if text_encoders:
         components.update(text_encoder=base.text_encoders[0], text_encoder_2=base.text_encoders[1])
     torch.manual_seed(seed)  # the adapter's initial A and M
     params = inject_components(components, config)
+    if start_from is not None:
+        every = {"unet": base.unet, "text_encoder": base.text_encoders[0], "text_encoder_2": base.text_encoders[1]}
+        start_from_file(components, start_from, every)
     if gradient_checkpointing:
         base.unet.enable_gradient_checkpointing()
         if text_encoders:
@@ -158,6 +163,36 @@ def add_adapters(base: BaseModel, config: AdapterConfig, text_encoders: bool, se
     if compile_mode:
         params["unet"] = compile_unet(base.unet, compile_mode)
     return components, params
+
+
+@torch.no_grad()
+def start_from_file(components: dict, path: Path, every: dict) -> None:
+    """--network_weights: the adapter layers start as a file's (any of the three formats, or a LoRA from another
+    tool), its ΔW exactly: a plain LoRA's M is I, a mixer this run does not train is folded into B, and B is scaled by
+    the file's α over the run's. Layers the file lacks start fresh (a warning says how many). ``every``: all the base
+    model's parts, adapted or not, for reading the file's layer names."""
+    adapter = read_adapter(path, every)
+    live = {component: adapter_layers(model) for component, model in components.items()}
+    for component, by_path in adapter.layers.items():
+        for layer_path, weights in by_path.items():
+            layer = live.get(component, {}).get(layer_path)
+            if layer is None:
+                hint = " (add --train_text_encoder)" if component != "unet" and component not in live else ""
+                raise AdapterMismatchError(f"--network_weights {path}: it adapts {component}.{layer_path}, which this "
+                                           f"run does not{hint}")
+            if layer.rank != weights.rank:
+                raise AdapterMismatchError(f"--network_weights {path}: its rank is {weights.rank}, this run's "
+                                           f"{layer.rank}: give --rank {weights.rank}")
+            up = weights.up if layer.lora_M is not None else weights.folded_up(with_alpha=False)
+            layer.lora_A.copy_(weights.down)
+            layer.lora_B.copy_(up * (weights.alpha / layer.alpha))
+            if layer.lora_M is not None:
+                layer.lora_M.copy_(weights.mixer if weights.mixer is not None else torch.eye(layer.rank))
+    fresh = sum(map(len, live.values())) - sum(map(len, adapter.layers.values()))
+    if fresh:
+        logger.warning("--network_weights %s: %d adapted layer(s) are not in the file and start fresh", path, fresh)
+    if adapter.embeddings:
+        logger.warning("--network_weights %s: its new tokens are not loaded (only the adapter layers)", path)
 
 
 def compile_unet(unet: torch.nn.Module, mode: str) -> list[torch.nn.Parameter]:

@@ -124,6 +124,9 @@ def _add_adapter_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lora_init", choices=LORA_INITS, default="gaussian",
                    help="A's init: gaussian (std 1/rank, as diffusers' scripts) or kaiming (uniform, as nn.Linear)")
     g.add_argument("--mixer_lr", type=float, help="the mixer's own learning rate (default: that of its group)")
+    g.add_argument("--network_weights", type=Path,
+                   help="kohya's: start from an adapter file (any of the three formats, or another tool's LoRA) with "
+                        "the same rank; its ΔW exactly, whatever --mixer and --lora_alpha")
     g.add_argument("--train_text_encoder", action="store_true")
     g.add_argument("--use_dora", action="store_true", help=argparse.SUPPRESS)  # refused in one line: see validate
     g.add_argument("--train_text_encoder_ti", action="store_true",
@@ -375,6 +378,8 @@ def validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
         print(f"warning: --mixer_lr is ignored with --mixer {args.mixer} (no mixer is trained)", file=sys.stderr)
     if args.prior_loss_weight < 0 or args.noise_offset < 0:
         parser.error("--prior_loss_weight and --noise_offset cannot be negative")
+    if args.network_weights is not None and not args.network_weights.is_file():
+        parser.error(f"--network_weights {args.network_weights} is not a file")
     if args.mask_dir is not None and not args.mask_dir.is_dir():
         parser.error(f"--mask_dir {args.mask_dir} does not exist or is not a folder")
     if args.mask_dir is not None and args.alpha_mask:

@@ -164,6 +164,24 @@ def test_inspect_reports_the_file(files, capsys):
     assert "native adapter, rank 4, α 7, mixer learned" in text and "unet.mid_block" in text
 
 
+@pytest.mark.parametrize("fmt", ["native", "diffusers", "kohya"])
+def test_inspect_without_the_base_model_reads_the_file_alone(files, tmp_path, capsys, fmt):
+    """The file's base model is gone and the tiny model's layers fit no SDXL layout: inspect still reports the file,
+    under the layer names it stores."""
+    lonely = tmp_path / files["a"][fmt].name
+    lonely.write_bytes(files["a"][fmt].read_bytes())
+    files_base = Path(files["base"])
+    moved = files_base.with_name("moved-away")
+    files_base.rename(moved)
+    try:
+        capsys.readouterr()
+        assert main(["inspect", str(lonely), "--json"]) == 0
+    finally:
+        moved.rename(files_base)
+    report = json.loads(capsys.readouterr().out)
+    assert report["format"] == fmt and report["rank"] == 4 and sum(report["layers"].values()) == 160
+
+
 def refused(argv, capsys) -> str:
     capsys.readouterr()
     assert main(argv) == 1

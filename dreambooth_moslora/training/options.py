@@ -17,6 +17,7 @@ from pathlib import Path
 
 from ..adapter import LORA_INITS, MIXER_INITS, MIXER_MODES, AdapterConfig
 from ..formats import FORMATS
+from ..runtime import has_module
 from ..errors import DataError
 from ..single_file import SDXL_BASE_CONFIG
 from .data import RESAMPLING
@@ -423,6 +424,8 @@ def check_diffusers_flags(args: argparse.Namespace, parser: argparse.ArgumentPar
     if args.push_to_hub and args.hub_token and args.report_to in ("wandb", "all"):
         parser.error("--hub_token with --report_to wandb would log the token with the run's settings: log in with "
                      "`hf auth login` instead of passing --hub_token")
+    if args.report_to == "wandb" and not has_module("wandb"):  # as there: not a run that silently logs nothing
+        parser.error("--report_to wandb needs the wandb package: pip install wandb (or --report_to tensorboard)")
     if (args.hub_model_id or args.hub_token) and not args.push_to_hub:
         print("warning: --hub_model_id/--hub_token are ignored without --push_to_hub", file=sys.stderr)
     for name in ("dataset_config_name", "caption_column"):

@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from dreambooth_moslora.formats import KOHYA_FILE, NATIVE_FILE
+from dreambooth_moslora.runtime import has_module
 from dreambooth_moslora.training import main, parse_args
 from dreambooth_moslora.training.data import DreamBoothDataset
 from dreambooth_moslora.training.dataset_config import gather
@@ -44,17 +45,18 @@ def test_every_flag_of_diffusers_script_is_an_option_here():
 
 
 def test_diffusers_readme_command_line_parses_as_there(world, tmp_path):
-    """diffusers' README command for SDXL DreamBooth LoRA, with a VAE, wandb and the hub, pasted as it is."""
+    """diffusers' README command for SDXL DreamBooth LoRA, with a VAE and the hub, pasted as it is (its wandb swapped
+    for tensorboard: wandb is not installed here)."""
     args = parse_args([
         f"--pretrained_model_name_or_path={world['model']}", f"--instance_data_dir={world['subject']}",
         f"--pretrained_vae_model_name_or_path={world['model'] / 'vae'}", f"--output_dir={tmp_path / 'out'}",
         "--mixed_precision=fp16", "--instance_prompt=a photo of sks dog", "--resolution=1024", "--train_batch_size=1",
-        "--gradient_accumulation_steps=4", "--learning_rate=1e-4", "--report_to=wandb", "--lr_scheduler=constant",
+        "--gradient_accumulation_steps=4", "--learning_rate=1e-4", "--report_to=tensorboard", "--lr_scheduler=constant",
         "--lr_warmup_steps=0", "--max_train_steps=500", "--validation_prompt=A photo of sks dog in a bucket",
         "--validation_epochs=25", "--seed=0", "--push_to_hub", "--enable_xformers_memory_efficient_attention",
         "--output_kohya_format", "--image_interpolation_mode=bicubic",
     ])
-    assert (args.push_to_hub, args.report_to, args.gradient_accumulation_steps, args.seed) == (True, "wandb", 4, 0)
+    assert (args.push_to_hub, args.gradient_accumulation_steps, args.seed) == (True, 4, 0)
     assert args.image_interpolation_mode == "bicubic" and args.instance_prompt == "a photo of sks dog"
 
 
@@ -69,6 +71,14 @@ def test_what_this_trainer_does_not_do_is_refused_in_one_line(world, tmp_path, c
         parse_args(argv(world, tmp_path / "out", *flags))
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert exit_.value.code == 2 and message in error and "unrecognized" not in error
+
+
+def test_wandb_asked_for_and_missing_is_refused_not_silent(world, tmp_path, capsys):
+    if has_module("wandb"):
+        pytest.skip("wandb is installed here")
+    with pytest.raises(SystemExit):
+        parse_args(argv(world, tmp_path / "out", "--report_to", "wandb"))
+    assert "--report_to wandb needs the wandb package" in capsys.readouterr().err.strip().splitlines()[-1]
 
 
 def test_xformers_flag_is_a_note_and_kohya_format_is_added(world, tmp_path, capsys):

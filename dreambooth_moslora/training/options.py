@@ -92,8 +92,8 @@ def _add_model_and_data_options(p: argparse.ArgumentParser) -> None:
                    help="the share of draws that train on the empty caption (kohya's)")
     g.add_argument("--shuffle_caption", action="store_true", help="shuffle a caption's comma-separated tags each draw")
     g.add_argument("--keep_tokens", type=int, default=0, help="with --shuffle_caption: the first N tags stay in front")
-    g.add_argument("--resolution", type=int, default=1024,
-                   help="side of a square image, or the area's side with buckets")
+    g.add_argument("--resolution", type=_resolution, default=1024,
+                   help="side of a square image, or the area's side with buckets (kohya's 1024,1024 reads the same)")
     g.add_argument("--aspect_ratio_buckets", action="store_true", help="group images by aspect ratio")
     g.add_argument("--min_bucket_reso", type=int, help="with buckets: no side shorter (kohya's)")
     g.add_argument("--max_bucket_reso", type=int, help="with buckets: no side longer (kohya's)")
@@ -241,6 +241,19 @@ def _batch_size(text) -> int | str:
         return int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a whole number or auto, got {text!r}") from None
+
+
+def _resolution(text) -> int:
+    """A side in pixels; sd-scripts' "width,height" is taken when square (buckets give the other shapes)."""
+    parts = [part.strip() for part in str(text).split(",")]
+    try:
+        sides = [int(part) for part in parts]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a side in pixels, e.g. 1024, got {text!r}") from None
+    if len(sides) > 2 or len(set(sides)) != 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not square: give one side, with --aspect_ratio_buckets for "
+                                         "images of other shapes")
+    return sides[0]
 
 
 def _bool(text: str) -> bool:

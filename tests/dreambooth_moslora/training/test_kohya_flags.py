@@ -4,7 +4,7 @@ does each one's job here."""
 import re
 
 from dreambooth_moslora.training.kohya_flags import KOHYA_FLAGS
-from dreambooth_moslora.training.options import build_parser
+from dreambooth_moslora.training.options import build_parser, parse_args
 
 from .conftest import error_of
 
@@ -37,3 +37,10 @@ def test_a_config_file_with_kohya_keys_is_answered_too(base_argv, tmp_path, caps
 
 def test_an_unknown_flag_alone_is_argparses_message(base_argv, capsys):
     assert error_of(base_argv + ["--frobnicate"], capsys).endswith("error: unrecognized arguments: --frobnicate")
+
+
+def test_kohya_resolution_pair_reads_as_a_side_when_square(base_argv, capsys):
+    assert parse_args(base_argv + ["--resolution", "768,768"]).resolution == 768
+    assert parse_args(base_argv + ["--resolution=512"]).resolution == 512
+    assert "'768,1024' is not square" in error_of(base_argv + ["--resolution", "768,1024"], capsys)
+    assert "expected a side in pixels" in error_of(base_argv + ["--resolution", "big"], capsys)

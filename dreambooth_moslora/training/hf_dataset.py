@@ -17,6 +17,7 @@ import csv
 import hashlib
 import io
 import json
+import logging
 from pathlib import Path
 
 from PIL import Image
@@ -25,6 +26,7 @@ from ..errors import DataError
 from ..safe_files import atomic_path
 from .data import IMAGE_EXTENSIONS
 
+logger = logging.getLogger("dreambooth_moslora")
 METADATA_FILES = ("metadata.jsonl", "metadata.csv")
 EXPORT_FOLDER = "dataset_images"
 
@@ -117,10 +119,15 @@ def library_rows(args, export: Path) -> tuple[list[Path], list[str | None]]:
         raise DataError(f"cannot load the dataset {args.dataset_name!r}: {first}") from None
     check_columns(f"the dataset {args.dataset_name}", table.column_names, args.image_column, args.caption_column)
     table = table.cast_column(args.image_column, datasets.Image(decode=False))
-    paths, captions = [], []
+    paths, captions, empty = [], [], 0
     for index, row in enumerate(table):
+        if not row[args.image_column]:  # a row without an image
+            empty += 1
+            continue
         paths.append(image_file(row[args.image_column], index, export))
         captions.append(caption_of(row.get(args.caption_column)) if args.caption_column else None)
+    if empty:
+        logger.warning("--dataset_name %s: passing over %d row(s) without an image", args.dataset_name, empty)
     return paths, captions
 
 

@@ -184,7 +184,8 @@ def test_dataset_name_through_the_datasets_library(world, tmp_path):
     """Images stored inside a parquet dataset are written out once, pixel for pixel, and captioned by its column."""
     datasets = pytest.importorskip("datasets")
     originals = [Image.open(p).convert("RGB") for p in sorted(world["subject"].glob("*.png"))]
-    table = datasets.Dataset.from_dict({"image": originals, "text": [f"sks circle {i}" for i in range(5)]})
+    rows = {"image": originals + [None], "text": [f"sks circle {i}" for i in range(5)] + ["no picture"]}
+    table = datasets.Dataset.from_dict(rows)
     (tmp_path / "data" / "data").mkdir(parents=True)
     table.cast_column("image", datasets.Image()).to_parquet(tmp_path / "data" / "data" / "train-00000.parquet")
     command = argv(world, tmp_path / "out")

@@ -51,7 +51,7 @@ def dataset_files(args) -> tuple[Path, list[Path], list[str | None]]:
 def read_metadata(path: Path) -> list[dict]:
     """The rows of an imagefolder metadata file; DataError naming the line for one that is not a JSON object."""
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a spreadsheet's CSV may start with a byte-order mark
     except (OSError, UnicodeDecodeError) as exc:
         raise DataError(f"{path}: cannot be read ({type(exc).__name__})") from None
     if path.suffix == ".csv":

@@ -166,6 +166,20 @@ def test_dataset_name_reads_an_imagefolder_with_captions(world, tmp_path):
         parse_args(command)
 
 
+def test_dataset_name_reads_a_spreadsheets_csv(world, tmp_path):
+    """metadata.csv as a spreadsheet saves it: a byte-order mark, quoted captions with commas."""
+    names = sorted(p.name for p in world["subject"].glob("*.png"))
+    write_metadata_dataset(tmp_path / "data", world, [])
+    (tmp_path / "data" / "metadata.jsonl").unlink()
+    rows = "".join(f'pics/{n},"sks circle, photo {i}"\r\n' for i, n in enumerate(names))
+    (tmp_path / "data" / "metadata.csv").write_text("\ufefffile_name,text\r\n" + rows, encoding="utf-8")
+    command = argv(world, tmp_path / "out")
+    at = command.index("--instance_data_dir")
+    command[at: at + 2] = ["--dataset_name", str(tmp_path / "data"), "--caption_column", "text"]
+    images = gather(parse_args(command).subsets, warn=False)
+    assert images.captions == [f"sks circle, photo {i}" for i in range(len(names))]
+
+
 @pytest.mark.parametrize("lines, message", [
     ([{"file_name": "pics/missing.png", "text": "a"}], "row 1's file_name 'pics/missing.png' is not a file"),
     ([{"image": "x", "text": "a"}], "--image_column 'image': "),

@@ -294,8 +294,8 @@ CAPTION_OPTIONS = ("caption_extension", "shuffle_caption", "keep_tokens", "capti
 
 def resolve_data(args, given: set[str]) -> None:
     """Sets ``args.subsets`` and ``args.reg_subsets`` from whichever source the options name (``--instance_data_dir``,
-    ``--dataset_name``, ``--train_data_dir`` or ``--dataset_config``), and the dataset settings a TOML file holds; DataError for a
-    clash: two sources, or an option the file sets given again."""
+    ``--dataset_name``, ``--train_data_dir`` or ``--dataset_config``), and the dataset settings a TOML file holds;
+    DataError for a clash: two sources, or an option the file sets given again."""
     sources = [name for name in ("instance_data_dir", "dataset_name", "train_data_dir", "dataset_config")
                if getattr(args, name)]
     if len(sources) != 1:
